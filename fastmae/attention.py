@@ -1,0 +1,86 @@
+"""Multi-head self-attention with one backend switch: ``flash`` | ``sdpa`` | ``math`` (| ``auto``).
+
+- ``math``: explicit ``softmax(q k^T / sqrt(d)) v``, the readable reference (what the official MAE code
+  ran through timm's old Attention).
+- ``sdpa``: ``torch.nn.functional.scaled_dot_product_attention``; on CUDA it dispatches to the
+  FlashAttention-2 kernels built into torch (bf16/fp16), on CPU to its CPU flash or math kernel.
+- ``flash``: the ``flash_attn`` package (FlashAttention-2/3), CUDA with bf16/fp16 only.
+- ``auto``: ``flash`` where it can run, else ``sdpa``.
+
+Parameter names (``qkv``, ``proj``) match timm's ``Attention`` so official checkpoints load.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+@functools.lru_cache(maxsize=None)
+def flash_attn_available() -> bool:
+    """True when the flash_attn package imports with its CUDA extension."""
+    try:
+        import flash_attn  # noqa: F401
+        from flash_attn import flash_attn_qkvpacked_func  # noqa: F401
+    except Exception:
+        return False
+    return True
+
+
+def resolve_attention_backend(backend: str, device: torch.device | str, dtype: torch.dtype) -> str:
+    """The backend that actually runs for ``backend`` on ``device`` with activations of ``dtype``."""
+    device = torch.device(device)
+    flash_ok = device.type == "cuda" and dtype in (torch.float16, torch.bfloat16) and flash_attn_available()
+    if backend == "auto":
+        return "flash" if flash_ok else "sdpa"
+    if backend == "flash" and not flash_ok:
+        raise RuntimeError(
+            "attention backend 'flash' needs the flash_attn package, a CUDA device and bf16/fp16 "
+            f"activations (device={device.type}, dtype={dtype}, flash_attn importable={flash_attn_available()}); "
+            "use model.attention=sdpa (torch's built-in FlashAttention-2 on CUDA) or auto"
+        )
+    if backend not in ("flash", "sdpa", "math"):
+        raise ValueError(f"unknown attention backend {backend!r}; valid: auto, flash, sdpa, math")
+    return backend
+
+
+def attention_math(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """Reference attention on (B, H, T, hd) tensors: explicit softmax in the input dtype."""
+    scale = q.shape[-1] ** -0.5
+    attn = (q * scale) @ k.transpose(-2, -1)  # (B, H, T, T)
+    attn = attn.softmax(dim=-1)
+    return attn @ v  # (B, H, T, hd)
+
+
+class Attention(nn.Module):
+    """timm-compatible multi-head self-attention (qkv with bias, output projection)."""
+
+    def __init__(self, dim: int, num_heads: int, qkv_bias: bool = True, backend: str = "auto") -> None:
+        super().__init__()
+        if dim % num_heads:
+            raise ValueError(f"dim={dim} is not divisible by num_heads={num_heads}")
+        self.num_heads = num_heads
+        self.head_dim = dim // num_heads
+        self.backend = backend
+        self.qkv = nn.Linear(dim, dim * 3, bias=qkv_bias)
+        self.proj = nn.Linear(dim, dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        B, T, C = x.shape
+        qkv = self.qkv(x).reshape(B, T, 3, self.num_heads, self.head_dim)  # (B, T, 3, H, hd)
+        backend = resolve_attention_backend(self.backend, x.device, qkv.dtype)
+        if backend == "flash":
+            from flash_attn import flash_attn_qkvpacked_func
+
+            out = flash_attn_qkvpacked_func(qkv).reshape(B, T, C)  # (B, T, H, hd) -> (B, T, C)
+        else:
+            q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # each (B, H, T, hd)
+            if backend == "sdpa":
+                out = F.scaled_dot_product_attention(q, k, v)
+            else:
+                out = attention_math(q, k, v)
+            out = out.transpose(1, 2).reshape(B, T, C)
+        return self.proj(out)

@@ -1,0 +1,373 @@
+"""Typed configuration: one dataclass per component, named presets, checked command-line overrides.
+
+Each component receives only its own section (``cfg.model`` goes to the model, ``cfg.data`` to the
+loader, ...). Overrides are ``section.key=value`` or ``--section.key value``; unknown keys and
+impossible values stop with a :class:`ConfigError` that names the key and the valid choices.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import types
+import typing
+from dataclasses import dataclass, field
+from typing import Any, Optional, Union, get_args, get_origin
+
+ATTENTION_BACKENDS = ("auto", "flash", "sdpa", "math")
+MASKING_BACKENDS = ("auto", "triton", "torch")
+DATA_BACKENDS = ("auto", "dali", "torch", "synthetic")
+PRECISIONS = ("bf16", "fp16", "fp32")
+ON_NONFINITE = ("stop", "skip")
+
+
+class ConfigError(ValueError):
+    """An unknown key or an impossible value in a fastmae config."""
+
+
+@dataclass
+class ModelConfig:
+    """The MAE architecture. Field names follow the official ``MaskedAutoencoderViT`` arguments."""
+
+    img_size: int = 224
+    patch_size: int = 16
+    in_chans: int = 3
+    embed_dim: int = 1024
+    depth: int = 24
+    num_heads: int = 16
+    decoder_embed_dim: int = 512
+    decoder_depth: int = 8
+    decoder_num_heads: int = 16
+    mlp_ratio: float = 4.0
+    norm_pix_loss: bool = True
+    # attention kernel in every block: auto | flash | sdpa | math
+    attention: str = "auto"
+    # the paper's "encoder w/ [M]" baseline (Table 1c / Table 2): the encoder sees all N tokens with
+    # mask tokens in place of the masked ones. Only for the encoder-skip speedup measurements.
+    encoder_mask_tokens: bool = False
+
+
+@dataclass
+class MaskConfig:
+    """Per-sample random masking."""
+
+    ratio: float = 0.75
+    # auto | triton | torch (auto: the fused Triton kernel on CUDA, the torch reference elsewhere)
+    backend: str = "auto"
+
+
+@dataclass
+class DataConfig:
+    """Where images come from and how they are augmented (the paper: RandomResizedCrop + flip)."""
+
+    # auto | dali | torch | synthetic (auto: DALI when installed, else the torch loader)
+    backend: str = "auto"
+    # shard files: a directory, a brace pattern "dir/{000000..000127}.tar", or "" for the bundled sample
+    shards: str = ""
+    # micro batch per GPU (per rank)
+    batch_size: int = 64
+    num_workers: int = 4
+    crop_scale_min: float = 0.2
+    crop_scale_max: float = 1.0
+    # output dtype of the DALI pipeline on GPU (float32 | bfloat16 | float16)
+    dtype: str = "float32"
+    # synthetic backend only: how many distinct images one epoch has
+    synthetic_size: int = 1281167
+
+
+@dataclass
+class OptimConfig:
+    """AdamW with the paper's pre-training recipe (Table 8)."""
+
+    base_lr: float = 1.5e-4
+    # absolute lr; None -> base_lr * effective_batch / 256
+    lr: Optional[float] = None
+    min_lr: float = 0.0
+    weight_decay: float = 0.05
+    beta1: float = 0.9
+    beta2: float = 0.95
+    eps: float = 1e-8
+    warmup_epochs: float = 40.0
+    # 0 = no clipping (the paper's default)
+    clip_grad: float = 0.0
+    # fused AdamW kernel on CUDA (auto = on where available)
+    fused: str = "auto"
+
+
+@dataclass
+class TrainConfig:
+    """Run length, batch, precision, checkpoints and logging."""
+
+    epochs: int = 800
+    # step budget for short runs (optimizer steps); 0 = run all epochs
+    steps: int = 0
+    # effective batch = micro batch x grad accumulation x world size (reached through accumulation)
+    batch_size: int = 4096
+    seed: int = 0
+    precision: str = "bf16"
+    log_interval: int = 20
+    output_dir: str = "runs/fastmae"
+    # "auto" continues from the newest complete checkpoint in output_dir; a path loads that one; "" = fresh
+    resume: str = "auto"
+    checkpoint_interval: int = 1000
+    keep_last: int = 3
+    activation_checkpointing: bool = False
+    compile: bool = False
+    on_nonfinite: str = "stop"
+    # peak bf16 TFLOP/s of the card for MFU; 0 = look it up from the device name
+    peak_tflops: float = 0.0
+    progress: bool = True
+
+
+@dataclass
+class Config:
+    """A whole fastmae run."""
+
+    model: ModelConfig = field(default_factory=ModelConfig)
+    mask: MaskConfig = field(default_factory=MaskConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    preset: str = "custom"
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2, sort_keys=True)
+
+
+SECTIONS = ("model", "mask", "data", "optim", "train")
+
+# ----------------------------------------------------------------------------- presets
+
+_ARCHS: dict[str, dict[str, Any]] = {
+    # paper Table 12 / official models_mae.py; decoder 8 x 512, 16 heads everywhere
+    "mae_vit_base_patch16": dict(patch_size=16, embed_dim=768, depth=12, num_heads=12),
+    "mae_vit_large_patch16": dict(patch_size=16, embed_dim=1024, depth=24, num_heads=16),
+    "mae_vit_huge_patch14": dict(patch_size=14, embed_dim=1280, depth=32, num_heads=16),
+    # tiny model for CPU tests and the README's first command
+    "debug": dict(
+        img_size=64, patch_size=8, embed_dim=96, depth=4, num_heads=4,
+        decoder_embed_dim=64, decoder_depth=2, decoder_num_heads=4,
+    ),
+}
+
+
+def preset_names() -> list[str]:
+    return list(_ARCHS)
+
+
+def get_preset(name: str) -> Config:
+    """A fresh :class:`Config` for a named preset (``mae_vit_base_patch16``, ..., ``debug``)."""
+    if name not in _ARCHS:
+        raise ConfigError(f"unknown preset {name!r}; valid presets: {', '.join(_ARCHS)}")
+    cfg = Config(model=ModelConfig(**_ARCHS[name]), preset=name)
+    if name == "mae_vit_huge_patch14":
+        cfg.train.activation_checkpointing = True
+    if name == "debug":
+        cfg.data.batch_size = 16
+        cfg.data.num_workers = 1
+        cfg.train.batch_size = 16
+        cfg.train.epochs = 400
+        cfg.train.steps = 40
+        cfg.train.log_interval = 5
+        cfg.train.checkpoint_interval = 20
+        cfg.optim.base_lr = 1.5e-3 * 256 / 16  # a tiny model on tiny batches learns at lr 1.5e-3
+        cfg.optim.warmup_epochs = 1.0
+        cfg.train.precision = "fp32"
+        cfg.train.output_dir = "runs/debug"
+    return cfg
+
+
+# ----------------------------------------------------------------------------- overrides
+
+
+def _parse_value(text: str, tp: Any, key: str) -> Any:
+    """Convert ``text`` to the annotated type ``tp`` or raise a ConfigError naming ``key``."""
+    origin = get_origin(tp)
+    if origin in (Union, types.UnionType):
+        args = [a for a in get_args(tp) if a is not type(None)]
+        if text.lower() in ("none", "null", ""):
+            return None
+        return _parse_value(text, args[0], key)
+    if tp is bool:
+        low = text.lower()
+        if low in ("1", "true", "yes", "on"):
+            return True
+        if low in ("0", "false", "no", "off"):
+            return False
+        raise ConfigError(f"{key}: expected a boolean (true/false), got {text!r}")
+    if tp is int:
+        try:
+            return int(text)
+        except ValueError:
+            raise ConfigError(f"{key}: expected an integer, got {text!r}") from None
+    if tp is float:
+        try:
+            return float(text)
+        except ValueError:
+            raise ConfigError(f"{key}: expected a number, got {text!r}") from None
+    return text
+
+
+def _field_types(section_obj: Any) -> dict[str, Any]:
+    hints = typing.get_type_hints(type(section_obj))
+    return {f.name: hints[f.name] for f in dataclasses.fields(section_obj)}
+
+
+def set_value(cfg: Config, key: str, value: Any) -> None:
+    """Set ``section.key`` on ``cfg`` from a string (parsed) or a typed value (checked)."""
+    if "." not in key:
+        raise ConfigError(
+            f"override {key!r} must be section.key with section one of: {', '.join(SECTIONS)}"
+        )
+    section, name = key.split(".", 1)
+    if section not in SECTIONS:
+        raise ConfigError(f"unknown config section {section!r} in {key!r}; valid sections: {', '.join(SECTIONS)}")
+    obj = getattr(cfg, section)
+    types_ = _field_types(obj)
+    if name not in types_:
+        raise ConfigError(f"unknown key {key!r}; valid keys in [{section}]: {', '.join(types_)}")
+    tp = types_[name]
+    if isinstance(value, str):
+        value = _parse_value(value, tp, key)
+    else:
+        value = _parse_value(str(value), tp, key) if not _is_instance(value, tp) else value
+    setattr(obj, name, value)
+
+
+def _is_instance(value: Any, tp: Any) -> bool:
+    origin = get_origin(tp)
+    if origin in (Union, types.UnionType):
+        return any(_is_instance(value, a) for a in get_args(tp))
+    if tp is type(None):
+        return value is None
+    if tp is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if tp is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    return isinstance(value, tp)
+
+
+def apply_overrides(cfg: Config, args: list[str]) -> Config:
+    """Apply ``section.key=value`` and ``--section.key value`` overrides (in order) and validate."""
+    i = 0
+    while i < len(args):
+        tok = args[i]
+        if tok.startswith("--"):
+            tok = tok[2:]
+            if "=" not in tok:
+                if i + 1 >= len(args):
+                    raise ConfigError(f"override --{tok} has no value")
+                tok = f"{tok}={args[i + 1]}"
+                i += 1
+        if "=" not in tok:
+            raise ConfigError(f"cannot read override {tok!r}: write section.key=value (e.g. train.steps=100)")
+        key, value = tok.split("=", 1)
+        set_value(cfg, key.strip(), value.strip())
+        i += 1
+    validate(cfg)
+    return cfg
+
+
+# ----------------------------------------------------------------------------- validation
+
+
+def _choice(key: str, value: str, choices: tuple[str, ...]) -> None:
+    if value not in choices:
+        raise ConfigError(f"{key}={value!r} is not valid; valid choices: {', '.join(choices)}")
+
+
+def _positive(key: str, value: float, allow_zero: bool = False) -> None:
+    if value < 0 or (value == 0 and not allow_zero):
+        raise ConfigError(f"{key}={value} must be {'>= 0' if allow_zero else '> 0'}")
+
+
+def validate_model(m: ModelConfig, mask_ratio: float | None = None) -> None:
+    for k in ("img_size", "patch_size", "in_chans", "embed_dim", "depth", "num_heads",
+              "decoder_embed_dim", "decoder_depth", "decoder_num_heads", "mlp_ratio"):
+        _positive(f"model.{k}", getattr(m, k))
+    if m.img_size % m.patch_size:
+        raise ConfigError(
+            f"model.img_size={m.img_size} is not divisible by model.patch_size={m.patch_size}; "
+            f"valid image sizes are multiples of {m.patch_size}"
+        )
+    if m.embed_dim % m.num_heads:
+        raise ConfigError(f"model.embed_dim={m.embed_dim} is not divisible by model.num_heads={m.num_heads}")
+    if m.decoder_embed_dim % m.decoder_num_heads:
+        raise ConfigError(
+            f"model.decoder_embed_dim={m.decoder_embed_dim} is not divisible by "
+            f"model.decoder_num_heads={m.decoder_num_heads}"
+        )
+    if (m.embed_dim // 2) % 2 or (m.decoder_embed_dim // 2) % 2:
+        raise ConfigError("model.embed_dim and model.decoder_embed_dim must be multiples of 4 (2-D sin-cos embedding)")
+    _choice("model.attention", m.attention, ATTENTION_BACKENDS)
+
+
+def validate_mask(k: MaskConfig, num_patches: int | None = None) -> None:
+    if not 0.0 < k.ratio < 1.0:
+        raise ConfigError(f"mask.ratio={k.ratio} must lie strictly between 0 and 1 (the paper uses 0.75)")
+    _choice("mask.backend", k.backend, MASKING_BACKENDS)
+    if num_patches is not None and int(num_patches * (1 - k.ratio)) < 1:
+        raise ConfigError(f"mask.ratio={k.ratio} keeps no token of {num_patches} patches")
+
+
+def validate(cfg: Config) -> None:
+    """Raise :class:`ConfigError` for the first impossible value in ``cfg``."""
+    m = cfg.model
+    validate_model(m)
+    validate_mask(cfg.mask, (m.img_size // m.patch_size) ** 2)
+    d = cfg.data
+    _choice("data.backend", d.backend, DATA_BACKENDS)
+    _choice("data.dtype", d.dtype, ("float32", "bfloat16", "float16"))
+    _positive("data.batch_size", d.batch_size)
+    _positive("data.num_workers", d.num_workers, allow_zero=True)
+    _positive("data.synthetic_size", d.synthetic_size)
+    if not 0.0 < d.crop_scale_min <= d.crop_scale_max <= 1.0:
+        raise ConfigError(
+            f"data.crop_scale_min={d.crop_scale_min}, data.crop_scale_max={d.crop_scale_max}: "
+            "need 0 < min <= max <= 1"
+        )
+    o = cfg.optim
+    _positive("optim.base_lr", o.base_lr)
+    if o.lr is not None:
+        _positive("optim.lr", o.lr)
+    _positive("optim.min_lr", o.min_lr, allow_zero=True)
+    _positive("optim.weight_decay", o.weight_decay, allow_zero=True)
+    _positive("optim.warmup_epochs", o.warmup_epochs, allow_zero=True)
+    _positive("optim.clip_grad", o.clip_grad, allow_zero=True)
+    for k in ("beta1", "beta2"):
+        if not 0.0 <= getattr(o, k) < 1.0:
+            raise ConfigError(f"optim.{k}={getattr(o, k)} must lie in [0, 1)")
+    _choice("optim.fused", o.fused, ("auto", "on", "off"))
+    t = cfg.train
+    _positive("train.epochs", t.epochs)
+    _positive("train.steps", t.steps, allow_zero=True)
+    _positive("train.batch_size", t.batch_size)
+    _positive("train.log_interval", t.log_interval)
+    _positive("train.checkpoint_interval", t.checkpoint_interval, allow_zero=True)
+    _positive("train.keep_last", t.keep_last)
+    _positive("train.peak_tflops", t.peak_tflops, allow_zero=True)
+    _choice("train.precision", t.precision, PRECISIONS)
+    _choice("train.on_nonfinite", t.on_nonfinite, ON_NONFINITE)
+    if t.batch_size % d.batch_size:
+        raise ConfigError(
+            f"train.batch_size={t.batch_size} (effective) is not a multiple of data.batch_size={d.batch_size} (micro)"
+        )
+
+
+def build_config(preset: str, overrides: list[str] | None = None) -> Config:
+    """Preset + overrides, validated."""
+    cfg = get_preset(preset)
+    return apply_overrides(cfg, list(overrides or []))
+
+
+def config_from_dict(d: dict[str, Any]) -> Config:
+    """Rebuild a Config saved with :meth:`Config.to_dict` (e.g. from a checkpoint), checking keys."""
+    cfg = Config(preset=d.get("preset", "custom"))
+    for section in SECTIONS:
+        for k, v in (d.get(section) or {}).items():
+            set_value(cfg, f"{section}.{k}", v)
+    validate(cfg)
+    return cfg
