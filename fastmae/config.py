@@ -173,7 +173,7 @@ def get_preset(name: str) -> Config:
         cfg.train.steps = 40
         cfg.train.log_interval = 5
         cfg.train.checkpoint_interval = 20
-        cfg.optim.base_lr = 1.5e-3 * 256 / 16  # a tiny model on tiny batches learns at lr 1.5e-3
+        cfg.optim.lr = 1.5e-3  # a tiny model on tiny batches: absolute lr instead of base_lr x batch / 256
         cfg.optim.warmup_epochs = 1.0
         cfg.train.precision = "fp32"
         cfg.train.output_dir = "runs/debug"

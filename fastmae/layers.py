@@ -51,6 +51,7 @@ class PatchEmbed(nn.Module):
         B, C, H, W = x.shape
         if H != self.img_size or W != self.img_size:
             raise ValueError(f"input images are {H}x{W}, the model expects {self.img_size}x{self.img_size}")
+        x = x.to(self.proj.weight.dtype)  # fp32 images into a bf16 model (the loss target stays fp32)
         return self.proj(x).flatten(2).transpose(1, 2)  # (B, N, D)
 
 

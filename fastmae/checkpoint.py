@@ -1,0 +1,167 @@
+"""Training checkpoints: DeepSpeed shards + fastmae's run state, written so a crash never corrupts resume.
+
+Layout of ``output_dir/checkpoints``::
+
+    step_00001000/          DeepSpeed's files (model, ZeRO optimizer shards, lr scheduler)
+    step_00001000/fastmae_state.json   written last, by rank 0, after every rank finished: the
+                            completion marker and the run state (step, epoch, data position, config)
+    latest                  tag of the newest complete checkpoint (replaced atomically)
+
+``latest`` only ever names a directory that has its ``fastmae_state.json``; resume also double-checks and
+falls back to the newest complete directory, so a save killed half-way is simply ignored.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+from pathlib import Path
+from typing import Any
+
+import torch
+
+STATE_FILE = "fastmae_state.json"
+LATEST = "latest"
+_TAG = re.compile(r"^step_(\d+)$")
+
+
+def tag_for(step: int) -> str:
+    return f"step_{step:08d}"
+
+
+def _atomic_write(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    with tmp.open("w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def complete_tags(ckpt_dir: str | Path) -> list[str]:
+    """Tags of complete checkpoints, oldest first."""
+    d = Path(ckpt_dir)
+    if not d.is_dir():
+        return []
+    tags = [p.name for p in d.iterdir() if _TAG.match(p.name) and (p / STATE_FILE).is_file()]
+    return sorted(tags, key=lambda t: int(_TAG.match(t).group(1)))
+
+
+def latest_complete(ckpt_dir: str | Path) -> str | None:
+    """The tag to resume from: ``latest`` if it is complete, else the newest complete one, else None."""
+    d = Path(ckpt_dir)
+    latest = d / LATEST
+    if latest.is_file():
+        tag = latest.read_text().strip()
+        if (d / tag / STATE_FILE).is_file():
+            return tag
+    tags = complete_tags(d)
+    return tags[-1] if tags else None
+
+
+def read_state(ckpt_dir: str | Path, tag: str) -> dict[str, Any]:
+    return json.loads((Path(ckpt_dir) / tag / STATE_FILE).read_text())
+
+
+def save(engine: Any, ckpt_dir: str | Path, step: int, state: dict[str, Any], keep_last: int,
+         is_main: bool) -> str:
+    """Save a DeepSpeed checkpoint for ``step`` with ``state``; mark it complete; prune old ones."""
+    import torch.distributed as dist
+
+    d = Path(ckpt_dir)
+    tag = tag_for(step)
+    if is_main:
+        d.mkdir(parents=True, exist_ok=True)
+        stale = d / tag
+        if stale.exists():  # an incomplete earlier attempt at this step (killed mid-save)
+            shutil.rmtree(stale)
+    if dist.is_initialized():
+        dist.barrier()
+    engine.save_checkpoint(str(d), tag=tag, client_state={"fastmae": state}, save_latest=False)
+    if dist.is_initialized():
+        dist.barrier()  # every rank's shards are on disk
+    if is_main:
+        _atomic_write(d / tag / STATE_FILE, json.dumps(state, indent=2, sort_keys=True))
+        _atomic_write(d / LATEST, tag)
+        for old in complete_tags(d)[:-keep_last]:
+            shutil.rmtree(d / old, ignore_errors=True)
+    if dist.is_initialized():
+        dist.barrier()
+    return tag
+
+
+def load(engine: Any, ckpt_dir: str | Path, tag: str, world_size: int) -> dict[str, Any]:
+    """Load DeepSpeed states of ``tag`` into ``engine``; returns the fastmae run state."""
+    state = read_state(ckpt_dir, tag)
+    saved_world = int(state.get("world_size", world_size))
+    if saved_world != world_size:
+        raise RuntimeError(
+            f"checkpoint {Path(ckpt_dir) / tag} was written by {saved_world} ranks and this run has "
+            f"{world_size}: a ZeRO checkpoint resumes only with the same number of ranks. Export it with "
+            f"`python -m fastmae.checkpoint export {Path(ckpt_dir) / tag} OUT.pth` to start a new run from its weights"
+        )
+    path, _ = engine.load_checkpoint(str(ckpt_dir), tag=tag, load_optimizer_states=True,
+                                     load_lr_scheduler_states=True)
+    if path is None:
+        raise RuntimeError(f"DeepSpeed could not load the checkpoint {Path(ckpt_dir) / tag}")
+    return state
+
+
+def consolidate(ckpt_path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """fp32 model weights (official MAE names) and run state from a checkpoint directory (any ZeRO stage),
+    on the CPU, without GPUs or the original number of ranks."""
+    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+    p = Path(ckpt_path)
+    if (p / LATEST).is_file() or not (p / STATE_FILE).is_file():  # a checkpoints/ folder: take its latest
+        tag = latest_complete(p)
+        if tag is None:
+            raise FileNotFoundError(f"no complete fastmae checkpoint in {p}")
+        p = p / tag
+    state = read_state(p.parent, p.name)
+    sd = get_fp32_state_dict_from_zero_checkpoint(str(p.parent), tag=p.name)
+    sd = {k.removeprefix("module."): v.float() for k, v in sd.items()}
+    # fixed (non-trainable) sin-cos position embeddings are not in ZeRO's fp32 partitions: rebuild them
+    from .config import config_from_dict
+    from .model import MaskedAutoencoderViT
+
+    cfg = config_from_dict(state["config"])
+    with torch.device("cpu"):
+        ref = MaskedAutoencoderViT(cfg.model, cfg.mask).state_dict()
+    for k in ("pos_embed", "decoder_pos_embed"):
+        sd.setdefault(k, ref[k])
+    missing = set(ref) - set(sd)
+    if missing:
+        raise RuntimeError(f"consolidated checkpoint {p} lacks {sorted(missing)}")
+    return {k: sd[k] for k in ref}, state
+
+
+def export(ckpt_path: str | Path, out: str | Path) -> Path:
+    """Write one fp32 file ``{"model": state_dict, "config": ..., "step": ...}`` in the official MAE naming
+    (``torch.load(out, weights_only=True)["model"]`` loads into ``MaskedAutoencoderViT``)."""
+    sd, state = consolidate(ckpt_path)
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    torch.save({"model": sd, "config": state["config"], "step": state["step"], "epoch": state["epoch"]}, out)
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    import argparse
+
+    ap = argparse.ArgumentParser(prog="python -m fastmae.checkpoint",
+                                 description="Export a fastmae/DeepSpeed checkpoint to one fp32 file.")
+    sub = ap.add_subparsers(dest="cmd", required=True)
+    ex = sub.add_parser("export", help="consolidate ZeRO shards into OUT (official MAE parameter names)")
+    ex.add_argument("checkpoint", help="a step_XXXXXXXX directory, or a checkpoints/ folder (takes its latest)")
+    ex.add_argument("out")
+    args = ap.parse_args(argv)
+    out = export(args.checkpoint, args.out)
+    print(f"wrote {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
