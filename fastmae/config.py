@@ -111,7 +111,9 @@ class TrainConfig:
     resume: str = "auto"
     checkpoint_interval: int = 1000
     keep_last: int = 3
-    activation_checkpointing: bool = False
+    # per-block activation checkpointing: auto (on only when fastmae.memory's estimate exceeds 90% of the
+    # GPU's memory: prefer the largest batch that fits without recompute) | on | off
+    activation_checkpointing: str = "auto"
     compile: bool = False
     on_nonfinite: str = "stop"
     # peak bf16 TFLOP/s of the card for MFU; 0 = look it up from the device name
@@ -163,8 +165,6 @@ def get_preset(name: str) -> Config:
     if name not in _ARCHS:
         raise ConfigError(f"unknown preset {name!r}; valid presets: {', '.join(_ARCHS)}")
     cfg = Config(model=ModelConfig(**_ARCHS[name]), preset=name)
-    if name == "mae_vit_huge_patch14":
-        cfg.train.activation_checkpointing = True
     if name == "debug":
         cfg.data.batch_size = 16
         cfg.data.num_workers = 1
@@ -351,6 +351,7 @@ def validate(cfg: Config) -> None:
     _positive("train.peak_tflops", t.peak_tflops, allow_zero=True)
     _choice("train.precision", t.precision, PRECISIONS)
     _choice("train.on_nonfinite", t.on_nonfinite, ON_NONFINITE)
+    _choice("train.activation_checkpointing", t.activation_checkpointing, ("auto", "on", "off"))
     if t.batch_size % d.batch_size:
         raise ConfigError(
             f"train.batch_size={t.batch_size} (effective) is not a multiple of data.batch_size={d.batch_size} (micro)"

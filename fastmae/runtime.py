@@ -83,10 +83,11 @@ def seed_everything(seed: int, rank: int = 0) -> None:
     torch.manual_seed(s)
 
 
-def mask_seed(seed: int, rank: int, micro_step: int) -> int:
-    """The masking seed of one micro step on one rank: a pure function, so a resumed run masks identically."""
-    h = (seed * 0x9E3779B1 + rank * 0x85EBCA77 + micro_step * 0xC2B2AE3D) & 0x7FFFFFFF
-    return h
+def mask_seed(seed: int, micro_batch_id: int) -> int:
+    """The masking seed of one global micro batch: a pure function, so a resumed run masks identically."""
+    h = (seed * 0x9E3779B1 + micro_batch_id * 0xC2B2AE3D + 0x85EBCA77) & 0xFFFFFFFFFFFF
+    h ^= h >> 17
+    return (h * 0x2545F491) & 0x7FFFFFFF
 
 
 # ----------------------------------------------------------------------------- DeepSpeed config

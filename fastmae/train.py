@@ -19,6 +19,7 @@ import torch
 from fastmae import checkpoint as ckpt
 from fastmae.config import Config, ConfigError, build_config, config_from_dict, preset_names
 from fastmae.flops import train_flops
+from fastmae.memory import MemoryEstimate, estimate_memory
 from fastmae.metrics import MetricsLogger, format_line, peak_tflops
 from fastmae.model import MaskedAutoencoderViT, resolve_masking_backend
 from fastmae.optim import build_adamw, build_scheduler, param_groups, scaled_lr
@@ -72,6 +73,23 @@ def make_loader(cfg: Config, dist: DistInfo) -> Any:
                         seed=cfg.train.seed, device=dist.device, mode="train")
 
 
+def decide_activation_checkpointing(cfg: Config, dist: DistInfo, zero_stage: int) -> tuple[bool, MemoryEstimate]:
+    """``train.activation_checkpointing``: on / off, or auto = on only when the analytic estimate without it
+    exceeds 90% of this GPU's memory. Returns the decision and the estimate that goes with it."""
+    def est(ac: bool) -> MemoryEstimate:
+        return estimate_memory(cfg.model, cfg.mask.ratio, cfg.data.batch_size, zero_stage, dist.world_size,
+                               cfg.train.precision, ac, cfg.model.attention)
+
+    mode = cfg.train.activation_checkpointing
+    if mode == "auto":
+        use = False
+        if dist.device.type == "cuda":
+            use = est(False).total > 0.9 * torch.cuda.get_device_properties(dist.device).total_memory
+    else:
+        use = mode == "on"
+    return use, est(use)
+
+
 def log0(dist: DistInfo, *msg: Any) -> None:
     if dist.is_main:
         print("[fastmae]", *msg, flush=True)
@@ -114,8 +132,10 @@ def _train(cfg: Config, ds_config_name: str, dist: DistInfo, deepspeed: Any) -> 
     warmup_steps = round(o_cfg.warmup_epochs * steps_per_epoch)
 
     # ---- model, toggles, optimizer, engine
+    stage = int(load_ds_config(ds_config_name).get("zero_optimization", {}).get("stage", 0))
+    use_ac, estimate = decide_activation_checkpointing(cfg, dist, stage)
     model = MaskedAutoencoderViT(cfg.model, cfg.mask)
-    toggles = apply_performance_toggles(model, t_cfg.activation_checkpointing, t_cfg.compile)
+    toggles = apply_performance_toggles(model, use_ac, t_cfg.compile)
     lr = scaled_lr(o_cfg, t_cfg.batch_size)
     groups = param_groups(model, o_cfg.weight_decay, model.no_weight_decay())
     optimizer = build_adamw(groups, o_cfg, lr, dist.device)
@@ -136,6 +156,7 @@ def _train(cfg: Config, ds_config_name: str, dist: DistInfo, deepspeed: Any) -> 
                f"ZeRO stage {ds_config['zero_optimization']['stage']} | precision {t_cfg.precision}")
     log0(dist, f"backends: masking={masking} attention={attention} data={getattr(loader, 'backend', '?')} | "
                f"toggles: {', '.join(toggles) or 'none'}")
+    log0(dist, f"memory estimate per rank: {estimate.describe()}")
     log0(dist, f"batch: micro {micro} x accum {grad_accum} x ranks {dist.world_size} = {t_cfg.batch_size} | "
                f"lr {lr:.3e} (base {o_cfg.base_lr:.2e}) | warmup {warmup_steps} of {total_steps} steps | "
                f"this run: {budget} steps | {flops_per_img / 1e9:.2f} GFLOP/img (train)")
@@ -201,7 +222,9 @@ def _train(cfg: Config, ds_config_name: str, dist: DistInfo, deepspeed: Any) -> 
             except StopIteration:
                 break
             data_wait += time.perf_counter() - t0
-            seed = mask_seed(t_cfg.seed, dist.rank, micro_step)
+            # one seed per global micro batch: micro_step x ranks + rank is the same stream with 1 rank x accum 2
+            # as with 2 ranks x accum 1, so runs of any shape mask the same samples the same way
+            seed = mask_seed(t_cfg.seed, micro_step * dist.world_size + dist.rank)
             loss, _, _ = engine(imgs, mask_seed=seed)
             skip = False
             if t_cfg.on_nonfinite == "skip":
@@ -227,7 +250,9 @@ def _train(cfg: Config, ds_config_name: str, dist: DistInfo, deepspeed: Any) -> 
             if at_log or at_ckpt:
                 check_finite(step)
                 elapsed = time.perf_counter() - t_last
-                mean_loss = float(loss_sum) / max(1, n_loss)
+                if dist.world_size > 1:  # the loss of the whole batch, not rank 0's share
+                    torch.distributed.all_reduce(loss_sum)
+                mean_loss = float(loss_sum) / max(1, n_loss * dist.world_size)
                 img_s = imgs_seen / elapsed
                 gn = engine.get_global_grad_norm()
                 rec = {
