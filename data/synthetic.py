@@ -14,6 +14,8 @@ class SyntheticLoader:
     ``size // (batch_size * world_size)`` batches per rank.
     """
 
+    backend = "synthetic"
+
     def __init__(
         self,
         batch_size: int,
@@ -34,6 +36,7 @@ class SyntheticLoader:
         self.rank = rank
         self.world_size = world_size
         self.num_classes = num_classes
+        self.num_samples = size
         self.batches_per_epoch = max(1, size // (batch_size * world_size))
         self.epoch = 0
         self.batch_in_epoch = 0

@@ -1,0 +1,138 @@
+"""The DALI loader: one ``@pipeline_def`` that decodes only the crop window (nvJPEG on GPU with
+``device="mixed"``, the same graph with CPU operators and ``device_id=None`` elsewhere), resizes it
+bicubically, flips and normalises to CHW in the output dtype.
+
+Samples enter through ``fn.external_source`` from :class:`~fastmae.data.index.ShardIndex` (the DALI
+``wds2idx`` index gives every sample's byte range), rather than through ``fn.readers.webdataset``: the
+reader shuffles only within a buffer over a contiguous slice of the data per rank and cannot restart
+mid-epoch, while this feed gives a global shuffle, exact epochs over ranks, exact resume, labels parsed
+in Python (any digit count) and the same samples, crop boxes and flips as the torch fallback loader.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import Any
+
+import numpy as np
+import torch
+from nvidia.dali import fn, pipeline_def, types
+from nvidia.dali.plugin.pytorch import DALIGenericIterator
+
+from .index import ShardIndex
+from .loader import IMAGENET_MEAN, IMAGENET_STD, ShardLoader
+from .sampling import PAD_LABEL, image_size
+
+_DALI_DTYPE = {torch.float32: types.FLOAT, torch.float16: types.FLOAT16, torch.bfloat16: types.FLOAT16}
+
+
+@pipeline_def(enable_conditionals=False)
+def mae_pipeline(source: Any, img_size: int, decode_device: str, out_dtype: Any) -> tuple[Any, Any]:
+    """Encoded JPEG + crop box + flip + label -> normalised (3, S, S) image and int64 label."""
+    jpegs, anchors, shapes, flips, labels = fn.external_source(
+        source=source, num_outputs=5, batch=True, cycle="raise", no_copy=False
+    )
+    # decode only the window (x, y, w, h): cheaper than decoding the whole image and cropping
+    images = fn.decoders.image_slice(
+        jpegs, anchors, shapes, device=decode_device, output_type=types.RGB,
+        normalized_anchor=False, normalized_shape=False, axis_names="WH",
+    )
+    images = fn.resize(images, size=[img_size, img_size], interp_type=types.INTERP_CUBIC, antialias=True)
+    images = fn.crop_mirror_normalize(
+        images, mirror=flips, dtype=out_dtype, output_layout="CHW",
+        mean=[255 * m for m in IMAGENET_MEAN], std=[255 * s for s in IMAGENET_STD],
+    )
+    if decode_device == "mixed":
+        labels = labels.gpu()
+    return images, labels
+
+
+class _Feed:
+    """The ``external_source`` iterable: one epoch of this rank's batches from a start position; when it
+    ends, the next ``iter`` (DALI prefetches it at once) starts the following epoch at batch 0."""
+
+    def __init__(self, loader: DaliLoader, epoch: int, start: int) -> None:
+        self.loader = loader
+        self.next_pos = (epoch, start)
+        self._gen: Iterator[tuple[list[np.ndarray], ...]] | None = None
+
+    def __iter__(self) -> _Feed:
+        self._gen = self._epoch(*self.next_pos)
+        return self
+
+    def __next__(self) -> tuple[list[np.ndarray], ...]:
+        assert self._gen is not None
+        return next(self._gen)
+
+    def _epoch(self, epoch: int, start: int) -> Iterator[tuple[list[np.ndarray], ...]]:
+        ld = self.loader
+        idx: ShardIndex = ld.index
+        for b in ld.plan(epoch, start):
+            jpegs, anchors, shapes, flips, labels = [], [], [], [], []
+            for j, i in enumerate(b.indices):
+                data = idx.read_image(int(i))
+                x, y, w, h, flip = ld.crop(None if b.uniforms is None else b.uniforms[j], *image_size(data))
+                jpegs.append(np.frombuffer(data, dtype=np.uint8))
+                anchors.append(np.array([x, y], dtype=np.float32))
+                shapes.append(np.array([w, h], dtype=np.float32))
+                flips.append(np.array(int(flip), dtype=np.int32))
+                labels.append(np.array(PAD_LABEL if b.pad else idx.read_label(int(i)), dtype=np.int64))
+            yield jpegs, anchors, shapes, flips, labels
+        self.next_pos = (epoch + 1, 0)
+
+
+class DaliLoader(ShardLoader):
+    """DALI decoding on the training device (GPU) or its CPU twin; see the module docstring."""
+
+    backend = "dali"
+
+    def __init__(self, index: ShardIndex, **kwargs: Any) -> None:
+        super().__init__(index, **kwargs)
+        self._iter: DALIGenericIterator | None = None
+        self._pipe: Any = None
+        self._ready_for: tuple[int, int] | None = None  # position the built pipeline will produce next
+        self._needs_reset = False
+        gpu = self.device.type == "cuda"
+        if gpu:
+            self._device_id: int | None = (
+                self.device.index if self.device.index is not None else torch.cuda.current_device()
+            )
+        else:
+            self._device_id = None
+
+    def _build(self, epoch: int, start: int) -> None:
+        self.close()
+        gpu = self._device_id is not None
+        self._pipe = mae_pipeline(
+            source=_Feed(self, epoch, start), img_size=self.img_size,
+            decode_device="mixed" if gpu else "cpu", out_dtype=_DALI_DTYPE[self.dtype],
+            batch_size=self.batch_size, num_threads=max(1, self.num_workers), device_id=self._device_id,
+            seed=self.seed + 1, prefetch_queue_depth=2, exec_dynamic=True,
+        )
+        self._pipe.build()
+        self._iter = DALIGenericIterator(self._pipe, ["images", "labels"], auto_reset=False)
+        self._needs_reset = False
+
+    def close(self) -> None:
+        """Release the pipeline (its threads and buffers)."""
+        self._iter = None
+        self._pipe = None
+        self._ready_for = None
+
+    def _batches(self, epoch: int, start: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        if start >= len(self):
+            return
+        if self._iter is None or self._ready_for != (epoch, start):
+            self._build(epoch, start)
+        elif self._needs_reset:
+            self._iter.reset()
+            self._needs_reset = False
+        self._ready_for = None  # until this epoch is consumed to its end, the pipeline's position is unknown
+        assert self._iter is not None
+        for out in self._iter:
+            imgs, labels = out[0]["images"], out[0]["labels"]
+            if imgs.dtype != self.dtype:
+                imgs = imgs.to(self.dtype)
+            yield imgs.to(self.device), labels.to(self.device).view(-1)
+        self._needs_reset = True
+        self._ready_for = (epoch + 1, 0)

@@ -1,0 +1,249 @@
+"""Random access into WebDataset tar shards through DALI index files (``wds2idx`` format v1.2).
+
+A shard ``x.tar`` has its index ``x.idx`` next to it: a header line ``v1.2 <samples>`` and one line per
+sample, ``<ext> <data offset> <size> <member name>`` repeated for each component. With it, one sample
+is two ``pread`` calls (``.jpg`` and ``.cls``), which is what lets both loaders shuffle globally,
+split an epoch exactly between ranks and resume mid-epoch.
+"""
+
+from __future__ import annotations
+
+import glob
+import os
+import re
+import tarfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+INDEX_VERSION = "v1.2"
+IMAGE_EXTS = ("jpg", "jpeg")
+
+
+class ShardError(RuntimeError):
+    """Shards are missing, empty or malformed; the message names the path."""
+
+
+def _expand_braces(pattern: str) -> list[str]:
+    """Expand ``{000000..000127}`` numeric ranges and ``{a,b}`` lists (like webdataset / bash)."""
+    m = re.search(r"\{([^{}]*)\}", pattern)
+    if m is None:
+        return [pattern]
+    body = m.group(1)
+    rng = re.fullmatch(r"(\d+)\.\.(\d+)", body)
+    if rng:
+        lo, hi = rng.group(1), rng.group(2)
+        width = len(lo) if lo.startswith("0") or len(lo) == len(hi) else 0
+        items = [str(i).zfill(width) for i in range(int(lo), int(hi) + 1)]
+    else:
+        items = body.split(",")
+    out: list[str] = []
+    for it in items:
+        out.extend(_expand_braces(pattern[: m.start()] + it + pattern[m.end():]))
+    return out
+
+
+def expand_shards(spec: str | os.PathLike[str]) -> list[Path]:
+    """Shard paths of ``spec``: a directory (every ``*.tar`` in it, sorted), a brace pattern, a glob,
+    or a single file. Raises :class:`ShardError` naming ``spec`` when nothing is found."""
+    text = os.fspath(spec)
+    if not text:
+        raise ShardError("empty shard path")
+    p = Path(text).expanduser()
+    if p.is_dir():
+        paths = sorted(p.glob("*.tar"))
+        if not paths:
+            raise ShardError(f"no *.tar shards in directory {p}")
+        return paths
+    if "{" in text:
+        paths = [Path(s).expanduser() for s in _expand_braces(text)]
+        missing = [s for s in paths if not s.is_file()]
+        if missing:
+            raise ShardError(
+                f"{len(missing)} of {len(paths)} shards of {text!r} do not exist, e.g. {missing[0]}"
+            )
+        return paths
+    if any(c in text for c in "*?["):
+        paths = sorted(Path(s) for s in glob.glob(os.path.expanduser(text)))
+        if not paths:
+            raise ShardError(f"no shards match {text!r}")
+        return paths
+    if p.is_file():
+        return [p]
+    raise ShardError(f"shard path {text!r} does not exist")
+
+
+def index_path(shard: Path) -> Path:
+    """Where the DALI index of ``shard`` lives (``x.tar`` -> ``x.idx``)."""
+    return shard.with_suffix(".idx")
+
+
+def split_member(name: str) -> tuple[str, str]:
+    """``dir/key.a.b`` -> (``dir/key``, ``a.b``): the WebDataset rule (extension after the first dot
+    of the basename), the same rule ``wds2idx`` uses."""
+    dot = name.find(".", name.rfind("/") + 1)
+    if dot < 0:
+        return name, ""
+    return name[:dot], name[dot + 1:]
+
+
+def scan_tar(shard: Path) -> list[dict[str, tuple[int, int, str]]]:
+    """Read a tar with :mod:`tarfile` and group its regular files into samples:
+    one ``{ext: (data offset, size, member name)}`` per sample, in archive order."""
+    samples: list[dict[str, tuple[int, int, str]]] = []
+    last = None
+    with tarfile.open(shard, "r:") as tf:
+        for m in tf:
+            if not m.isreg():
+                continue
+            key, ext = split_member(m.name)
+            if not key or key.endswith("/"):
+                continue
+            if key != last:
+                samples.append({})
+                last = key
+            samples[-1][ext] = (m.offset_data, m.size, m.name)
+    return samples
+
+
+def write_index(samples: list[dict[str, tuple[int, int, str]]], out: Path) -> None:
+    """Write a ``wds2idx``-compatible index for ``samples`` (from :func:`scan_tar`)."""
+    lines = [f"{INDEX_VERSION} {len(samples)}"]
+    for s in samples:
+        lines.append(" ".join(f"{ext} {off} {size} {name}" for ext, (off, size, name) in s.items()))
+    out.write_text("\n".join(lines) + "\n")
+
+
+def make_index(shard: Path, out: Path | None = None) -> Path:
+    """Index ``shard`` with DALI's ``wds2idx`` when DALI is installed, else with the same format in Python."""
+    out = out or index_path(shard)
+    try:
+        from wds2idx import IndexCreator  # installed with nvidia-dali as a top-level module
+    except ImportError:
+        write_index(scan_tar(shard), out)
+        return out
+    creator = IndexCreator(str(shard), str(out), verbose=False)
+    try:
+        creator.create_index()
+    finally:
+        creator.close()
+    return out
+
+
+def read_index(path: Path) -> list[dict[str, tuple[int, int, str]]]:
+    """Parse a DALI index file into ``{ext: (offset, size, name)}`` per sample."""
+    try:
+        text = path.read_text()
+    except OSError as e:
+        raise ShardError(f"cannot read index {path}: {e}") from e
+    lines = text.splitlines()
+    head = lines[0].split() if lines else []
+    if len(head) != 2 or head[0] != INDEX_VERSION:
+        raise ShardError(f"index {path}: expected header '{INDEX_VERSION} <count>', got {lines[:1]}")
+    out: list[dict[str, tuple[int, int, str]]] = []
+    for ln in lines[1:]:
+        parts = ln.split()
+        if not parts:
+            continue
+        if len(parts) % 4:
+            raise ShardError(f"index {path}: malformed line {ln!r}")
+        out.append(
+            {parts[i]: (int(parts[i + 1]), int(parts[i + 2]), parts[i + 3]) for i in range(0, len(parts), 4)}
+        )
+    if len(out) != int(head[1]):
+        raise ShardError(f"index {path}: header says {head[1]} samples, found {len(out)}")
+    return out
+
+
+@dataclass
+class SampleRef:
+    """Where one sample's image and label bytes lie."""
+
+    shard: int
+    img_offset: int
+    img_size: int
+    cls_offset: int
+    cls_size: int
+
+
+class ShardIndex:
+    """All samples of a list of shards, addressable by a global index ``0..len-1`` (shard order, then
+    archive order). File handles open lazily per process, so the object can be sent to DataLoader workers."""
+
+    def __init__(self, shards: list[Path]) -> None:
+        self.shards = [Path(s) for s in shards]
+        if not self.shards:
+            raise ShardError("no shards given")
+        cols: list[list[int]] = [[], [], [], [], []]
+        keys: list[str] = []
+        for sid, shard in enumerate(self.shards):
+            if not shard.is_file():
+                raise ShardError(f"shard {shard} does not exist")
+            idx = index_path(shard)
+            samples = read_index(idx) if idx.is_file() else scan_tar(shard)
+            for s in samples:
+                img = next((s[e] for e in IMAGE_EXTS if e in s), None)
+                if img is None:
+                    name = next(iter(s.values()))[2]
+                    raise ShardError(f"shard {shard}: sample {name} has no .jpg component")
+                cls = s.get("cls", (0, 0, ""))
+                cols[0].append(sid)
+                cols[1].append(img[0])
+                cols[2].append(img[1])
+                cols[3].append(cls[0])
+                cols[4].append(cls[1])
+                keys.append(split_member(img[2])[0])
+        if not keys:
+            raise ShardError(f"shards {self.shards[0]} ... hold no samples")
+        self.shard_of, self.img_off, self.img_len, self.cls_off, self.cls_len = (
+            np.asarray(c, dtype=np.int64) for c in cols
+        )
+        self.keys = keys
+        self._fds: dict[int, int] = {}
+        self._pid = -1
+
+    def __len__(self) -> int:
+        return len(self.keys)
+
+    def __getstate__(self) -> dict:
+        state = self.__dict__.copy()
+        state["_fds"], state["_pid"] = {}, -1
+        return state
+
+    def _fd(self, shard: int) -> int:
+        if self._pid != os.getpid():  # forked into a worker: never share file offsets or descriptors
+            self._fds, self._pid = {}, os.getpid()
+        fd = self._fds.get(shard)
+        if fd is None:
+            fd = os.open(self.shards[shard], os.O_RDONLY)
+            self._fds[shard] = fd
+        return fd
+
+    def read_image(self, i: int) -> bytes:
+        """The encoded image bytes of sample ``i``."""
+        fd = self._fd(int(self.shard_of[i]))
+        return os.pread(fd, int(self.img_len[i]), int(self.img_off[i]))
+
+    def read_label(self, i: int) -> int:
+        """The integer label of sample ``i`` (ASCII ``.cls`` of any digit count; 0 when absent)."""
+        n = int(self.cls_len[i])
+        if n == 0:
+            return 0
+        raw = os.pread(self._fd(int(self.shard_of[i])), n, int(self.cls_off[i]))
+        try:
+            return int(raw.strip())
+        except ValueError:
+            shard = self.shards[int(self.shard_of[i])]
+            raise ShardError(f"{shard}: {self.keys[i]}.cls is not an integer: {raw!r}") from None
+
+    def close(self) -> None:
+        for fd in self._fds.values():
+            os.close(fd)
+        self._fds = {}
+
+    def __del__(self) -> None:
+        try:
+            self.close()
+        except Exception:
+            pass

@@ -1,0 +1,228 @@
+"""The loader interface every backend shares, its epoch/resume bookkeeping, and :func:`build_loader`."""
+
+from __future__ import annotations
+
+import importlib.util
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+
+from .index import ShardError, ShardIndex, expand_shards
+from .sampling import (
+    PAD_LABEL,
+    batch_uniforms,
+    center_crop_box,
+    epoch_order,
+    random_resized_crop_box,
+    rank_batch,
+    steps_per_epoch,
+)
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+MODES = ("train", "eval")
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+@dataclass
+class BatchPlan:
+    """One rank's batch at one step: global sample indices, padding flag, augmentation uniforms."""
+
+    step: int
+    indices: np.ndarray
+    pad: bool
+    uniforms: np.ndarray | None
+
+
+class ShardLoader:
+    """Base of the shard loaders: epoch layout, position, state and per-sample augmentation parameters.
+
+    ``for imgs, labels in loader`` yields the remaining batches of the current epoch, then advances to the
+    next epoch (like :class:`~fastmae.data.SyntheticLoader`). ``batch_in_epoch`` counts the batches handed
+    out; ``state_dict()`` taken after training on a batch resumes at the next one.
+    """
+
+    backend = "base"
+
+    def __init__(
+        self,
+        index: ShardIndex,
+        *,
+        batch_size: int,
+        img_size: int,
+        rank: int = 0,
+        world_size: int = 1,
+        seed: int = 0,
+        device: torch.device | str = "cpu",
+        mode: str = "train",
+        crop_scale: tuple[float, float] = (0.2, 1.0),
+        dtype: str = "float32",
+        num_workers: int = 2,
+    ) -> None:
+        if mode not in MODES:
+            raise ValueError(f"mode={mode!r} is not valid; valid modes: {', '.join(MODES)}")
+        if not 0 <= rank < world_size:
+            raise ValueError(f"rank={rank} must lie in [0, world_size={world_size})")
+        if dtype not in DTYPES:
+            raise ValueError(f"dtype={dtype!r} is not valid; valid choices: {', '.join(DTYPES)}")
+        if batch_size <= 0 or img_size <= 0:
+            raise ValueError(f"batch_size={batch_size} and img_size={img_size} must be > 0")
+        self.index = index
+        self.batch_size = batch_size
+        self.img_size = img_size
+        self.rank = rank
+        self.world_size = world_size
+        self.seed = seed
+        self.device = torch.device(device)
+        self.mode = mode
+        self.crop_scale = (float(crop_scale[0]), float(crop_scale[1]))
+        self.num_workers = num_workers
+        # low-precision output only on GPU: CPU runs (tests, CI) compute in float32
+        self.dtype = DTYPES[dtype] if self.device.type == "cuda" else torch.float32
+        self.num_samples = len(index)
+        self.epoch = 0
+        self.batch_in_epoch = 0
+
+    # ------------------------------------------------------------------ position and state
+    def __len__(self) -> int:
+        return steps_per_epoch(self.num_samples, self.world_size, self.batch_size)
+
+    def set_epoch(self, epoch: int) -> None:
+        """Start ``epoch`` at its first batch (order and augmentations depend only on seed and epoch)."""
+        self.epoch = int(epoch)
+        self.batch_in_epoch = 0
+
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "epoch": self.epoch,
+            "batch_in_epoch": self.batch_in_epoch,
+            "num_samples": self.num_samples,
+            "world_size": self.world_size,
+            "batch_size": self.batch_size,
+            "seed": self.seed,
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Continue at ``state``'s position: the next batches are exactly the ones not yet handed out."""
+        for key in ("num_samples", "world_size", "batch_size"):
+            if key in state and int(state[key]) != getattr(self, key):
+                raise ValueError(
+                    f"loader state has {key}={state[key]} but this loader has {key}={getattr(self, key)}: "
+                    "an exact mid-epoch resume needs the same dataset, world size and micro batch"
+                )
+        self.epoch = int(state["epoch"])
+        self.batch_in_epoch = int(state["batch_in_epoch"])
+
+    # ------------------------------------------------------------------ the plan
+    @property
+    def shuffle(self) -> bool:
+        return self.mode == "train"
+
+    def plan(self, epoch: int, start: int) -> Iterator[BatchPlan]:
+        """This rank's batches of ``epoch`` from batch ``start`` on."""
+        order = epoch_order(self.num_samples, epoch, self.seed, self.shuffle)
+        for step in range(start, len(self)):
+            idx, pad = rank_batch(order, step, self.rank, self.world_size, self.batch_size)
+            u = batch_uniforms(self.seed, epoch, step, self.rank, len(idx)) if self.shuffle else None
+            yield BatchPlan(step, idx, pad, u)
+
+    def crop(self, u: np.ndarray | None, width: int, height: int) -> tuple[int, int, int, int, bool]:
+        """(x, y, w, h, flip) of one sample: RandomResizedCrop + flip in train mode, centre crop in eval."""
+        if u is None:
+            return (*center_crop_box(width, height, self.img_size), False)
+        return (*random_resized_crop_box(u, width, height, self.crop_scale), bool(u[-1] < 0.5))
+
+    # ------------------------------------------------------------------ iteration
+    def _batches(self, epoch: int, start: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        raise NotImplementedError
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        epoch, start = self.epoch, self.batch_in_epoch
+        for imgs, labels in self._batches(epoch, start):
+            self.batch_in_epoch += 1
+            yield imgs, labels
+        self.epoch = epoch + 1
+        self.batch_in_epoch = 0
+
+
+def normalize_uint8(imgs: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """(B,3,H,W) uint8 -> ImageNet-normalised ``dtype`` on the same device."""
+    mean = torch.tensor(IMAGENET_MEAN, device=imgs.device).mul_(255).view(1, 3, 1, 1)
+    std = torch.tensor(IMAGENET_STD, device=imgs.device).mul_(255).view(1, 3, 1, 1)
+    return imgs.float().sub_(mean).div_(std).to(dtype)
+
+
+def dali_available() -> bool:
+    """Whether ``nvidia.dali`` imports here."""
+    if importlib.util.find_spec("nvidia") is None or importlib.util.find_spec("nvidia.dali") is None:
+        return False
+    try:
+        import nvidia.dali  # noqa: F401
+    except Exception:
+        return False
+    return True
+
+
+def resolve_backend(backend: str) -> str:
+    """``auto`` -> ``dali`` when DALI imports, else ``torch``; others are checked and returned."""
+    valid = ("auto", "dali", "torch", "synthetic")
+    if backend not in valid:
+        raise ValueError(f"data.backend={backend!r} is not valid; valid choices: {', '.join(valid)}")
+    if backend == "auto":
+        return "dali" if dali_available() else "torch"
+    if backend == "dali" and not dali_available():
+        raise ImportError("data.backend=dali but nvidia.dali does not import; pip install fastmae[dali] "
+                          "or use data.backend=torch")
+    return backend
+
+
+def build_loader(
+    cfg: Any,
+    *,
+    img_size: int,
+    rank: int = 0,
+    world_size: int = 1,
+    seed: int = 0,
+    device: torch.device | str = "cpu",
+    mode: str = "train",
+) -> Any:
+    """The loader ``cfg`` (a :class:`fastmae.config.DataConfig`) asks for, for this rank.
+
+    ``cfg.shards == ""`` reads the bundled sample; otherwise a directory, brace pattern or glob of shards.
+    """
+    backend = resolve_backend(cfg.backend)
+    if backend == "synthetic":
+        from .synthetic import SyntheticLoader
+
+        dev = torch.device(device)
+        return SyntheticLoader(
+            cfg.batch_size, img_size, device=dev,
+            dtype=DTYPES[cfg.dtype] if dev.type == "cuda" else torch.float32,
+            size=cfg.synthetic_size, seed=seed, rank=rank, world_size=world_size,
+        )
+    if cfg.shards:
+        shards = expand_shards(cfg.shards)
+    else:
+        from .sample import bundled_sample_dir
+
+        shards = expand_shards(bundled_sample_dir())
+    index = ShardIndex(shards)
+    kwargs = dict(
+        batch_size=cfg.batch_size, img_size=img_size, rank=rank, world_size=world_size, seed=seed,
+        device=device, mode=mode, crop_scale=(cfg.crop_scale_min, cfg.crop_scale_max), dtype=cfg.dtype,
+        num_workers=cfg.num_workers,
+    )
+    if backend == "dali":
+        from .dali_pipeline import DaliLoader
+
+        return DaliLoader(index, **kwargs)
+    from .torch_loader import TorchLoader
+
+    return TorchLoader(index, **kwargs)
+
+
+__all__ = ["BatchPlan", "ShardLoader", "build_loader", "resolve_backend", "dali_available", "PAD_LABEL",
+           "ShardError", "normalize_uint8"]

@@ -1,0 +1,133 @@
+"""Which samples each rank reads in each step, and the augmentation of each one.
+
+Everything here is a pure function of (seed, epoch, step, rank), shared by the DALI and torch loaders, so
+both backends read the same samples in the same order with the same crop boxes and flips, and a resumed
+run reproduces the batches of an uninterrupted one.
+
+Epoch layout (``n`` samples, ``W`` ranks, micro batch ``B``):
+
+* the epoch order is a permutation of ``0..n-1`` drawn from ``(seed, epoch)`` (identity in eval mode);
+* one step consumes ``W*B`` consecutive samples of the order, rank ``r`` taking the ``r``-th block of ``B``;
+* there are ``ceil(n / (W*B))`` steps on every rank; the ``R`` samples of the last step are split as
+  evenly as possible (rank shares differ by at most one), so a short last batch is legal. Only when
+  ``R < W`` does a rank have no sample left: it then gets one padding sample (a copy of a real one)
+  labelled :data:`PAD_LABEL`, so all ranks take the same number of steps.
+"""
+
+from __future__ import annotations
+
+import io
+import math
+
+import numpy as np
+
+# label of a padding sample (torch's cross-entropy ``ignore_index`` default); never a real class
+PAD_LABEL = -100
+RRC_ATTEMPTS = 10
+UNIFORMS_PER_SAMPLE = 4 * RRC_ATTEMPTS + 1  # (area, log-ratio, y, x) per attempt + flip
+RATIO = (3.0 / 4.0, 4.0 / 3.0)
+
+
+def steps_per_epoch(num_samples: int, world_size: int, batch_size: int) -> int:
+    """Batches per rank per epoch (the same on every rank)."""
+    return max(1, math.ceil(num_samples / (world_size * batch_size)))
+
+
+def epoch_order(num_samples: int, epoch: int, seed: int, shuffle: bool) -> np.ndarray:
+    """The order in which an epoch visits samples (a permutation; identity without shuffle)."""
+    if not shuffle:
+        return np.arange(num_samples, dtype=np.int64)
+    return np.random.default_rng([seed, epoch, 0x5EED]).permutation(num_samples).astype(np.int64)
+
+
+def rank_batch(
+    order: np.ndarray, step: int, rank: int, world_size: int, batch_size: int
+) -> tuple[np.ndarray, bool]:
+    """Global sample indices of ``rank``'s batch at ``step`` and whether it is a padding batch."""
+    n = len(order)
+    start = step * world_size * batch_size
+    remaining = n - start
+    if remaining >= world_size * batch_size:
+        lo = start + rank * batch_size
+        return order[lo:lo + batch_size], False
+    base, extra = divmod(remaining, world_size)
+    lo = start + rank * base + min(rank, extra)
+    size = base + (1 if rank < extra else 0)
+    if size == 0:
+        return order[start:start + 1], True
+    return order[lo:lo + size], False
+
+
+def batch_uniforms(seed: int, epoch: int, step: int, rank: int, size: int) -> np.ndarray:
+    """Uniform numbers in [0, 1) that fix the crops and flips of one batch: shape (size, 41)."""
+    return np.random.default_rng([seed, epoch, step, rank, 0xA06]).random((size, UNIFORMS_PER_SAMPLE))
+
+
+def random_resized_crop_box(
+    u: np.ndarray, width: int, height: int, scale: tuple[float, float], ratio: tuple[float, float] = RATIO
+) -> tuple[int, int, int, int]:
+    """torchvision's ``RandomResizedCrop.get_params`` driven by given uniforms: (x, y, w, h) in pixels.
+
+    Up to 10 tries of an area fraction in ``scale`` and a log-uniform aspect ratio in ``ratio``; if none
+    fits, the centre crop of the whole image clamped to ``ratio``.
+    """
+    area = width * height
+    lr0, lr1 = math.log(ratio[0]), math.log(ratio[1])
+    for a in range(RRC_ATTEMPTS):
+        ua, ur, uy, ux = u[4 * a:4 * a + 4]
+        target = area * (scale[0] + (scale[1] - scale[0]) * ua)
+        aspect = math.exp(lr0 + (lr1 - lr0) * ur)
+        w = int(round(math.sqrt(target * aspect)))
+        h = int(round(math.sqrt(target / aspect)))
+        if 0 < w <= width and 0 < h <= height:
+            y = int(uy * (height - h + 1))
+            x = int(ux * (width - w + 1))
+            return x, y, w, h
+    in_ratio = width / height
+    if in_ratio < ratio[0]:
+        w, h = width, int(round(width / ratio[0]))
+    elif in_ratio > ratio[1]:
+        w, h = int(round(height * ratio[1])), height
+    else:
+        w, h = width, height
+    return (width - w) // 2, (height - h) // 2, w, h
+
+
+def eval_resize_size(img_size: int) -> int:
+    """Shorter side before the centre crop in eval mode (256 for 224, the usual ratio)."""
+    return int(img_size * 256 / 224)
+
+
+def center_crop_box(width: int, height: int, img_size: int) -> tuple[int, int, int, int]:
+    """Eval crop as a box in the original image: resizing the shorter side to ``img_size*256/224`` and
+    taking the centre ``img_size`` square is the same as cropping this box and resizing it to ``img_size``."""
+    short = min(width, height)
+    side = max(1, min(short, int(round(short * img_size / eval_resize_size(img_size)))))
+    return (width - side) // 2, (height - side) // 2, side, side
+
+
+_SOF = {0xC0, 0xC1, 0xC2, 0xC3, 0xC5, 0xC6, 0xC7, 0xC9, 0xCA, 0xCB, 0xCD, 0xCE, 0xCF}
+
+
+def image_size(data: bytes) -> tuple[int, int]:
+    """(width, height) of an encoded image, from the JPEG frame header (PIL for anything else)."""
+    n = len(data)
+    if n > 4 and data[0] == 0xFF and data[1] == 0xD8:
+        i = 2
+        while i + 9 < n:
+            if data[i] != 0xFF:
+                break
+            while i < n and data[i] == 0xFF:
+                i += 1
+            marker = data[i]
+            i += 1
+            if marker == 0x01 or 0xD0 <= marker <= 0xD8:
+                continue
+            seg = (data[i] << 8) | data[i + 1]
+            if marker in _SOF:
+                return (data[i + 5] << 8) | data[i + 6], (data[i + 3] << 8) | data[i + 4]
+            i += seg
+    from PIL import Image
+
+    with Image.open(io.BytesIO(data)) as im:
+        return im.size
