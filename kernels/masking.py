@@ -1,0 +1,508 @@
+"""Fused per-sample random masking + gather of the visible tokens (+ position embedding) in Triton.
+
+One kernel replaces the official MAE sequence ``argsort(noise) -> argsort -> gather -> add pos_embed``:
+
+* **Forward** (``_masking_fwd_kernel``), grid ``(B, cdiv(D, BLOCK_D))``. Each program owns one sample
+  and one chunk of ``BLOCK_D`` channels. It builds the sample's N sort keys in registers, sorts them
+  with ``tl.sort`` and gathers its ``(K, BLOCK_D)`` slab of kept rows (plus ``pos_embed``) straight
+  into ``x_vis``. Every program of a sample re-does the same cheap sort (N <= 1024 int64 keys in
+  registers) instead of sharing it through memory: that keeps it to one launch with no [B, N]
+  intermediate, and gives ``B * D / BLOCK_D`` programs (~800-2000 at B=256, D=768..1280) so the
+  gather, which is what costs, is spread over every SM. The first D-chunk program of each sample
+  also scatters ``mask`` and ``ids_restore``.
+* **Sort keys.** There is no ``tl.argsort``: each key is packed into one int64 as
+  ``(random or noise key) << b | index`` so that sorting the packed values sorts by key with the
+  index as tie-break (exactly torch's stable argsort), and the low bits give back the permutation.
+  Length is padded to a power of two with ``INT64_MAX`` keys, which sort after every real key.
+
+  - ``noise`` given: the float32 bits are mapped to a monotone int32 (sign-magnitude -> two's
+    complement; -0.0 equals +0.0; every NaN sorts last, as in torch), packed over a 32-bit index.
+  - otherwise: Philox (``tl.philox``) with key ``seed`` and counter ``(n, b, 0, 0)`` gives 64 random
+    bits per token, of which ``63 - log2(N_pow2)`` are used as the key: ties (which would favour the
+    lower index) have probability ~N^2 / 2^55, i.e. the subset is uniform for all practical purposes.
+    No [B, N] noise tensor exists. Sample b's mask is a pure function of ``(seed, b, N, K)``; the
+    training program passes one seed per (step, rank) so every step, sample and rank differs and a
+    resumed run masks exactly as the uninterrupted one.
+* **Backward** (``_masking_bwd_kernel``), grid ``(B, cdiv(N, BLOCK_N), cdiv(D, BLOCK_D))``: for every
+  token n it reads ``j = ids_restore[b, n]`` and writes ``grad_x[b, n] = grad_x_vis[b, j]`` if
+  ``j < K`` else 0. Writing every row (zeros included) means no memset, and reads by inverse
+  permutation make the big write stream contiguous; no atomics. If ``pos_embed`` is trainable,
+  ``_pos_grad_kernel`` sums the same rows over the batch in fp32 (deterministic, no atomics).
+
+Values: ``x_vis = round(float32(x) + float32(pos_embed))`` in ``promote_types(x, pos_embed)``, the same
+single rounding torch's add does, so the noise path equals :func:`random_masking_ref` bit for bit.
+
+Runs on CUDA tensors, or on CPU tensors under the Triton interpreter (``TRITON_INTERPRET=1``), which
+is how the tests run without a GPU.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+from .masking_ref import num_kept
+
+__all__ = ["MAX_TOKENS", "masking_bwd", "masking_fwd", "pos_embed_grad", "random_masking"]
+
+MAX_TOKENS = 16384  # sort length in registers; ViT-H at 448 px has 1024 patches
+_INT64_MAX = 0x7FFFFFFFFFFFFFFF
+
+
+# ----------------------------------------------------------------------------- kernels
+
+
+@triton.jit
+def _cast(v, dst_ty: tl.constexpr, BF16_RNE: tl.constexpr):
+    """``v.to(dst_ty)``; with BF16_RNE, float32 -> bfloat16 rounded to nearest even by integer ops.
+
+    BF16_RNE is set only under the interpreter, whose float32 -> bfloat16 cast does not round to
+    nearest even (the GPU's ``cvt.rn.bf16.f32`` does), so the interpreter matches torch bit for bit.
+    """
+    if BF16_RNE:
+        bits = v.to(tl.float32).to(tl.uint32, bitcast=True)
+        rounded = (bits + 0x7FFF + ((bits >> 16) & 1)) >> 16
+        is_nan = (bits & 0x7FFFFFFF) > 0x7F800000
+        rounded = tl.where(is_nan, (bits >> 16) | 0x40, rounded)  # keep NaN a (quiet) NaN
+        return rounded.to(tl.uint16).to(tl.bfloat16, bitcast=True)
+    else:
+        return v.to(dst_ty)
+
+
+@triton.jit
+def _sorted_keys(
+    noise_ptr,
+    seed_ptr,
+    b,
+    N,
+    stride_noise_b,
+    NP: tl.constexpr,
+    LOG2_NP: tl.constexpr,
+    USE_NOISE: tl.constexpr,
+):
+    """Sorted packed keys (NP,) int64 of sample ``b``; the low index bits hold ``argsort(noise[b])``."""
+    n = tl.arange(0, NP)  # (NP,)
+    valid = n < N
+    if USE_NOISE:
+        v = tl.load(noise_ptr + b * stride_noise_b + n, mask=valid, other=0.0).to(tl.float32)
+        bits = v.to(tl.int32, bitcast=True)
+        mag = bits & 0x7FFFFFFF
+        key = tl.where(bits < 0, -mag, mag)  # monotone in the float value; -0.0 -> 0 like +0.0
+        key = tl.where(mag > 0x7F800000, 0x7FC00000, key)  # any NaN: after +inf, ties by index
+        packed = (key.to(tl.int64) << 32) | n.to(tl.int64)
+    else:
+        seed = tl.load(seed_ptr)  # int64 scalar: read on device, so drawing it never syncs the host
+        c0 = n.to(tl.uint32)
+        c1 = tl.zeros([NP], dtype=tl.uint32) + b.to(tl.uint32)
+        zero = tl.zeros([NP], dtype=tl.uint32)
+        r0, r1, _r2, _r3 = tl.philox(seed, c0, c1, zero, zero)
+        rnd = ((r0.to(tl.int64) & 0x7FFFFFFF) << 32) | (r1.to(tl.int64) & 0xFFFFFFFF)  # 63 bits
+        packed = ((rnd >> LOG2_NP) << LOG2_NP) | n.to(tl.int64)
+    packed = tl.where(valid, packed, _INT64_MAX)  # padding sorts last
+    return tl.sort(packed)
+
+
+@triton.jit
+def _masking_fwd_kernel(
+    x_ptr,
+    pos_ptr,
+    noise_ptr,
+    seed_ptr,
+    out_ptr,
+    mask_ptr,
+    ids_restore_ptr,
+    N,
+    K,
+    D,
+    stride_xb,
+    stride_xn,
+    stride_pn,
+    stride_noise_b,
+    stride_ob,
+    stride_ok,
+    NP: tl.constexpr,
+    LOG2_NP: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    HAS_POS: tl.constexpr,
+    USE_NOISE: tl.constexpr,
+    BF16_RNE: tl.constexpr,
+):
+    """x_vis[b, :, d-chunk] = (x + pos)[b, ids_shuffle[:K], d-chunk]; mask/ids_restore from chunk 0."""
+    b = tl.program_id(0).to(tl.int64)
+    pid_d = tl.program_id(1)
+
+    srt = _sorted_keys(noise_ptr, seed_ptr, b, N, stride_noise_b, NP, LOG2_NP, USE_NOISE)  # (NP,)
+    if USE_NOISE:
+        ids_shuffle = (srt & 0xFFFFFFFF).to(tl.int32)  # (NP,) token at each rank
+    else:
+        ids_shuffle = (srt & (NP - 1)).to(tl.int32)
+
+    # mask and ids_restore: one scatter of N small elements per sample, by the first D-chunk only
+    rank = tl.arange(0, NP)  # (NP,)
+    first = (rank < N) & (pid_d == 0)
+    tl.store(ids_restore_ptr + b * N + ids_shuffle, rank.to(tl.int64), mask=first)
+    is_masked = tl.where(rank >= K, 1.0, 0.0).to(mask_ptr.dtype.element_ty)  # (NP,) exact in any dtype
+    tl.store(mask_ptr + b * N + ids_shuffle, is_masked, mask=first)
+
+    # the gather: BLOCK_K kept rows x BLOCK_D channels per step; rows are contiguous along d, so the
+    # loads and stores are full-width vector accesses whenever the row stride is a multiple of 16 B
+    d = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)  # (BLOCK_D,)
+    d_ok = d < D
+    for k0 in range(0, K, BLOCK_K):
+        r = k0 + tl.arange(0, BLOCK_K)  # (BLOCK_K,) ranks = rows of x_vis
+        r_ok = r < K
+        rows = tl.gather(ids_shuffle, tl.minimum(r, NP - 1), 0).to(tl.int64)  # (BLOCK_K,) tokens
+        m2 = r_ok[:, None] & d_ok[None, :]  # (BLOCK_K, BLOCK_D)
+        v = tl.load(x_ptr + b * stride_xb + rows[:, None] * stride_xn + d[None, :], mask=m2)
+        if HAS_POS:
+            p = tl.load(pos_ptr + rows[:, None] * stride_pn + d[None, :], mask=m2)
+            v = v.to(tl.float32) + p.to(tl.float32)  # one rounding below, as torch's add
+        dst = out_ptr + b * stride_ob + r[:, None].to(tl.int64) * stride_ok + d[None, :]
+        tl.store(dst, _cast(v, out_ptr.dtype.element_ty, BF16_RNE), mask=m2)
+
+
+@triton.jit
+def _masking_bwd_kernel(
+    gvis_ptr,
+    ids_restore_ptr,
+    gx_ptr,
+    N,
+    K,
+    D,
+    stride_gb,
+    stride_gk,
+    BLOCK_N: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    BF16_RNE: tl.constexpr,
+):
+    """grad_x[b, n, d-chunk] = grad_x_vis[b, ids_restore[b, n], d-chunk] if kept else 0 (all written)."""
+    b = tl.program_id(0).to(tl.int64)
+    n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)  # (BLOCK_N,)
+    d = tl.program_id(2) * BLOCK_D + tl.arange(0, BLOCK_D)  # (BLOCK_D,)
+    n_ok = n < N
+    d_ok = d < D
+    j = tl.load(ids_restore_ptr + b * N + n, mask=n_ok, other=K)  # (BLOCK_N,) int64 rank
+    keep = n_ok & (j < K)
+    src = gvis_ptr + b * stride_gb + j[:, None] * stride_gk + d[None, :]
+    g = tl.load(src, mask=keep[:, None] & d_ok[None, :], other=0.0)  # (BLOCK_N, BLOCK_D)
+    dst = gx_ptr + (b * N + n[:, None].to(tl.int64)) * D + d[None, :]
+    tl.store(dst, _cast(g, gx_ptr.dtype.element_ty, BF16_RNE), mask=n_ok[:, None] & d_ok[None, :])
+
+
+@triton.jit
+def _pos_grad_kernel(
+    gvis_ptr,
+    ids_restore_ptr,
+    gpos_ptr,
+    B,
+    N,
+    K,
+    D,
+    stride_gb,
+    stride_gk,
+    BLOCK_N: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    BF16_RNE: tl.constexpr,
+):
+    """grad_pos[n, d-chunk] = sum_b (kept ? grad_x_vis[b, ids_restore[b, n]] : 0), fp32 accumulation."""
+    n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)  # (BLOCK_N,)
+    d = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)  # (BLOCK_D,)
+    n_ok = n < N
+    d_ok = d < D
+    acc = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
+    ids_row = ids_restore_ptr + n  # (BLOCK_N,) pointers into sample 0; advanced per sample (64-bit)
+    g_base = gvis_ptr
+    for _ in range(0, B):
+        j = tl.load(ids_row, mask=n_ok, other=K)  # (BLOCK_N,)
+        keep = n_ok & (j < K)
+        src = g_base + j[:, None] * stride_gk + d[None, :]
+        acc += tl.load(src, mask=keep[:, None] & d_ok[None, :], other=0.0).to(tl.float32)
+        ids_row += N
+        g_base += stride_gb
+    dst = gpos_ptr + n[:, None].to(tl.int64) * D + d[None, :]
+    tl.store(dst, _cast(acc, gpos_ptr.dtype.element_ty, BF16_RNE), mask=n_ok[:, None] & d_ok[None, :])
+
+
+# ----------------------------------------------------------------------------- launchers
+
+
+def _interpreting() -> bool:
+    """True when Triton kernels run under the CPU interpreter."""
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+def _needs_bf16_rne(src: torch.dtype, dst: torch.dtype) -> bool:
+    """Round float -> bfloat16 by hand (see ``_cast``): only under the interpreter, only if it converts."""
+    return _interpreting() and dst == torch.bfloat16 and src != torch.bfloat16
+
+
+def _check_device(t: torch.Tensor, what: str) -> None:
+    """Raise a clear error for tensors the kernel cannot run on."""
+    if t.device.type == "cuda":
+        return
+    if t.device.type == "cpu" and _interpreting():
+        return
+    raise RuntimeError(
+        f"fastmae.kernels.random_masking needs CUDA tensors (or CPU tensors with TRITON_INTERPRET=1 set "
+        f"before triton is imported); {what} is on {t.device}. Use the masking backend 'torch' (or 'auto') "
+        f"on this device."
+    )
+
+
+def _fwd_blocks(K: int, D: int, block_d: int | None) -> tuple[int, int, int]:
+    """(BLOCK_K, BLOCK_D, num_warps) of the forward kernel.
+
+    On GPU a program moves a (64, 256) slab per step at most: 32 KiB of bf16 in flight per program,
+    a few programs per SM, enough bytes in flight to saturate HBM while the duplicated per-chunk sort
+    stays a small share (B * D/256 sorts of N keys). The interpreter runs programs one after the
+    other and pays ~0.4 s per sort of 256 keys, so there one program per sample does all of D.
+    """
+    kp = triton.next_power_of_2(K)
+    if block_d is None:
+        block_d = min(triton.next_power_of_2(D), 4096 if _interpreting() else 256)
+    block_k = kp if _interpreting() else min(kp, max(16, 16384 // block_d))
+    num_warps = 8 if block_k * block_d >= 16384 else 4
+    return block_k, block_d, num_warps
+
+
+def masking_fwd(
+    x: torch.Tensor,
+    K: int,
+    pos_embed: torch.Tensor | None = None,
+    noise: torch.Tensor | None = None,
+    seed: torch.Tensor | None = None,
+    out: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
+    block_d: int | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Launch the forward kernel (no autograd, no argument normalisation).
+
+    x (B, N, D) with unit stride in D; pos_embed (N, D) with unit stride in D or None; noise (B, N)
+    contiguous float32/16/bf16 or None, in which case seed is a (1,) int64 tensor on x's device.
+    ``out`` = (x_vis (B, K, D), mask (B, N), ids_restore (B, N) int64) buffers to write (tests poison
+    them to check every element is written). Returns (x_vis, mask, ids_restore).
+    """
+    B, N, D = x.shape
+    dtype = x.dtype if pos_embed is None else torch.promote_types(x.dtype, pos_embed.dtype)
+    if out is None:
+        x_vis = torch.empty((B, K, D), device=x.device, dtype=dtype)
+        mask = torch.empty((B, N), device=x.device, dtype=dtype)
+        ids_restore = torch.empty((B, N), device=x.device, dtype=torch.int64)
+    else:
+        x_vis, mask, ids_restore = out
+    if B == 0 or D == 0:
+        return x_vis, mask, ids_restore
+    NP = triton.next_power_of_2(N)
+    block_k, block_d, num_warps = _fwd_blocks(K, D, block_d)
+    use_noise = noise is not None
+    grid = (B, triton.cdiv(D, block_d))
+    _masking_fwd_kernel[grid](
+        x,
+        pos_embed if pos_embed is not None else x,  # dummy pointer, never read without HAS_POS
+        noise if use_noise else x,
+        seed if seed is not None else ids_restore,
+        x_vis,
+        mask,
+        ids_restore,
+        N,
+        K,
+        D,
+        x.stride(0),
+        x.stride(1),
+        pos_embed.stride(0) if pos_embed is not None else 0,
+        noise.stride(0) if use_noise else 0,
+        x_vis.stride(0),
+        x_vis.stride(1),
+        NP=NP,
+        LOG2_NP=max(NP.bit_length() - 1, 0),
+        BLOCK_K=block_k,
+        BLOCK_D=block_d,
+        HAS_POS=pos_embed is not None,
+        USE_NOISE=use_noise,
+        BF16_RNE=_needs_bf16_rne(x.dtype if pos_embed is None else torch.float32, dtype),
+        num_warps=num_warps,
+    )
+    return x_vis, mask, ids_restore
+
+
+def _bwd_blocks(N: int, D: int) -> tuple[int, int]:
+    """(BLOCK_N, BLOCK_D) of the backward kernels: 64x128 tiles on GPU, one program per sample interpreted."""
+    if _interpreting():
+        return triton.next_power_of_2(N), triton.next_power_of_2(D)
+    return min(64, triton.next_power_of_2(N)), min(128, triton.next_power_of_2(D))
+
+
+def masking_bwd(
+    grad_x_vis: torch.Tensor,
+    ids_restore: torch.Tensor,
+    D: int,
+    dtype: torch.dtype,
+    out: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """grad_x (B, N, D) of ``dtype`` from grad_x_vis (B, K, D) (unit stride in D) and ids_restore (B, N).
+
+    Every element of the result is written by the kernel (zeros at masked rows): no memset.
+    """
+    B, N = ids_restore.shape
+    K = grad_x_vis.shape[1]
+    grad_x = torch.empty((B, N, D), device=grad_x_vis.device, dtype=dtype) if out is None else out
+    if B == 0 or D == 0:
+        return grad_x
+    block_n, block_d = _bwd_blocks(N, D)
+    grid = (B, triton.cdiv(N, block_n), triton.cdiv(D, block_d))
+    _masking_bwd_kernel[grid](
+        grad_x_vis, ids_restore, grad_x, N, K, D, grad_x_vis.stride(0), grad_x_vis.stride(1),
+        BLOCK_N=block_n, BLOCK_D=block_d, BF16_RNE=_needs_bf16_rne(grad_x_vis.dtype, dtype), num_warps=4,
+    )
+    return grad_x
+
+
+def pos_embed_grad(
+    grad_x_vis: torch.Tensor,
+    ids_restore: torch.Tensor,
+    D: int,
+    dtype: torch.dtype,
+    out: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """grad of the fused pos_embed (N, D) of ``dtype``: the scattered rows summed over the batch in fp32.
+
+    Deterministic (no atomics). Parallel over (N, D) tiles only: fine for a parameter that MAE keeps
+    frozen; a trainable pos_embed at large batch would want a split-B reduction.
+    """
+    B, N = ids_restore.shape
+    K = grad_x_vis.shape[1]
+    grad_pos = torch.empty((N, D), device=grad_x_vis.device, dtype=dtype) if out is None else out
+    if D == 0:
+        return grad_pos
+    block_n, block_d = (32, 64) if not _interpreting() else _bwd_blocks(N, D)
+    grid = (triton.cdiv(N, block_n), triton.cdiv(D, block_d))
+    _pos_grad_kernel[grid](
+        grad_x_vis, ids_restore, grad_pos, B, N, K, D, grad_x_vis.stride(0), grad_x_vis.stride(1),
+        BLOCK_N=block_n, BLOCK_D=block_d, BF16_RNE=_needs_bf16_rne(torch.float32, dtype), num_warps=4,
+    )
+    return grad_pos
+
+
+# ----------------------------------------------------------------------------- autograd
+
+
+class RandomMaskingFunction(torch.autograd.Function):
+    """Autograd wrapper: differentiable in x and pos_embed; mask and ids_restore are not."""
+
+    @staticmethod
+    def forward(
+        ctx,
+        x: torch.Tensor,
+        pos_embed: torch.Tensor | None,
+        noise: torch.Tensor | None,
+        seed: torch.Tensor | None,
+        K: int,
+        block_d: int | None,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        x_vis, mask, ids_restore = masking_fwd(
+            x, K, pos_embed=pos_embed, noise=noise, seed=seed, block_d=block_d
+        )
+        ctx.save_for_backward(ids_restore)
+        ctx.x_dtype = x.dtype
+        ctx.pos_dtype = pos_embed.dtype if pos_embed is not None else None
+        ctx.D = x.shape[2]
+        ctx.mark_non_differentiable(mask, ids_restore)
+        return x_vis, mask, ids_restore
+
+    @staticmethod
+    def backward(ctx, grad_x_vis: torch.Tensor, _grad_mask: torch.Tensor, _grad_ids: torch.Tensor):
+        (ids_restore,) = ctx.saved_tensors
+        if grad_x_vis.stride(-1) != 1:
+            grad_x_vis = grad_x_vis.contiguous()
+        grad_x = grad_pos = None
+        if ctx.needs_input_grad[0]:
+            grad_x = masking_bwd(grad_x_vis, ids_restore, ctx.D, ctx.x_dtype)  # (B, N, D)
+        if ctx.needs_input_grad[1]:
+            grad_pos = pos_embed_grad(grad_x_vis, ids_restore, ctx.D, ctx.pos_dtype)  # (N, D)
+        return grad_x, grad_pos, None, None, None, None
+
+
+# ----------------------------------------------------------------------------- public API
+
+_NOISE_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+def random_masking(
+    x: torch.Tensor,
+    mask_ratio: float,
+    noise: torch.Tensor | None = None,
+    seed: int | None = None,
+    pos_embed: torch.Tensor | None = None,
+    block_d: int | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Keep a uniformly random subset of ``K = int(N * (1 - mask_ratio))`` tokens per sample (fused).
+
+    Same contract as :func:`fastmae.kernels.random_masking_ref`.
+
+    Args:
+        x: tokens (B, N, D), fp32/bf16/fp16, CUDA (or CPU under ``TRITON_INTERPRET=1``). Any strides;
+            a tensor whose last dim is not unit-stride is copied with ``.contiguous()`` first (the
+            gather needs contiguous rows; the official PatchEmbed's ``transpose`` output is such a
+            tensor: produce (B, N, D) contiguous upstream to avoid the copy).
+        mask_ratio: share of tokens removed.
+        noise: optional (B, N) floats; the permutation of sample b is ``argsort(noise[b])`` (stable)
+            and the outputs equal the reference's exactly. float64/integer noise is first replaced by
+            its exact per-sample ranks (two torch argsorts), which preserves the order.
+        seed: used when ``noise`` is None: sample b's mask is a pure function of (seed, b, N, K)
+            (Philox in the kernel). None draws a seed from torch's default generator on x's device
+            (follows ``torch.manual_seed``; no host sync).
+        pos_embed: optional (N, D) or (1, N, D), added to the gathered rows (``x + pos_embed``); the
+            outputs then have ``promote_types(x.dtype, pos_embed.dtype)`` like the reference.
+        block_d: channels per program (power of two); None picks a default. For tests and tuning.
+
+    Returns:
+        x_vis (B, K, D), mask (B, N) (1 = masked), ids_restore (B, N) int64.
+    """
+    if x.dim() != 3:
+        raise ValueError(f"random_masking expects x of shape (B, N, D), got {tuple(x.shape)}")
+    _check_device(x, "x")
+    if x.dtype not in _NOISE_DTYPES:
+        raise TypeError(f"random_masking supports float32, float16 and bfloat16 tokens, got {x.dtype}")
+    B, N, D = x.shape
+    K = num_kept(N, mask_ratio)
+    if not 0 < K <= N:
+        raise ValueError(f"mask_ratio={mask_ratio} keeps {K} of {N} tokens")
+    if N > MAX_TOKENS:
+        raise ValueError(f"random_masking sorts in registers: at most {MAX_TOKENS} tokens, not {N}")
+    if block_d is not None and (block_d < 1 or block_d & (block_d - 1)):
+        raise ValueError(f"block_d must be a power of two, got {block_d}")
+    if x.stride(-1) != 1:
+        x = x.contiguous()
+
+    if pos_embed is not None:
+        if tuple(pos_embed.shape) not in ((N, D), (1, N, D)):
+            shape = tuple(pos_embed.shape)
+            raise ValueError(f"pos_embed must have shape {(N, D)} or {(1, N, D)}, got {shape}")
+        if pos_embed.device != x.device:
+            raise ValueError(f"pos_embed is on {pos_embed.device}, x on {x.device}")
+        if pos_embed.dtype not in _NOISE_DTYPES:
+            raise TypeError(f"pos_embed must be float32, float16 or bfloat16, got {pos_embed.dtype}")
+        pos_embed = pos_embed.reshape(N, D)  # a view for the model's pos_embed[:, 1:, :] slice
+        if pos_embed.stride(-1) != 1:
+            pos_embed = pos_embed.contiguous()
+
+    seed_t: torch.Tensor | None = None
+    if noise is not None:
+        if tuple(noise.shape) != (B, N):
+            raise ValueError(f"noise must have shape {(B, N)}, got {tuple(noise.shape)}")
+        if noise.device != x.device:
+            raise ValueError(f"noise is on {noise.device}, x on {x.device}")
+        if noise.dtype not in _NOISE_DTYPES:
+            # exact ranks keep argsort(noise) (stable) and fit float32 exactly (N <= 2^24)
+            ranks = torch.argsort(torch.argsort(noise, dim=1, stable=True), dim=1)
+            noise = ranks.to(torch.float32)
+        noise = noise.contiguous()
+    elif seed is None:
+        seed_t = torch.empty(1, dtype=torch.int64, device=x.device).random_()  # default generator
+    else:
+        seed_t = torch.full((1,), int(seed) % (1 << 63), dtype=torch.int64, device=x.device)
+
+    return RandomMaskingFunction.apply(x, pos_embed, noise, seed_t, K, block_d)
