@@ -1,0 +1,237 @@
+"""Shared helpers of the benchmark scripts: device description, peak-rate lookup, timers, the optimizer
+and counted FLOPs.
+
+Imported by ``benchmarks/throughput.py`` and ``benchmarks/profile_step.py`` as ``common`` (the script's
+folder is first on ``sys.path``); it imports the package, never the other way round. The memory
+estimate and the performance toggles come from the package (``fastmae.memory``, ``fastmae.parallelize``)
+so the benchmark measures what training runs.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime
+import os
+import platform
+import statistics
+import subprocess
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+REPO = Path(__file__).resolve().parent.parent
+CPU_MACHINE = "2-core x86_64 CPU, no GPU"
+
+# Dense bf16 tensor-core peaks (TFLOP/s, no sparsity) by vendor datasheet, matched on the device name.
+# Order matters: the first substring found wins.
+PEAK_BF16_TFLOPS: tuple[tuple[str, float], ...] = (
+    ("H100 PCIE", 756.0),
+    ("H100 NVL", 835.0),
+    ("H100", 989.0),  # SXM5 ("NVIDIA H100 80GB HBM3")
+    ("H200", 989.0),
+    ("H800", 989.0),
+    ("GH200", 989.0),
+    ("A100", 312.0),
+    ("A800", 312.0),
+    ("L40S", 362.0),
+    ("A10G", 70.0),
+    ("RTX 4090", 165.0),
+)
+
+
+def lookup_peak_tflops(device_name: str, override: float | None = None) -> tuple[float | None, str]:
+    """Peak dense bf16 TFLOP/s of a card from its name (or ``override``) and where the number came from."""
+    if override:
+        return float(override), "--peak-tflops"
+    upper = device_name.upper()
+    for key, value in PEAK_BF16_TFLOPS:
+        if key in upper:
+            return value, f"datasheet dense bf16 ({key})"
+    return None, "unknown device: pass --peak-tflops for MFU"
+
+
+def pick_device(name: str = "auto") -> torch.device:
+    """``auto`` -> cuda when available, else cpu."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dev = torch.device(name)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("--device cuda asked for, but torch sees no CUDA device")
+    return dev
+
+
+def device_name(device: torch.device) -> str:
+    """Human name of the device: the CUDA card, or the CPU machine description."""
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return f"{CPU_MACHINE} ({platform.processor() or platform.machine()}, {os.cpu_count()} logical cores)"
+
+
+def git_commit() -> str:
+    """The repository's HEAD commit (with ``-dirty`` when tracked files changed), or ``unknown``."""
+    try:
+        sha = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO, capture_output=True, text=True,
+                             timeout=10).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=REPO,
+                               capture_output=True, text=True, timeout=10).stdout.strip()
+        return (sha or "unknown") + ("-dirty" if dirty else "")
+    except Exception:
+        return "unknown"
+
+
+def environment(device: torch.device) -> dict[str, Any]:
+    """Provenance of a measurement: card, versions, commit, date."""
+    try:
+        import triton
+
+        triton_version = triton.__version__
+    except Exception:
+        triton_version = None
+    try:
+        import transformers
+
+        transformers_version: str | None = transformers.__version__
+    except Exception:
+        transformers_version = None
+    env: dict[str, Any] = {
+        "device": device_name(device),
+        "device_type": device.type,
+        "date_utc": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
+        "commit": git_commit(),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "cuda": torch.version.cuda,
+        "triton": triton_version,
+        "transformers": transformers_version,
+        "threads": torch.get_num_threads(),
+    }
+    if device.type == "cuda":
+        props = torch.cuda.get_device_properties(device)
+        env["gpu_memory_gb"] = round(props.total_memory / 1e9, 2)
+        env["sm_count"] = props.multi_processor_count
+        env["capability"] = f"{props.major}.{props.minor}"
+    return env
+
+
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def time_steps(step: Callable[[], Any], device: torch.device, warmup: int, repeats: int) -> list[float]:
+    """Seconds per call of ``step`` for ``repeats`` calls after ``warmup`` untimed ones.
+
+    CUDA: one pair of events around each call, read after a single synchronisation at the end (no host
+    sync inside the timed loop). CPU: ``perf_counter`` around each call (CPU work is synchronous).
+    """
+    for _ in range(warmup):
+        step()
+    synchronize(device)
+    if device.type == "cuda":
+        events = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True))
+                  for _ in range(repeats)]
+        for start, end in events:
+            start.record()
+            step()
+            end.record()
+        torch.cuda.synchronize(device)
+        return [start.elapsed_time(end) / 1e3 for start, end in events]
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        step()
+        times.append(time.perf_counter() - t0)
+    return times
+
+
+def median(xs: list[float]) -> float:
+    return float(statistics.median(xs))
+
+
+def autocast(device: torch.device, dtype: torch.dtype) -> contextlib.AbstractContextManager[Any]:
+    """bf16/fp16 autocast on ``device``, or nothing for fp32."""
+    if dtype == torch.float32:
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=device.type, dtype=dtype)
+
+
+def parse_dtype(name: str, device: torch.device) -> torch.dtype:
+    """``auto`` -> bf16 on CUDA, fp32 on CPU."""
+    if name == "auto":
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    table = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+    if name not in table:
+        raise SystemExit(f"unknown dtype {name!r}; valid: auto, bf16, fp16, fp32")
+    return table[name]
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    return {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32"}[dtype]
+
+
+def resolve_fused(fused: str, device: torch.device) -> bool:
+    """``auto`` -> fused AdamW on CUDA (one multi-tensor kernel), the foreach path on CPU."""
+    if fused == "auto":
+        return device.type == "cuda"
+    return fused == "on"
+
+
+def make_adamw(model: nn.Module, fused: bool, lr: float = 1.5e-4,
+               weight_decay: float = 0.05) -> torch.optim.AdamW:
+    """AdamW with the paper's betas (0.9, 0.95); no decay on 1-D parameters. Same for every contender."""
+    decay, no_decay = [], []
+    for p in model.parameters():
+        if p.requires_grad:
+            (no_decay if p.ndim <= 1 else decay).append(p)
+    groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    kwargs: dict[str, Any] = {"fused": True} if fused else {"foreach": True}
+    return torch.optim.AdamW(groups, lr=lr, betas=(0.9, 0.95), **kwargs)
+
+
+def counted_flops(build: Callable[[], nn.Module], step: Callable[[nn.Module, torch.Tensor], torch.Tensor],
+                  batch: int, img_size: int) -> float:
+    """Training FLOPs per image counted by ``FlopCounterMode`` over one forward + backward.
+
+    Runs on the ``meta`` device (shapes only, no arithmetic), so any model size is counted in seconds.
+    """
+    from torch.utils.flop_counter import FlopCounterMode
+
+    with torch.device("meta"):
+        model = build()
+        imgs = torch.randn(batch, 3, img_size, img_size)
+    counter = FlopCounterMode(display=False)
+    with counter:
+        loss = step(model, imgs)
+        loss.backward()
+    return counter.get_total_flops() / batch
+
+
+def param_count(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+@contextlib.contextmanager
+def peak_memory(device: torch.device) -> Iterator[dict[str, float | None]]:
+    """Yields a dict whose ``peak_gb`` is filled on exit with the CUDA peak allocation (None on CPU)."""
+    out: dict[str, float | None] = {"peak_gb": None}
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        torch.cuda.reset_peak_memory_stats(device)
+    try:
+        yield out
+    finally:
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+            out["peak_gb"] = torch.cuda.max_memory_allocated(device) / 1e9
+
+
+def free_device_memory(device: torch.device) -> None:
+    import gc
+
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()

@@ -1,0 +1,753 @@
+"""Training-step throughput of fastmae against the paper's "encoder w/ [M]" and two baselines, one process.
+
+    python benchmarks/throughput.py                         # CPU: debug + ViT-B at batch 2; CUDA: ViT-B/L/H
+    python benchmarks/throughput.py --presets mae_vit_large_patch16 --batch-size 128 --ablations --out DIR
+    python benchmarks/throughput.py --check                 # correctness: finite steps, backends agree
+
+Each row times full training steps (forward + backward + AdamW) on synthetic images after a warm-up:
+bf16 autocast on CUDA, fp32 on CPU, the median of ``--repeats`` steps timed with CUDA events (CPU: a
+synchronous wall clock). Rows:
+
+- ``fastmae``: the visible-only encoder with the best backends found (Triton masking if the kernel is
+  there, FlashAttention/SDPA, fused AdamW on CUDA);
+- ``fastmae_with_m``: the same model with ``encoder_mask_tokens=True`` (the paper's "w/ [M]", Table 1c/2);
+- ``official``: ``benchmarks/official_style.py`` (argsort+gather masking, eager softmax attention);
+- ``hf``: transformers ``ViTMAEForPreTraining`` with ``attn_implementation="sdpa"`` (when importable);
+- with ``--ablations``: fastmae with one optimisation switched in turn (masking, attention, compile,
+  fused optimizer).
+
+Every contender gets the same batch, dtype, mask ratio, norm_pix_loss and AdamW (lr, betas, weight decay,
+fused or not). FLOPs are analytic (``fastmae.flops``) and counted with ``FlopCounterMode`` on the meta
+device. Prints one table and, with ``--out``, writes ``throughput.json`` and ``throughput.md``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import importlib.util
+import json
+import math
+import sys
+import traceback
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import common  # noqa: E402
+from official_style import OfficialStyleMAE  # noqa: E402
+
+import fastmae  # noqa: E402
+from fastmae.attention import resolve_attention_backend  # noqa: E402
+from fastmae.config import ModelConfig, get_preset  # noqa: E402
+from fastmae.flops import encoder_skip_flops_ratio, train_flops  # noqa: E402
+from fastmae.memory import estimate_memory  # noqa: E402
+from fastmae.parallelize import apply_performance_toggles  # noqa: E402
+
+SCHEMA = 1
+ALL_PRESETS = ("debug", "mae_vit_base_patch16", "mae_vit_large_patch16", "mae_vit_huge_patch14")
+SHORT = {"debug": "debug", "mae_vit_base_patch16": "ViT-B/16", "mae_vit_large_patch16": "ViT-L/16",
+         "mae_vit_huge_patch14": "ViT-H/14"}
+CUDA_BATCH = {"debug": 256, "mae_vit_base_patch16": 256, "mae_vit_large_patch16": 128,
+              "mae_vit_huge_patch14": 64}
+CPU_BATCH = {"debug": 16, "mae_vit_base_patch16": 2, "mae_vit_large_patch16": 2, "mae_vit_huge_patch14": 1}
+VARIANTS = ("fastmae", "fastmae_with_m", "official", "hf")
+ROW_FIELDS = (
+    "preset", "variant", "label", "status", "error", "batch_size", "dtype", "device", "masking", "attention",
+    "compile", "fused_optimizer", "activation_checkpointing", "encoder_mask_tokens", "mask_ratio",
+    "norm_pix_loss", "params_m", "warmup", "repeats", "step_time_ms", "step_time_ms_min", "step_time_ms_all",
+    "img_per_s", "train_gflop_per_img", "counted_train_gflop_per_img", "counted_over_analytic",
+    "achieved_tflops", "mfu", "peak_mem_gb", "est_mem_gb", "loss",
+)
+GOALS = {
+    "encoder_skip_flops_ratio_vit_l": "3.2-3.4x (paper Table 1c: 3.3x); counted within 2% of analytic",
+    "encoder_skip_wallclock_vit_l_h100": ">= 3.0x (paper Table 2: 2.8x ViT-L, 3.5x ViT-H on TPU-v3)",
+    "speedup_vs_official_and_hf_vit_l_h100": ">= 1.5x img/s each",
+    "mfu_vit_l_and_h_h100_bf16": ">= 55%",
+}
+
+
+# ----------------------------------------------------------------------------- availability
+
+
+def masking_kernel_available() -> bool:
+    """True when the fused Triton masking kernel module exists and triton imports."""
+    from fastmae.kernels import triton_available
+
+    try:
+        return importlib.util.find_spec("fastmae.kernels.masking") is not None and triton_available()
+    except Exception:
+        return False
+
+
+def transformers_available() -> bool:
+    try:
+        import transformers  # noqa: F401
+    except Exception:
+        return False
+    return True
+
+
+# ----------------------------------------------------------------------------- contenders
+
+
+@dataclasses.dataclass
+class Settings:
+    """One contender's switches, recorded verbatim in its row."""
+
+    masking: str
+    attention: str
+    compile: bool
+    fused_optimizer: bool
+    activation_checkpointing: bool = False
+
+
+def fastmae_builder(preset: str, cfg: ModelConfig, ratio: float, s: Settings, with_m: bool
+                    ) -> Callable[[], nn.Module]:
+    def build() -> nn.Module:
+        fields = {f.name: getattr(cfg, f.name) for f in dataclasses.fields(cfg)}
+        fields.update(attention=s.attention, encoder_mask_tokens=with_m)
+        return fastmae.create_model(preset, mask_ratio=ratio, masking=s.masking, **fields)
+
+    return build
+
+
+def official_builder(cfg: ModelConfig, ratio: float) -> Callable[[], nn.Module]:
+    return lambda: OfficialStyleMAE(cfg, mask_ratio=ratio)
+
+
+def hf_builder(cfg: ModelConfig, ratio: float) -> Callable[[], nn.Module]:
+    def build() -> nn.Module:
+        from transformers import ViTMAEConfig, ViTMAEForPreTraining
+
+        hf_cfg = ViTMAEConfig(
+            hidden_size=cfg.embed_dim, num_hidden_layers=cfg.depth, num_attention_heads=cfg.num_heads,
+            intermediate_size=int(cfg.embed_dim * cfg.mlp_ratio), hidden_act="gelu", layer_norm_eps=1e-6,
+            image_size=cfg.img_size, patch_size=cfg.patch_size, num_channels=cfg.in_chans, qkv_bias=True,
+            decoder_hidden_size=cfg.decoder_embed_dim, decoder_num_hidden_layers=cfg.decoder_depth,
+            decoder_num_attention_heads=cfg.decoder_num_heads,
+            decoder_intermediate_size=int(cfg.decoder_embed_dim * cfg.mlp_ratio),
+            mask_ratio=ratio, norm_pix_loss=cfg.norm_pix_loss,
+        )
+        return ViTMAEForPreTraining._from_config(hf_cfg, attn_implementation="sdpa")
+
+    return build
+
+
+def mae_loss(model: nn.Module, imgs: torch.Tensor) -> torch.Tensor:
+    """Loss of fastmae and the official-style model: ``forward(imgs) -> (loss, pred, mask)``."""
+    return model(imgs)[0]
+
+
+def hf_loss(model: nn.Module, imgs: torch.Tensor) -> torch.Tensor:
+    return model(pixel_values=imgs).loss
+
+
+# ----------------------------------------------------------------------------- one row
+
+
+Rows = list[dict[str, Any]]
+
+
+@dataclasses.dataclass
+class Prepared:
+    """A contender ready to time: its row (filled as it goes), its step and the last loss."""
+
+    row: dict[str, Any]
+    step: Callable[[], None] | None = None
+    last: list[torch.Tensor] = dataclasses.field(default_factory=list)
+    times: list[float] = dataclasses.field(default_factory=list)
+
+
+def fail(row: dict[str, Any], e: BaseException) -> None:
+    """Record an exception in the row (OOM separately)."""
+    if isinstance(e, torch.cuda.OutOfMemoryError):
+        row["status"] = "oom"
+        row["error"] = str(e).splitlines()[0]
+    else:
+        row["status"] = "error"
+        row["error"] = f"{type(e).__name__}: {e}"
+        traceback.print_exc()
+
+
+def prepare_row(*, preset: str, variant: str, label: str, build: Callable[[], nn.Module],
+                loss_fn: Callable[[nn.Module, torch.Tensor], torch.Tensor], s: Settings, with_m: bool,
+                cfg: ModelConfig, ratio: float, batch: int, device: torch.device, dtype: torch.dtype,
+                warmup: int, repeats: int, count: bool) -> Prepared:
+    """Count FLOPs, build the model and optimizer, and return the step closure; never raises."""
+    row: dict[str, Any] = {k: None for k in ROW_FIELDS}
+    row.update(preset=preset, variant=variant, label=label, batch_size=batch, dtype=common.dtype_name(dtype),
+               device=device.type, masking=s.masking, attention=s.attention, compile=s.compile,
+               fused_optimizer=s.fused_optimizer, activation_checkpointing=s.activation_checkpointing,
+               encoder_mask_tokens=with_m, mask_ratio=ratio, norm_pix_loss=cfg.norm_pix_loss,
+               warmup=warmup, repeats=repeats, status="ok")
+    analytic = train_flops(cfg, ratio, encoder_mask_tokens=with_m)
+    row["train_gflop_per_img"] = analytic / 1e9
+    prep = Prepared(row)
+    if count:
+        try:
+            counted = common.counted_flops(build, loss_fn, batch=2, img_size=cfg.img_size)
+            row["counted_train_gflop_per_img"] = counted / 1e9
+            row["counted_over_analytic"] = counted / analytic
+        except Exception as e:  # counting is a cross-check; the timing still runs
+            row["error"] = f"flop count failed: {type(e).__name__}: {e}"
+    try:
+        with torch.device(device):
+            model = build()
+        model.train()
+        n_params = common.param_count(model)
+        row["params_m"] = n_params / 1e6
+        mcfg = dataclasses.replace(cfg, encoder_mask_tokens=with_m)
+        est = estimate_memory(mcfg, ratio, batch, zero_stage=0, precision=common.dtype_name(dtype),
+                              activation_checkpointing=s.activation_checkpointing,
+                              attention="math" if s.attention.startswith("math") else "sdpa")
+        row["est_mem_gb"] = est.total / 1e9
+        if hasattr(model, "blocks"):  # fastmae and official-style: the package's toggles, in its order
+            apply_performance_toggles(model, s.activation_checkpointing, s.compile)
+        else:  # HF: its own per-layer gradient checkpointing (non-reentrant); compile the whole model
+            if s.activation_checkpointing:
+                model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            if s.compile:
+                model = torch.compile(model)
+        opt = common.make_adamw(model, s.fused_optimizer)
+        fwd = model
+        gen = torch.Generator(device=device).manual_seed(0)
+        imgs = torch.randn(batch, 3, cfg.img_size, cfg.img_size, device=device, generator=gen)
+
+        def step() -> None:
+            with common.autocast(device, dtype):
+                loss = loss_fn(fwd, imgs)
+            loss.backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            prep.last[:] = [loss.detach()]
+
+        prep.step = step
+    except Exception as e:
+        fail(row, e)
+    return prep
+
+
+def finish_row(prep: Prepared, peak: float | None, peak_gb: float | None) -> dict[str, Any]:
+    """Median step time and the derived rates into the row."""
+    row = prep.row
+    if prep.step is None or not prep.times or row["status"] != "ok":
+        return row
+    t = common.median(prep.times)
+    batch = row["batch_size"]
+    row["step_time_ms"] = t * 1e3
+    row["step_time_ms_min"] = min(prep.times) * 1e3
+    row["step_time_ms_all"] = [x * 1e3 for x in prep.times]
+    row["img_per_s"] = batch / t
+    row["achieved_tflops"] = row["train_gflop_per_img"] * 1e9 * batch / t / 1e12
+    row["mfu"] = row["achieved_tflops"] / peak if peak else None
+    row["peak_mem_gb"] = peak_gb
+    loss_value = float(prep.last[0].float().item())
+    row["loss"] = loss_value
+    if not math.isfinite(loss_value):
+        row["status"] = "nonfinite"
+    return row
+
+
+def time_sequential(jobs: list[dict[str, Any]], kw: dict[str, Any], peak: float | None) -> Rows:
+    """One contender at a time: build, warm up, time, free (peak memory is per contender)."""
+    device, warmup, repeats = kw["device"], kw["warmup"], kw["repeats"]
+    rows = []
+    for job in jobs:
+        name = SHORT.get(job["preset"], job["preset"])
+        print(f"-- {name} {job['label']} (batch {kw['batch']}) ...", flush=True)
+        prep = prepare_row(**job, **kw)
+        peak_gb = None
+        if prep.step is not None:
+            try:
+                with common.peak_memory(device) as mem:
+                    prep.times = common.time_steps(prep.step, device, warmup, repeats)
+                peak_gb = mem["peak_gb"]
+            except Exception as e:
+                fail(prep.row, e)
+        rows.append(finish_row(prep, peak, peak_gb))
+        prep.step = None
+        common.free_device_memory(device)
+        report_row(rows[-1])
+    return rows
+
+
+def time_interleaved(jobs: list[dict[str, Any]], kw: dict[str, Any], peak: float | None) -> Rows:
+    """All contenders resident; each timed round runs one step of every contender in turn, so load from
+    other processes on a shared machine hits all of them alike. No per-contender peak memory."""
+    device, warmup, repeats = kw["device"], kw["warmup"], kw["repeats"]
+    preps = [prepare_row(**job, **kw) for job in jobs]
+    for prep in preps:
+        if prep.step is not None:
+            try:
+                common.time_steps(prep.step, device, warmup, 0)
+            except Exception as e:
+                fail(prep.row, e)
+                prep.step = None
+    for _ in range(repeats):
+        for prep in preps:
+            if prep.step is not None and prep.row["status"] == "ok":
+                try:
+                    prep.times += common.time_steps(prep.step, device, 0, 1)
+                except Exception as e:
+                    fail(prep.row, e)
+    rows = [finish_row(prep, peak, None) for prep in preps]
+    for r in rows:
+        report_row(r)
+    del preps
+    common.free_device_memory(device)
+    return rows
+
+
+def report_row(row: dict[str, Any]) -> None:
+    print(f"   {SHORT.get(row['preset'], row['preset'])} {row['label']}: {row['status']}: "
+          f"{fmt(row['step_time_ms'], '.1f')} ms/step, {fmt(row['img_per_s'], '.1f')} img/s"
+          + (f" [{row['error']}]" if row["error"] else ""), flush=True)
+
+
+# ----------------------------------------------------------------------------- FLOPs table
+
+
+def flops_table(presets: list[str], ratio: float) -> dict[str, dict[str, float]]:
+    """Analytic and counted (meta device) training GFLOP/img of both encoder variants per preset."""
+    out: dict[str, dict[str, float]] = {}
+    for p in presets:
+        cfg = get_preset(p).model
+        s = Settings(masking="torch", attention="sdpa", compile=False, fused_optimizer=False)
+        entry: dict[str, float] = {}
+        for tag, with_m in (("without_m", False), ("with_m", True)):
+            analytic = train_flops(cfg, ratio, encoder_mask_tokens=with_m)
+            build = fastmae_builder(p, cfg, ratio, s, with_m)
+            counted = common.counted_flops(build, mae_loss, 2, cfg.img_size)
+            entry[f"analytic_gflop_{tag}"] = analytic / 1e9
+            entry[f"counted_gflop_{tag}"] = counted / 1e9
+            entry[f"counted_over_analytic_{tag}"] = counted / analytic
+        entry["encoder_skip_ratio_analytic"] = encoder_skip_flops_ratio(p, ratio)
+        entry["encoder_skip_ratio_counted"] = entry["counted_gflop_with_m"] / entry["counted_gflop_without_m"]
+        out[p] = entry
+    return out
+
+
+# ----------------------------------------------------------------------------- SDPA probe
+
+
+def sdpa_backend_probe(cfg: ModelConfig, ratio: float, batch: int, device: torch.device,
+                       dtype: torch.dtype) -> dict[str, str]:
+    """Which aten attention kernel SDPA dispatches to for the encoder and decoder shapes of ``cfg``."""
+    from fastmae.kernels import num_kept
+    from torch.nn.functional import scaled_dot_product_attention as sdpa
+    from torch.profiler import ProfilerActivity, profile
+
+    n = (cfg.img_size // cfg.patch_size) ** 2
+    shapes = {
+        "encoder": (batch, cfg.num_heads, num_kept(n, ratio) + 1, cfg.embed_dim // cfg.num_heads),
+        "encoder_with_m": (batch, cfg.num_heads, n + 1, cfg.embed_dim // cfg.num_heads),
+        "decoder": (batch, cfg.decoder_num_heads, n + 1, cfg.decoder_embed_dim // cfg.decoder_num_heads),
+    }
+    out: dict[str, str] = {}
+    for name, shape in shapes.items():
+        try:
+            q, k, v = (torch.randn(shape, device=device, dtype=dtype, requires_grad=True) for _ in range(3))
+            with profile(activities=[ProfilerActivity.CPU]) as prof:
+                sdpa(q, k, v).sum().backward()
+            ops = sorted({e.key for e in prof.key_averages()
+                          if e.key.startswith(("aten::_scaled_dot_product", "aten::_flash_attention",
+                                               "aten::_efficient_attention", "aten::_cudnn_attention"))
+                          and "backward" not in e.key})
+            out[name] = f"{tuple(shape)}: " + (", ".join(ops) or "math (decomposed into matmul + softmax)")
+        except Exception as e:
+            out[name] = f"probe failed: {type(e).__name__}: {e}"
+    return out
+
+
+# ----------------------------------------------------------------------------- correctness mode
+
+
+def check(presets: list[str], device: torch.device, dtype: torch.dtype, batch: int, ratio: float
+          ) -> dict[str, Any]:
+    """One training step per preset (finite loss and grads), attention backends agree, masking kernel
+    equals its reference, official-style baseline equals fastmae on shared weights."""
+    from fastmae.attention import Attention, flash_attn_available
+
+    results: dict[str, Any] = {"passed": True, "checks": []}
+
+    def record(name: str, ok: bool, detail: str) -> None:
+        results["checks"].append({"name": name, "ok": bool(ok), "detail": detail})
+        results["passed"] &= bool(ok)
+        print(f"[{'PASS' if ok else 'FAIL'}] {name}: {detail}", flush=True)
+
+    # attention backends: sdpa (and flash) against math in fp32 accumulation
+    torch.manual_seed(0)
+    for dt in ([torch.float32] + ([dtype] if dtype != torch.float32 else [])):
+        for dim, heads, tokens in ((768, 12, 50), (512, 16, 197), (1280, 16, 65)):
+            x = torch.randn(3, tokens, dim, device=device, dtype=dt)
+            attn = Attention(dim, heads, backend="math").to(device=device, dtype=dt)
+            with torch.no_grad():
+                attn_ref = Attention(dim, heads, backend="math").to(device=device, dtype=torch.float32)
+                attn_ref.load_state_dict(attn.state_dict())
+                ref = attn_ref(x.float())
+                backends = ["math", "sdpa"] + (["flash"] if device.type == "cuda" and flash_attn_available()
+                                               and dt != torch.float32 else [])
+                for b in backends:
+                    attn.backend = b
+                    out = attn(x).float()
+                    rel = ((out - ref).norm() / ref.norm()).item()
+                    tol = 2e-5 if dt == torch.float32 else 2e-2
+                    tol = 1e-3 if (dt == torch.float32 and device.type == "cuda") else tol  # tf32 matmuls
+                    record(f"attention {b} vs fp32 math ({common.dtype_name(dt)}, D={dim}, T={tokens})",
+                           rel < tol and math.isfinite(rel), f"rel err {rel:.2e} (tol {tol:g})")
+
+    # masking kernel vs reference, exact
+    if masking_kernel_available() and (device.type == "cuda"):
+        try:
+            from fastmae.kernels import random_masking_ref
+            from fastmae.kernels.masking import random_masking
+
+            for (B, N, D) in ((4, 196, 768), (3, 256, 1280), (5, 64, 96)):
+                x = torch.randn(B, N, D, device=device, dtype=dtype)
+                pos = torch.randn(1, N, D, device=device, dtype=dtype)
+                noise = torch.rand(B, N, device=device)
+                got = random_masking(x, ratio, noise=noise, pos_embed=pos)
+                ref = random_masking_ref(x, ratio, noise=noise, pos_embed=pos)
+                ok = all(torch.equal(a, b) for a, b in zip(got, ref, strict=True))
+                record(f"masking triton vs torch (B={B}, N={N}, D={D})", ok, "exact" if ok else "mismatch")
+        except Exception as e:
+            record("masking triton vs torch", False, f"{type(e).__name__}: {e}")
+    else:
+        results["checks"].append({"name": "masking triton vs torch", "ok": None,
+                                  "detail": "skipped: fastmae.kernels.masking missing or no CUDA"})
+        print("[SKIP] masking triton vs torch: kernel module missing or no CUDA", flush=True)
+
+    # official-style baseline computes the same loss on the same weights and noise
+    cfg = get_preset(presets[0]).model
+    torch.manual_seed(0)
+    with torch.device(device):
+        ours = fastmae.create_model(presets[0], masking="torch", attention="math")
+        theirs = OfficialStyleMAE(cfg, ratio)
+    theirs.load_state_dict(ours.state_dict(), strict=True)
+    n = (cfg.img_size // cfg.patch_size) ** 2
+    imgs = torch.randn(2, 3, cfg.img_size, cfg.img_size, device=device)
+    noise = torch.rand(2, n, device=device)
+    with torch.no_grad():
+        a = ours(imgs, noise=noise)[0].item()
+        b = theirs(imgs, noise=noise)[0].item()
+    rel = abs(a - b) / abs(a)
+    record(f"official-style == fastmae on shared weights ({presets[0]}, fp32)", rel < 1e-4,
+           f"loss {a:.6f} vs {b:.6f}")
+    del ours, theirs
+
+    # one training step per preset in the benchmark dtype: finite loss and grads
+    kernel = "triton" if device.type == "cuda" and masking_kernel_available() else "torch"
+    for p in presets:
+        cfg = get_preset(p).model
+        try:
+            with torch.device(device):
+                model = fastmae.create_model(p, masking=kernel)
+            opt = common.make_adamw(model, common.resolve_fused("auto", device))
+            x = torch.randn(batch, 3, cfg.img_size, cfg.img_size, device=device)
+            with common.autocast(device, dtype):
+                loss = model(x)[0]
+            loss.backward()
+            grads = [q.grad for q in model.parameters() if q.grad is not None]
+            grads_ok = all(torch.isfinite(g).all().item() for g in grads)
+            opt.step()
+            params_ok = all(torch.isfinite(q).all().item() for q in model.parameters())
+            lv = loss.item()
+            record(f"train step {p} ({common.dtype_name(dtype)}, batch {batch}, masking {kernel})",
+                   math.isfinite(lv) and grads_ok and params_ok,
+                   f"loss {lv:.4f}, grads finite {grads_ok}, params finite {params_ok}")
+        except Exception as e:
+            record(f"train step {p}", False, f"{type(e).__name__}: {e}")
+        finally:
+            model = opt = None
+            common.free_device_memory(device)
+    return results
+
+
+# ----------------------------------------------------------------------------- report
+
+
+def fmt(v: Any, spec: str) -> str:
+    return "-" if v is None else format(v, spec)
+
+
+def table(rows: list[dict[str, Any]]) -> str:
+    """Markdown table of the rows."""
+    head = ("| preset | contender | batch | step ms | img/s | GFLOP/img | TFLOP/s | MFU | peak GB | est GB | "
+            "status |")
+    lines = [head, "|" + "---|" * (head.count("|") - 1)]
+    for r in rows:
+        lines.append(
+            f"| {SHORT.get(r['preset'], r['preset'])} | {r['label']} | {r['batch_size']} | "
+            f"{fmt(r['step_time_ms'], '.1f')} | {fmt(r['img_per_s'], '.1f')} | "
+            f"{fmt(r['train_gflop_per_img'], '.2f')} | {fmt(r['achieved_tflops'], '.3f')} | "
+            f"{'-' if r['mfu'] is None else format(100 * r['mfu'], '.1f') + '%'} | "
+            f"{fmt(r['peak_mem_gb'], '.2f')} | {fmt(r['est_mem_gb'], '.2f')} | {r['status']} |"
+        )
+    return "\n".join(lines)
+
+
+def ratio(a: float | None, b: float | None) -> float | None:
+    return a / b if a and b else None
+
+
+def summarize(rows: list[dict[str, Any]], presets: list[str], flops: dict[str, Any]) -> dict[str, Any]:
+    """Per preset: encoder-skip FLOPs and wall-clock ratios, speedups over the baselines, ablation shares."""
+    out: dict[str, Any] = {}
+    for p in presets:
+        mine = [r for r in rows if r["preset"] == p]
+        by = {r["variant"]: r for r in mine if r["status"] == "ok" and not r["variant"].startswith("ablate")}
+        base = by.get("fastmae")
+        wm = by.get("fastmae_with_m")
+        s: dict[str, Any] = {
+            "encoder_skip_flops_ratio_analytic": encoder_skip_flops_ratio(p, mine[0]["mask_ratio"])
+            if mine else None,
+            "encoder_skip_flops_ratio_counted": ratio(wm and wm["counted_train_gflop_per_img"],
+                                                      base and base["counted_train_gflop_per_img"]),
+            "encoder_skip_wallclock_ratio": ratio(wm and wm["step_time_ms"], base and base["step_time_ms"]),
+            "speedup_vs_official": ratio(base and base["img_per_s"],
+                                         by.get("official", {}).get("img_per_s")),
+            "speedup_vs_hf": ratio(base and base["img_per_s"], by.get("hf", {}).get("img_per_s")),
+            "ablations": {},
+        }
+        if s["encoder_skip_flops_ratio_counted"] is None and p in flops:
+            s["encoder_skip_flops_ratio_counted"] = flops[p]["encoder_skip_ratio_counted"]
+        for r in mine:
+            if r["variant"].startswith("ablate"):
+                s["ablations"][r["label"]] = {
+                    "status": r["status"],
+                    "img_per_s": r["img_per_s"],
+                    "base_over_ablated": ratio(base and base["img_per_s"], r["img_per_s"]),
+                }
+        out[p] = s
+    return out
+
+
+def summary_text(summary: dict[str, Any]) -> str:
+    lines = []
+    for p, s in summary.items():
+        def x(v: float | None) -> str:
+            return "-" if v is None else f"{v:.2f}x"
+
+        lines.append(
+            f"{SHORT.get(p, p)}: encoder-skip FLOPs {x(s['encoder_skip_flops_ratio_analytic'])} analytic / "
+            f"{x(s['encoder_skip_flops_ratio_counted'])} counted, wall-clock "
+            f"{x(s['encoder_skip_wallclock_ratio'])}; fastmae vs official-style "
+            f"{x(s['speedup_vs_official'])}, "
+            f"vs HF ViTMAE {x(s['speedup_vs_hf'])}"
+        )
+        for label, a in s["ablations"].items():
+            lines.append(f"    {label}: fastmae (base) / this = {x(a['base_over_ablated'])} ({a['status']})")
+    return "\n".join(lines)
+
+
+def flops_text(flops: dict[str, Any]) -> str:
+    lines = ["| preset | train GFLOP/img w/o [M] | w/ [M] | ratio analytic | ratio counted | "
+             "counted/analytic |", "|---|---|---|---|---|---|"]
+    for p, e in flops.items():
+        lines.append(
+            f"| {SHORT.get(p, p)} | {e['analytic_gflop_without_m']:.2f} | {e['analytic_gflop_with_m']:.2f} | "
+            f"{e['encoder_skip_ratio_analytic']:.3f} | {e['encoder_skip_ratio_counted']:.3f} | "
+            f"{e['counted_over_analytic_without_m']:.4f} / {e['counted_over_analytic_with_m']:.4f} |"
+        )
+    return "\n".join(lines)
+
+
+# ----------------------------------------------------------------------------- main
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0],
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--presets", default="auto",
+                    help="comma list of presets (auto: debug,mae_vit_base_patch16 on CPU; B,L,H on CUDA)")
+    ap.add_argument("--batch-size", type=int, default=0, help="micro batch for every preset (0: per preset)")
+    ap.add_argument("--variants", default=",".join(VARIANTS), help=f"comma list of {', '.join(VARIANTS)}")
+    ap.add_argument("--device", default="auto")
+    ap.add_argument("--dtype", default="auto", help="auto (bf16 on CUDA, fp32 on CPU) | bf16 | fp16 | fp32")
+    ap.add_argument("--mask-ratio", type=float, default=0.75)
+    ap.add_argument("--warmup", type=int, default=-1, help="untimed steps (default 3)")
+    ap.add_argument("--repeats", type=int, default=-1, help="timed steps, median reported (default 10)")
+    ap.add_argument("--masking", default="auto", choices=("auto", "triton", "torch"))
+    ap.add_argument("--attention", default="auto", choices=("auto", "flash", "sdpa", "math"))
+    ap.add_argument("--compile", action="store_true",
+                    help="torch.compile fastmae's blocks (fastmae.parallelize, as train.py does)")
+    ap.add_argument("--fused-optimizer", default="auto", choices=("auto", "on", "off"))
+    ap.add_argument("--activation-checkpointing", default="off", choices=("off", "on", "both"),
+                    help="checkpoint every block (fastmae.parallelize: torch.utils.checkpoint per block, "
+                         "applied from outside the model)")
+    ap.add_argument("--interleave", default="auto", choices=("auto", "on", "off"),
+                    help="time contenders round-robin with all resident (auto: on for CPU, off for CUDA)")
+    ap.add_argument("--ablations", action="store_true", help="also time fastmae with each switch flipped")
+    ap.add_argument("--peak-tflops", type=float, default=0.0, help="card peak for MFU (0: from device name)")
+    ap.add_argument("--flops-presets", default=",".join(ALL_PRESETS),
+                    help="presets of the FLOPs table (analytic + counted); empty to skip")
+    ap.add_argument("--no-count", action="store_true", help="skip the per-row FlopCounterMode count")
+    ap.add_argument("--check", action="store_true", help="correctness checks instead of timing")
+    ap.add_argument("--out", default="", help="folder for throughput.json / throughput.md")
+    ap.add_argument("--name", default="throughput", help="file stem inside --out")
+    return ap.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    device = common.pick_device(args.device)
+    dtype = common.parse_dtype(args.dtype, device)
+    cuda = device.type == "cuda"
+    if args.presets == "auto":
+        presets = ["mae_vit_base_patch16", "mae_vit_large_patch16", "mae_vit_huge_patch14"] if cuda \
+            else ["debug", "mae_vit_base_patch16"]
+    else:
+        presets = [p for p in args.presets.split(",") if p]
+    for p in presets:
+        get_preset(p)  # fails early on a typo, naming the valid presets
+    variants = [v for v in args.variants.split(",") if v]
+    bad = set(variants) - set(VARIANTS)
+    if bad:
+        raise SystemExit(f"unknown variants {sorted(bad)}; valid: {', '.join(VARIANTS)}")
+    warmup = args.warmup if args.warmup >= 0 else 3
+    repeats = args.repeats if args.repeats > 0 else 10
+    env = common.environment(device)
+    if cuda or args.peak_tflops:
+        peak, peak_source = common.lookup_peak_tflops(env["device"], args.peak_tflops)
+    else:
+        peak, peak_source = None, "CPU: no tensor-core peak; pass --peak-tflops for MFU"
+    print(f"device: {env['device']} | torch {env['torch']} | triton {env['triton']} | "
+          f"transformers {env['transformers']} | commit {env['commit']}", flush=True)
+    print(f"peak: {peak} TFLOP/s ({peak_source})", flush=True)
+
+    if args.check:
+        batch = args.batch_size or (8 if cuda else 2)
+        res = check(presets, device, dtype, batch, args.mask_ratio)
+        res["environment"] = env
+        if args.out:
+            Path(args.out).mkdir(parents=True, exist_ok=True)
+            (Path(args.out) / f"{args.name}.json").write_text(json.dumps(res, indent=2))
+        print(f"correctness: {'PASSED' if res['passed'] else 'FAILED'}", flush=True)
+        return 0 if res["passed"] else 1
+
+    kernel_ok = masking_kernel_available()
+    masking = args.masking if args.masking != "auto" else ("triton" if cuda and kernel_ok else "torch")
+    if masking == "triton" and not kernel_ok:
+        print("masking=triton asked for but fastmae.kernels.masking is missing: rows will fail", flush=True)
+    attention = resolve_attention_backend(args.attention, device, dtype)
+    fused = common.resolve_fused(args.fused_optimizer, device)
+    ac_values = {"off": [False], "on": [True], "both": [False, True]}[args.activation_checkpointing]
+    hf_ok = transformers_available()
+    interleave = args.interleave == "on" or (args.interleave == "auto" and not cuda)
+    print(f"fastmae backends: masking={masking} attention={attention} compile={args.compile} "
+          f"fused_adamw={fused} dtype={common.dtype_name(dtype)} | HF baseline: "
+          f"{'yes' if hf_ok else 'no (transformers not importable)'}", flush=True)
+
+    flops_presets = [p for p in args.flops_presets.split(",") if p]
+    flops = flops_table(flops_presets, args.mask_ratio) if flops_presets else {}
+
+    rows: list[dict[str, Any]] = []
+    probes: dict[str, Any] = {}
+    for p in presets:
+        cfg = get_preset(p).model
+        batch = args.batch_size or (CUDA_BATCH if cuda else CPU_BATCH)[p]
+        common_kw = dict(cfg=cfg, ratio=args.mask_ratio, batch=batch, device=device, dtype=dtype,
+                         warmup=warmup, repeats=repeats, count=not args.no_count)
+        skipped: list[dict[str, Any]] = []
+        probes[p] = sdpa_backend_probe(cfg, args.mask_ratio, batch, device, dtype)
+        jobs: list[dict[str, Any]] = []
+        fm = lambda s, with_m, p=p, cfg=cfg: fastmae_builder(p, cfg, args.mask_ratio, s, with_m)
+        for ac in ac_values:
+            base = Settings(masking, attention, args.compile, fused, ac)
+            tag = " +AC" if ac else ""
+            if "fastmae" in variants:
+                jobs.append(dict(variant="fastmae", label="fastmae" + tag, s=base, with_m=False,
+                                 loss_fn=mae_loss, build=fm(base, False)))
+            if "fastmae_with_m" in variants:
+                jobs.append(dict(variant="fastmae_with_m", label="fastmae w/ [M]" + tag, s=base, with_m=True,
+                                 loss_fn=mae_loss, build=fm(base, True)))
+            eager = Settings("torch (argsort+gather)", "math (eager softmax)", False, fused, ac)
+            if "official" in variants:
+                jobs.append(dict(variant="official", label="official-style" + tag, s=eager, with_m=False,
+                                 build=official_builder(cfg, args.mask_ratio), loss_fn=mae_loss))
+            if "hf" in variants and hf_ok:
+                hs = Settings("torch (argsort+gather)", "sdpa", False, fused, ac)
+                jobs.append(dict(variant="hf", label="HF ViTMAE (sdpa)" + tag, s=hs, with_m=False,
+                                 build=hf_builder(cfg, args.mask_ratio), loss_fn=hf_loss))
+        if args.ablations:
+            base = Settings(masking, attention, args.compile, fused, False)
+            flips: list[tuple[str, Settings | str]] = []
+            if masking == "triton":
+                flips.append(("masking=torch", dataclasses.replace(base, masking="torch")))
+            elif kernel_ok and cuda:
+                flips.append(("masking=triton", dataclasses.replace(base, masking="triton")))
+            else:
+                flips.append(("masking=triton", "skipped: fused kernel needs CUDA and kernels/masking.py"))
+            if attention != "math":
+                flips.append(("attention=math", dataclasses.replace(base, attention="math")))
+            if attention == "flash":
+                flips.append(("attention=sdpa", dataclasses.replace(base, attention="sdpa")))
+            flips.append((f"compile={'off' if args.compile else 'on'}",
+                          dataclasses.replace(base, compile=not args.compile)))
+            flips.append((f"fused_optimizer={'off' if fused else 'on'}",
+                          dataclasses.replace(base, fused_optimizer=not fused)))
+            for label, s in flips:
+                if isinstance(s, str):
+                    row = {k: None for k in ROW_FIELDS}
+                    row.update(preset=p, variant="ablate", label=label, status=s, batch_size=batch,
+                               mask_ratio=args.mask_ratio)
+                    skipped.append(row)
+                    continue
+                jobs.append(dict(variant="ablate", label=label, s=s, with_m=False,
+                                 build=fm(s, False), loss_fn=mae_loss))
+        for job in jobs:
+            job["preset"] = p
+        timer = time_interleaved if interleave else time_sequential
+        rows += timer(jobs, common_kw, peak)
+        rows += skipped
+
+    summary = summarize(rows, presets, flops)
+    for p, pr in probes.items():
+        summary[p]["sdpa_backend"] = pr
+    result = {
+        "schema": SCHEMA,
+        "environment": env,
+        "machine": env["device"],
+        "peak_tflops": peak,
+        "peak_source": peak_source,
+        "settings": {"presets": presets, "variants": variants, "dtype": common.dtype_name(dtype),
+                     "mask_ratio": args.mask_ratio, "warmup": warmup, "repeats": repeats, "masking": masking,
+                     "attention": attention, "compile": args.compile, "fused_optimizer": fused,
+                     "activation_checkpointing": args.activation_checkpointing, "ablations": args.ablations,
+                     "timing": "interleaved rounds" if interleave else "one contender at a time",
+                     "optimizer": "AdamW lr 1.5e-4 betas (0.9, 0.95) wd 0.05 (no decay on 1-D params)",
+                     "data": "synthetic torch.randn images on the device (no loader)",
+                     "flop_count": "FlopCounterMode over forward+backward on the meta device, batch 2"},
+        "flops": flops,
+        "rows": rows,
+        "summary": summary,
+        "goals": GOALS,
+    }
+    sdpa_line = "; ".join(f"{SHORT.get(p, p)} {k} {v}" for p, pr in probes.items() for k, v in pr.items())
+    text = "\n".join([
+        f"# Throughput: {env['device']}",
+        f"date {env['date_utc']}, commit {env['commit']}, torch {env['torch']}, triton {env['triton']}, "
+        f"dtype {common.dtype_name(dtype)}, warm-up {warmup}, median of {repeats} steps, peak {peak} TFLOP/s "
+        f"({peak_source})", "",
+        table(rows), "", summary_text(summary), "",
+        "Attention kernel dispatched by SDPA: " + sdpa_line, "",
+        "FLOPs per image (training = forward + backward):", "", flops_text(flops) if flops else "(skipped)",
+    ])
+    print("\n" + text, flush=True)
+    if args.out:
+        out = Path(args.out)
+        out.mkdir(parents=True, exist_ok=True)
+        (out / f"{args.name}.json").write_text(json.dumps(result, indent=2))
+        (out / f"{args.name}.md").write_text(text + "\n")
+        print(f"wrote {out / (args.name + '.json')} and .md", flush=True)
+    return 0 if all(r["status"] in ("ok",) or str(r["status"]).startswith("skipped") for r in rows) else 2
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
