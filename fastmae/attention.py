@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def flash_attn_available() -> bool:
     """True when the flash_attn package imports with its CUDA extension."""
     try:

@@ -48,7 +48,8 @@ class MemoryEstimate:
     def describe(self) -> str:
         unit, div = ("GiB", 2**30) if self.total >= 2**30 else ("MiB", 2**20)
         return (f"weights {self.weights / div:.1f} + grads {self.gradients / div:.1f} + optimizer "
-                f"{self.optimizer / div:.1f} + activations {self.activations / div:.1f} = {self.total / div:.1f} {unit}")
+                f"{self.optimizer / div:.1f} + activations {self.activations / div:.1f} = "
+                f"{self.total / div:.1f} {unit}")
 
 
 def trainable_params(m: ModelConfig) -> int:

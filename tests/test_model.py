@@ -5,10 +5,10 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from fastmae.kernels import random_masking_ref
 
 import fastmae
 from fastmae.config import ModelConfig
-from fastmae.kernels import random_masking_ref
 from fastmae.layers import sincos_2d
 from fastmae.model import MaskedAutoencoderViT
 

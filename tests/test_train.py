@@ -18,8 +18,8 @@ import torch
 
 import fastmae
 from fastmae import checkpoint as ckpt
-from fastmae.optim import build_scheduler, lr_factor, param_groups, scaled_lr
 from fastmae.config import get_preset
+from fastmae.optim import build_scheduler, lr_factor, param_groups, scaled_lr
 
 REPO = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
