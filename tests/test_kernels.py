@@ -332,3 +332,37 @@ def test_model_trains_with_triton_masking() -> None:
     assert losses[-1] < losses[0], losses
     again = m_tri(imgs, mask_seed=1005)[2]
     assert torch.equal(again, mask)  # the mask is a function of the seed
+
+
+# ----------------------------------------------------------------------------- benchmark script
+
+
+def _load_benchmark():
+    """benchmarks/kernels.py as a module (under another name: ``kernels`` is a PyPI package's)."""
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parent.parent / "benchmarks" / "kernels.py"
+    spec = importlib.util.spec_from_file_location("fastmae_benchmark_kernels", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the no-CUDA exit path")
+def test_benchmark_needs_cuda(capsys: pytest.CaptureFixture[str]) -> None:
+    """Without CUDA the benchmark says so and exits with code 2."""
+    assert _load_benchmark().main([]) == 2
+    assert "needs CUDA" in capsys.readouterr().err
+
+
+def test_benchmark_cpu_smoke(tmp_path) -> None:
+    """The benchmark script end to end on CPU (interpreter, tiny shape): correct, table, JSON."""
+    import json
+
+    bench = _load_benchmark()
+    assert bench.main(["--cpu-smoke", "--shapes", "vit_l", "--out", str(tmp_path)]) == 0
+    result = json.loads((tmp_path / "kernels.json").read_text())
+    assert result["correctness_errors"] == []
+    variants = {(r["variant"], r["pass"]) for r in result["rows"]}
+    assert {(v, p) for v in ("fused", "reference") for p in ("fwd", "fwd+bwd")} <= variants

@@ -1,0 +1,400 @@
+"""Benchmark of the fused Triton masking kernel (CUDA only).
+
+    python benchmarks/kernels.py [--out DIR] [--shapes vit_b,vit_l,vit_h] [--batch 256] [--no-compile]
+
+For the ViT-B/L/H shapes (B=256, N=196/196/256, D=768/1024/1280, bf16 tokens and bf16 pos_embed) it
+first checks the kernel against the reference on the GPU (exit 1 on any mismatch), then times, forward
+and forward+backward:
+
+* ``fused``        fastmae.kernels.random_masking (Philox keys in the kernel, pos_embed add fused)
+* ``reference``    random_masking_ref: torch.rand + two argsorts + add + gather (the official code)
+* ``ref_compiled`` the same under torch.compile
+
+Times are medians of several repeats after warm-up, measured with CUDA events two ways: ``graph``
+replays the calls captured in a CUDA graph (GPU time only) and ``eager`` launches them from Python
+(includes launch overhead, which a ~20 us kernel can see). Bandwidth is computed from the graph time
+(eager if capture failed) against the bytes that must move (see ``bytes_moved``) and compared with
+the card's device-to-device copy bandwidth, measured here with a 1 GiB copy. A small sweep of the
+kernel's ``block_d`` is reported too. Results: a table on stdout and JSON in ``DIR/kernels.json``
+(``--out``), else ``$OUT/kernels.json``, else ``benchmarks/results/kernels-<card>-<date>.json``.
+Without CUDA it prints why and exits with code 2. Whole run: well under a minute on an H100 (the
+torch.compile variants are skipped once ``--budget-s`` is spent).
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+# This file is run as a script, which puts benchmarks/ first on sys.path; its name must not shadow the
+# `kernels` package (Hugging Face) for anything imported below.
+if sys.path and Path(sys.path[0] or ".").resolve() == Path(__file__).resolve().parent:
+    sys.path.pop(0)
+
+import argparse  # noqa: E402
+import datetime  # noqa: E402
+import importlib.util  # noqa: E402
+import json  # noqa: E402
+import os  # noqa: E402
+import re  # noqa: E402
+import statistics  # noqa: E402
+import time  # noqa: E402
+from collections.abc import Callable  # noqa: E402
+from types import ModuleType  # noqa: E402
+from typing import Any  # noqa: E402
+
+import torch  # noqa: E402
+
+REPO = Path(__file__).resolve().parent.parent
+SHAPES: dict[str, tuple[int, int]] = {"vit_b": (196, 768), "vit_l": (196, 1024), "vit_h": (256, 1280)}
+SMOKE_SHAPES: dict[str, tuple[int, int]] = {"vit_b": (16, 24), "vit_l": (16, 32), "vit_h": (20, 40)}
+DEVICE = torch.device("cuda")  # --cpu-smoke switches to cpu + the Triton interpreter
+MASK_RATIO = 0.75
+TARGET_SPEEDUP, TARGET_COPY_FRACTION = 3.0, 0.8  # issue 3, at ViT-L shape
+
+
+def import_kernels() -> tuple[ModuleType, ModuleType]:
+    """(fastmae.kernels.masking, fastmae.kernels.masking_ref); maps kernels/ by hand if not installed."""
+    try:
+        from fastmae.kernels import masking, masking_ref
+
+        return masking, masking_ref
+    except ImportError:
+        pass
+    folder = REPO / "kernels"
+    spec = importlib.util.spec_from_file_location(
+        "fastmae.kernels", folder / "__init__.py", submodule_search_locations=[str(folder)]
+    )
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["fastmae.kernels"] = module
+    spec.loader.exec_module(module)
+    from fastmae.kernels import masking, masking_ref
+
+    return masking, masking_ref
+
+
+# ----------------------------------------------------------------------------- timing
+
+
+def _median_ms(events: list[tuple[torch.cuda.Event, torch.cuda.Event]], per: int) -> float:
+    torch.cuda.synchronize()
+    return statistics.median(a.elapsed_time(b) for a, b in events) / per
+
+
+def time_eager(fn: Callable[[], Any], warmup: int, repeats: int, inner: int) -> float:
+    """Median ms per call of ``inner`` back-to-back Python launches (includes launch overhead)."""
+    for _ in range(warmup):
+        fn()
+    if DEVICE.type != "cuda":  # --cpu-smoke: wall clock
+        times = []
+        for _ in range(repeats):
+            t0 = time.perf_counter()
+            for _ in range(inner):
+                fn()
+            times.append((time.perf_counter() - t0) * 1e3 / inner)
+        return statistics.median(times)
+    torch.cuda.synchronize()
+    events = []
+    for _ in range(repeats):
+        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        a.record()
+        for _ in range(inner):
+            fn()
+        b.record()
+        events.append((a, b))
+    return _median_ms(events, inner)
+
+
+def time_graph(fn: Callable[[], Any], warmup: int, repeats: int, inner: int) -> float | None:
+    """Median ms per call of ``inner`` calls captured in one CUDA graph (GPU time); None if capture fails."""
+    if DEVICE.type != "cuda":
+        return None
+    try:
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            for _ in range(warmup):
+                fn()
+        torch.cuda.current_stream().wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            for _ in range(inner):
+                fn()
+        graph.replay()
+        torch.cuda.synchronize()
+        events = []
+        for _ in range(repeats):
+            a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            a.record()
+            graph.replay()
+            b.record()
+            events.append((a, b))
+        ms = _median_ms(events, inner)
+        del graph
+        return ms
+    except Exception as exc:  # capture is best effort: eager timing remains
+        print(f"  (CUDA graph capture failed: {type(exc).__name__}: {str(exc)[:120]})")
+        torch.cuda.synchronize()
+        return None
+
+
+def copy_bandwidth_gbps(repeats: int = 10) -> float:
+    """Device-to-device copy bandwidth (read + write bytes per second) of a 1 GiB tensor, GB/s."""
+    n = 1 << 29 if DEVICE.type == "cuda" else 1 << 22  # bf16 elements: 1 GiB (8 MiB in --cpu-smoke)
+    src = torch.empty(n, dtype=torch.bfloat16, device=DEVICE).normal_()
+    dst = torch.empty_like(src)
+    ms = time_eager(lambda: dst.copy_(src), warmup=3, repeats=repeats, inner=1)
+    return 2 * n * 2 / (ms * 1e-3) / 1e9
+
+
+# ----------------------------------------------------------------------------- bytes
+
+
+def bytes_moved(B: int, N: int, D: int, K: int, es: int, backward: bool) -> int:
+    """Bytes a perfect kernel must move (bf16 ``es`` bytes per element, Philox keys: no noise read).
+
+    fwd: read K kept rows + write x_vis (2*B*K*D), read pos_embed once (N*D), write mask (B*N*es)
+    and ids_restore (B*N*8). bwd adds: read grad_x_vis (B*K*D), write the whole grad_x (B*N*D) and
+    read ids_restore (B*N*8).
+    """
+    fwd = 2 * B * K * D * es + N * D * es + B * N * (es + 8)
+    if not backward:
+        return fwd
+    return fwd + B * K * D * es + B * N * D * es + B * N * 8
+
+
+# ----------------------------------------------------------------------------- correctness
+
+
+def check_correctness(
+    masking: ModuleType, masking_ref: ModuleType, N: int, D: int, block_ds: list[int]
+) -> list[str]:
+    """GPU vs reference: exact forward (noise path, bf16 and fp32), Philox validity, exact backward."""
+    errors: list[str] = []
+    ref_fn, fused = masking_ref.random_masking_ref, masking.random_masking
+    K = masking_ref.num_kept(N, MASK_RATIO)
+    B = 8
+    for dtype in (torch.bfloat16, torch.float32):
+        x = torch.randn(B, N, D, device=DEVICE).to(dtype)
+        pos = torch.randn(1, N, D, device=DEVICE).to(dtype)
+        noise = torch.rand(B, N, device=DEVICE)
+        want = ref_fn(x, MASK_RATIO, noise=noise, pos_embed=pos)
+        for bd in [None, *block_ds]:
+            got = fused(x, MASK_RATIO, noise=noise, pos_embed=pos, block_d=bd)
+            for name, g, w in zip(("x_vis", "mask", "ids_restore"), got, want, strict=True):
+                if g.dtype != w.dtype or not torch.equal(g, w):
+                    errors.append(f"N={N} D={D} {dtype} block_d={bd}: {name} differs from the reference")
+    # Philox path: a valid masking, reproducible from its seed
+    x = torch.randn(B, N, D, device=DEVICE, dtype=torch.bfloat16)
+    x_vis, mask, ids = fused(x, MASK_RATIO, seed=123)
+    ids_shuffle = torch.argsort(ids, dim=1)
+    if not torch.equal(torch.sort(ids, dim=1).values, torch.arange(N, device=DEVICE).expand(B, N)):
+        errors.append(f"N={N}: Philox ids_restore is not a permutation")
+    elif not torch.equal(x_vis, torch.gather(x, 1, ids_shuffle[:, :K, None].expand(-1, -1, D))):
+        errors.append(f"N={N}: Philox x_vis are not the kept rows")
+    if not torch.equal(mask, (ids >= K).to(mask.dtype)):
+        errors.append(f"N={N}: Philox mask inconsistent with ids_restore")
+    if not torch.equal(fused(x, MASK_RATIO, seed=123)[2], ids):
+        errors.append(f"N={N}: Philox path not reproducible from its seed")
+    # backward: x (exact) and a trainable pos_embed (fp32 sums, close)
+    x = torch.randn(B, N, D, device=DEVICE, dtype=torch.bfloat16, requires_grad=True)
+    pos = torch.randn(1, N, D, device=DEVICE, dtype=torch.bfloat16, requires_grad=True)
+    noise = torch.rand(B, N, device=DEVICE)
+    g = torch.randn(B, K, D, device=DEVICE, dtype=torch.bfloat16)
+    gx, gp = torch.autograd.grad(fused(x, MASK_RATIO, noise=noise, pos_embed=pos)[0], (x, pos), g)
+    rx, rp = torch.autograd.grad(ref_fn(x, MASK_RATIO, noise=noise, pos_embed=pos)[0], (x, pos), g)
+    if not torch.equal(gx, rx):
+        errors.append(f"N={N} D={D}: grad x differs from the reference")
+    if not torch.allclose(gp.float(), rp.float(), rtol=2e-2, atol=2e-2):
+        errors.append(f"N={N} D={D}: grad pos_embed differs from the reference")
+    return errors
+
+
+# ----------------------------------------------------------------------------- main
+
+
+def bench_shape(
+    name: str,
+    B: int,
+    fused_fn: Callable[..., Any],
+    ref_fn: Callable[..., Any],
+    compiled: Callable[..., Any] | None,
+    block_ds: list[int],
+    copy_gbps: float,
+    args: argparse.Namespace,
+    t_start: float,
+) -> list[dict[str, Any]]:
+    """Time every variant (fwd, fwd+bwd) at one shape; one row per (variant, pass)."""
+    N, D = SHAPES[name]
+    ratio, es = MASK_RATIO, 2
+    K = int(N * (1 - ratio))
+    x = torch.randn(B, N, D, device=DEVICE, dtype=torch.bfloat16)  # (B, N, D)
+    xg = x.detach().clone().requires_grad_()
+    pos = torch.randn(1, N, D, device=DEVICE, dtype=torch.bfloat16)  # (1, N, D)
+    g = torch.randn(B, K, D, device=DEVICE, dtype=torch.bfloat16)  # (B, K, D) upstream gradient
+
+    def fwd(fn: Callable[..., Any], kw: dict[str, Any]) -> Callable[[], Any]:
+        return lambda: fn(x, ratio, pos_embed=pos, **kw)
+
+    def fwd_bwd(fn: Callable[..., Any], kw: dict[str, Any]) -> Callable[[], Any]:
+        # autograd.grad, not backward(): no accumulation into x.grad (an extra B*N*D read+write)
+        return lambda: torch.autograd.grad(fn(xg, ratio, pos_embed=pos, **kw)[0], xg, g)
+
+    variants: list[tuple[str, Callable[..., Any], dict[str, Any]]] = [("fused", fused_fn, {})]
+    variants += [(f"fused[block_d={bd}]", fused_fn, {"block_d": bd}) for bd in block_ds]
+    variants += [("reference", ref_fn, {})]
+    if compiled is not None:
+        variants += [("ref_compiled", compiled, {})]
+    rows: list[dict[str, Any]] = []
+    for variant, fn, kw in variants:
+        passes = ("fwd",) if variant.startswith("fused[") else ("fwd", "fwd+bwd")
+        for pass_ in passes:
+            if variant == "ref_compiled" and time.perf_counter() - t_start > args.budget_s:
+                print(f"  {name} {variant} {pass_}: skipped (time budget --budget-s spent)")
+                rows.append(dict(shape=name, variant=variant, pass_=pass_, skipped="time budget"))
+                continue
+            step = fwd(fn, kw) if pass_ == "fwd" else fwd_bwd(fn, kw)
+            eager = time_eager(step, args.warmup, args.repeats, args.inner)
+            graph = time_graph(step, args.warmup, args.repeats, args.inner)
+            ms = graph if graph is not None else eager
+            nbytes = bytes_moved(B, N, D, K, es, backward=pass_ == "fwd+bwd")
+            gbps = nbytes / (ms * 1e-3) / 1e9
+            rows.append(dict(shape=name, B=B, N=N, D=D, K=K, variant=variant, pass_=pass_,
+                             ms_graph=graph, ms_eager=eager, ms=ms, bytes=nbytes, GBps=gbps,
+                             copy_fraction=gbps / copy_gbps))
+    return rows
+
+
+
+def card_slug(name: str) -> str:
+    """'NVIDIA H100 80GB HBM3' -> 'nvidia-h100-80gb-hbm3'."""
+    return re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-")
+
+
+def output_path(out_dir: str | None, card: str, date: str) -> Path:
+    """--out DIR, else $OUT, else benchmarks/results/kernels-<card>-<date>.json."""
+    if out_dir:
+        return Path(out_dir) / "kernels.json"
+    if os.environ.get("OUT"):
+        return Path(os.environ["OUT"]) / "kernels.json"
+    return REPO / "benchmarks" / "results" / f"kernels-{card_slug(card)}-{date}.json"
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--out", default=None, help="folder for kernels.json (else $OUT or benchmarks/results)")
+    p.add_argument("--shapes", default="vit_b,vit_l,vit_h", help=f"comma list of {', '.join(SHAPES)}")
+    p.add_argument("--batch", type=int, default=256)
+    p.add_argument("--warmup", type=int, default=5)
+    p.add_argument("--repeats", type=int, default=15, help="timed repeats (median)")
+    p.add_argument("--inner", type=int, default=10, help="calls per timed repeat")
+    p.add_argument("--block-d", default="64,128,256", help="block_d values swept for the fused forward")
+    p.add_argument("--no-compile", action="store_true", help="skip the torch.compile reference")
+    p.add_argument("--budget-s", type=float, default=45.0, help="skip torch.compile variants after this")
+    p.add_argument("--cpu-smoke", action="store_true",
+                   help="run the script itself on CPU under the Triton interpreter with tiny shapes and no "
+                        "torch.compile (checks the script, measures nothing); writes nothing without --out")
+    return p.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    global DEVICE, SHAPES
+    args = parse_args(argv)
+    if args.cpu_smoke:
+        os.environ["TRITON_INTERPRET"] = "1"  # before triton is imported
+        DEVICE, SHAPES = torch.device("cpu"), SMOKE_SHAPES
+        args.no_compile, args.batch, args.block_d = True, min(args.batch, 2), "8,16"
+        args.warmup, args.repeats, args.inner = 1, 1, 1
+    elif not torch.cuda.is_available():
+        print("benchmarks/kernels.py needs CUDA: the fused masking kernel is timed on a GPU only "
+              "(its CPU correctness tests are tests/test_kernels.py under the Triton interpreter).",
+              file=sys.stderr)
+        return 2
+    shapes = [s.strip() for s in args.shapes.split(",") if s.strip()]
+    unknown = [s for s in shapes if s not in SHAPES]
+    if unknown:
+        print(f"unknown shape(s) {unknown}; valid: {', '.join(SHAPES)}", file=sys.stderr)
+        return 2
+    block_ds = [int(v) for v in args.block_d.split(",") if v.strip()]
+    t_start = time.perf_counter()
+    masking, masking_ref = import_kernels()
+    import triton
+
+    card = torch.cuda.get_device_name() if DEVICE.type == "cuda" else "cpu-smoke (Triton interpreter)"
+    date = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d")
+    print(f"device: {card}; torch {torch.__version__}, triton {triton.__version__}")
+
+    # 1. correctness on the GPU first
+    errors: list[str] = []
+    for name in shapes:
+        errors += check_correctness(masking, masking_ref, *SHAPES[name], block_ds)
+    if errors:
+        print("CORRECTNESS FAILED:\n  " + "\n  ".join(errors), file=sys.stderr)
+    else:
+        print(f"correctness: fused == reference on {', '.join(shapes)} (fwd exact, grads) [OK]")
+
+    # 2. copy bandwidth of this card
+    copy_gbps = copy_bandwidth_gbps()
+    print(f"device-to-device copy bandwidth: {copy_gbps:.0f} GB/s")
+
+    # 3. timings
+    B, ratio = args.batch, MASK_RATIO
+    ref_fn, fused_fn = masking_ref.random_masking_ref, masking.random_masking
+    compiled = None if args.no_compile else torch.compile(ref_fn, dynamic=False)
+    rows: list[dict[str, Any]] = []
+    for name in shapes:
+        rows += bench_shape(name, B, fused_fn, ref_fn, compiled, block_ds, copy_gbps, args, t_start)
+        torch.cuda.empty_cache()
+
+    # speedups against the reference of the same shape and pass
+    base = {(r["shape"], r["pass_"]): r["ms"] for r in rows if r["variant"] == "reference" and "ms" in r}
+    for r in rows:
+        if "ms" in r:
+            r["speedup_vs_reference"] = base[(r["shape"], r["pass_"])] / r["ms"]
+
+    print(f"\nB={B}, mask ratio {ratio}, bf16 tokens + bf16 pos_embed; GB/s against bytes that must move; "
+          f"copy = {copy_gbps:.0f} GB/s")
+    header = (f"{'shape':6} {'variant':22} {'pass':8} {'graph ms':>9} {'eager ms':>9} {'GB/s':>7} "
+              f"{'% copy':>7} {'x ref':>6}")
+    print(header)
+    print("-" * len(header))
+    for r in rows:
+        if "ms" not in r:
+            print(f"{r['shape']:6} {r['variant']:22} {r['pass_']:8} {'skipped':>9}")
+            continue
+        graph = f"{r['ms_graph']:.4f}" if r["ms_graph"] is not None else "n/a"
+        print(f"{r['shape']:6} {r['variant']:22} {r['pass_']:8} {graph:>9} {r['ms_eager']:9.4f} "
+              f"{r['GBps']:7.0f} {100 * r['copy_fraction']:6.1f}% {r['speedup_vs_reference']:6.2f}")
+
+    key = ("vit_l", "fused", "fwd")
+    target = next((r for r in rows if (r["shape"], r["variant"], r["pass_"]) == key), None)
+    verdict = None
+    if target is not None:
+        verdict = dict(speedup=target["speedup_vs_reference"], copy_fraction=target["copy_fraction"],
+                       meets_speedup=target["speedup_vs_reference"] >= TARGET_SPEEDUP,
+                       meets_bandwidth=target["copy_fraction"] >= TARGET_COPY_FRACTION)
+        print(f"\nViT-L fwd target (>= {TARGET_SPEEDUP}x reference, >= {TARGET_COPY_FRACTION:.0%} of copy): "
+              f"{target['speedup_vs_reference']:.2f}x, {target['copy_fraction']:.0%} -> "
+              f"{'met' if verdict['meets_speedup'] and verdict['meets_bandwidth'] else 'NOT met'}")
+
+    result = dict(
+        benchmark="fused random masking kernel (benchmarks/kernels.py)",
+        device=card, date=date, torch=torch.__version__, triton=triton.__version__,
+        batch=B, mask_ratio=ratio, dtype="bfloat16", pos_embed_dtype="bfloat16", keys="philox (in kernel)",
+        copy_bandwidth_GBps=copy_gbps, correctness_errors=errors, vit_l_target=verdict,
+        wall_s=time.perf_counter() - t_start,
+        rows=[{("pass" if k == "pass_" else k): v for k, v in r.items()} for r in rows],
+    )
+    if args.cpu_smoke and not args.out:
+        print("\n--cpu-smoke: nothing written (pass --out)")
+        return 1 if errors else 0
+    path = output_path(args.out, card, date)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(result, indent=2) + "\n")
+    print(f"\nwrote {path} ({result['wall_s']:.0f} s)")
+    return 1 if errors else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
