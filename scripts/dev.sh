@@ -19,6 +19,6 @@ setup() {
 case "${1:-}" in
     setup) setup ;;
     train) setup; shift; exec "$VENV/bin/deepspeed" fastmae/train.py --ds_config zero2.json "$@" ;;
-    test) setup; shift; exec "$PY" -m pytest -q "$@" ;;
+    test) setup; shift; "$VENV/bin/ruff" check . && exec "$PY" -m pytest -q "$@" ;;
     *) echo "usage: bash scripts/dev.sh setup|train|test [args...]" >&2; exit 2 ;;
 esac
