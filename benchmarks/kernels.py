@@ -1,12 +1,14 @@
 """Benchmark of the fused Triton masking kernel (CUDA only).
 
-    python benchmarks/kernels.py [--out DIR] [--shapes vit_b,vit_l,vit_h] [--batch 256] [--no-compile]
+    python benchmarks/kernels.py [--out DIR] [--shapes vit_l,vit_b,vit_h] [--batch 256] [--no-compile]
 
 For the ViT-B/L/H shapes (B=256, N=196/196/256, D=768/1024/1280, bf16 tokens and bf16 pos_embed) it
 first checks the kernel against the reference on the GPU (exit 1 on any mismatch), then times, forward
 and forward+backward:
 
-* ``fused``        fastmae.kernels.random_masking (Philox keys in the kernel, pos_embed add fused)
+* ``fused``        fastmae.kernels.random_masking, strategy ``fused`` (one kernel, Philox keys in the
+                   kernel, pos_embed add fused; every (sample, D-chunk) program re-sorts)
+* ``split``        the same with strategy ``split`` (a sort kernel, then a sort-free gather kernel)
 * ``reference``    random_masking_ref: torch.rand + two argsorts + add + gather (the official code)
 * ``ref_compiled`` the same under torch.compile
 
@@ -15,10 +17,12 @@ replays the calls captured in a CUDA graph (GPU time only) and ``eager`` launche
 (includes launch overhead, which a ~20 us kernel can see). Bandwidth is computed from the graph time
 (eager if capture failed) against the bytes that must move (see ``bytes_moved``) and compared with
 the card's device-to-device copy bandwidth, measured here with a 1 GiB copy. A small sweep of the
-kernel's ``block_d`` is reported too. Results: a table on stdout and JSON in ``DIR/kernels.json``
-(``--out``), else ``$OUT/kernels.json``, else ``benchmarks/results/kernels-<card>-<date>.json``.
-Without CUDA it prints why and exits with code 2. Whole run: well under a minute on an H100 (the
-torch.compile variants are skipped once ``--budget-s`` is spent).
+kernel's ``block_d`` is reported too (``fused[block_d=..]``, ``split[block_d=..]``, forward only): the
+fastest should become ``DEFAULT_STRATEGY`` and the default block size in ``kernels/masking.py``.
+Results: a table on stdout and JSON in ``DIR/kernels.json`` (``--out``), else ``$OUT/kernels.json``,
+else ``benchmarks/results/kernels-<card>-<date>.json``. Without CUDA it prints why and exits with
+code 2. Whole run: well under a minute on an H100 (the torch.compile variants are skipped once
+``--budget-s`` is spent).
 """
 
 from __future__ import annotations
@@ -46,8 +50,9 @@ from typing import Any  # noqa: E402
 import torch  # noqa: E402
 
 REPO = Path(__file__).resolve().parent.parent
-SHAPES: dict[str, tuple[int, int]] = {"vit_b": (196, 768), "vit_l": (196, 1024), "vit_h": (256, 1280)}
-SMOKE_SHAPES: dict[str, tuple[int, int]] = {"vit_b": (16, 24), "vit_l": (16, 32), "vit_h": (20, 40)}
+# ViT-L first: the issue's target shape gets the torch.compile baseline before --budget-s runs out
+SHAPES: dict[str, tuple[int, int]] = {"vit_l": (196, 1024), "vit_b": (196, 768), "vit_h": (256, 1280)}
+SMOKE_SHAPES: dict[str, tuple[int, int]] = {"vit_l": (16, 32), "vit_b": (16, 24), "vit_h": (20, 40)}
 DEVICE = torch.device("cuda")  # --cpu-smoke switches to cpu + the Triton interpreter
 MASK_RATIO = 0.75
 TARGET_SPEEDUP, TARGET_COPY_FRACTION = 3.0, 0.8  # issue 3, at ViT-L shape
@@ -167,41 +172,50 @@ def bytes_moved(B: int, N: int, D: int, K: int, es: int, backward: bool) -> int:
 # ----------------------------------------------------------------------------- correctness
 
 
+def _same(got: tuple[torch.Tensor, ...], want: tuple[torch.Tensor, ...]) -> list[str]:
+    """Names of the outputs (x_vis, mask, ids_restore) that differ in dtype or any bit."""
+    names = ("x_vis", "mask", "ids_restore")
+    return [n for n, g, w in zip(names, got, want, strict=True) if g.dtype != w.dtype or not torch.equal(g, w)]
+
+
 def check_correctness(
     masking: ModuleType, masking_ref: ModuleType, N: int, D: int, block_ds: list[int]
 ) -> list[str]:
-    """GPU vs reference: exact forward (noise path, bf16 and fp32), Philox validity, exact backward."""
+    """GPU vs reference: exact forward (noise path), valid and strategy/block-independent Philox masks,
+    exact x gradient. Kept to the kernel variants the timings use (each is a Triton compile)."""
     errors: list[str] = []
     ref_fn, fused = masking_ref.random_masking_ref, masking.random_masking
     K = masking_ref.num_kept(N, MASK_RATIO)
     B = 8
-    for dtype in (torch.bfloat16, torch.float32):
-        x = torch.randn(B, N, D, device=DEVICE).to(dtype)
-        pos = torch.randn(1, N, D, device=DEVICE).to(dtype)
-        noise = torch.rand(B, N, device=DEVICE)
+    # noise path == reference, bit for bit: bf16 (both strategies) and fp32 (default)
+    for dtype, strategies in ((torch.bfloat16, masking.STRATEGIES), (torch.float32, (masking.DEFAULT_STRATEGY,))):
+        x = torch.randn(B, N, D, device=DEVICE).to(dtype)  # (B, N, D)
+        pos = torch.randn(1, N, D, device=DEVICE).to(dtype)  # (1, N, D)
+        noise = torch.rand(B, N, device=DEVICE)  # (B, N)
         want = ref_fn(x, MASK_RATIO, noise=noise, pos_embed=pos)
-        for bd in [None, *block_ds]:
-            got = fused(x, MASK_RATIO, noise=noise, pos_embed=pos, block_d=bd)
-            for name, g, w in zip(("x_vis", "mask", "ids_restore"), got, want, strict=True):
-                if g.dtype != w.dtype or not torch.equal(g, w):
-                    errors.append(f"N={N} D={D} {dtype} block_d={bd}: {name} differs from the reference")
-    # Philox path: a valid masking, reproducible from its seed
+        for strategy in strategies:
+            bad = _same(fused(x, MASK_RATIO, noise=noise, pos_embed=pos, strategy=strategy), want)
+            errors += [f"N={N} D={D} {dtype} {strategy}: {name} differs from the reference" for name in bad]
+    # Philox path: a valid masking, identical for every strategy and block_d timed below
     x = torch.randn(B, N, D, device=DEVICE, dtype=torch.bfloat16)
-    x_vis, mask, ids = fused(x, MASK_RATIO, seed=123)
-    ids_shuffle = torch.argsort(ids, dim=1)
+    pos = torch.randn(1, N, D, device=DEVICE, dtype=torch.bfloat16)
+    x_vis, mask, ids = first = fused(x, MASK_RATIO, seed=123, pos_embed=pos)
+    ids_shuffle = torch.argsort(ids, dim=1)  # (B, N)
     if not torch.equal(torch.sort(ids, dim=1).values, torch.arange(N, device=DEVICE).expand(B, N)):
         errors.append(f"N={N}: Philox ids_restore is not a permutation")
-    elif not torch.equal(x_vis, torch.gather(x, 1, ids_shuffle[:, :K, None].expand(-1, -1, D))):
-        errors.append(f"N={N}: Philox x_vis are not the kept rows")
+    elif not torch.equal(x_vis, torch.gather(x + pos, 1, ids_shuffle[:, :K, None].expand(-1, -1, D))):
+        errors.append(f"N={N}: Philox x_vis are not the kept rows + pos_embed")
     if not torch.equal(mask, (ids >= K).to(mask.dtype)):
         errors.append(f"N={N}: Philox mask inconsistent with ids_restore")
-    if not torch.equal(fused(x, MASK_RATIO, seed=123)[2], ids):
-        errors.append(f"N={N}: Philox path not reproducible from its seed")
+    for strategy in masking.STRATEGIES:
+        for bd in [None, *block_ds]:
+            bad = _same(fused(x, MASK_RATIO, seed=123, pos_embed=pos, block_d=bd, strategy=strategy), first)
+            errors += [f"N={N}: Philox {strategy} block_d={bd}: {name} differs for the same seed" for name in bad]
     # backward: x (exact) and a trainable pos_embed (fp32 sums, close)
     x = torch.randn(B, N, D, device=DEVICE, dtype=torch.bfloat16, requires_grad=True)
     pos = torch.randn(1, N, D, device=DEVICE, dtype=torch.bfloat16, requires_grad=True)
     noise = torch.rand(B, N, device=DEVICE)
-    g = torch.randn(B, K, D, device=DEVICE, dtype=torch.bfloat16)
+    g = torch.randn(B, K, D, device=DEVICE, dtype=torch.bfloat16)  # (B, K, D)
     gx, gp = torch.autograd.grad(fused(x, MASK_RATIO, noise=noise, pos_embed=pos)[0], (x, pos), g)
     rx, rp = torch.autograd.grad(ref_fn(x, MASK_RATIO, noise=noise, pos_embed=pos)[0], (x, pos), g)
     if not torch.equal(gx, rx):
@@ -241,14 +255,18 @@ def bench_shape(
         # autograd.grad, not backward(): no accumulation into x.grad (an extra B*N*D read+write)
         return lambda: torch.autograd.grad(fn(xg, ratio, pos_embed=pos, **kw)[0], xg, g)
 
-    variants: list[tuple[str, Callable[..., Any], dict[str, Any]]] = [("fused", fused_fn, {})]
-    variants += [(f"fused[block_d={bd}]", fused_fn, {"block_d": bd}) for bd in block_ds]
+    variants: list[tuple[str, Callable[..., Any], dict[str, Any]]] = [
+        ("fused", fused_fn, {"strategy": "fused"}),
+        ("split", fused_fn, {"strategy": "split"}),
+    ]
+    for strategy in ("fused", "split"):
+        variants += [(f"{strategy}[block_d={bd}]", fused_fn, {"block_d": bd, "strategy": strategy}) for bd in block_ds]
     variants += [("reference", ref_fn, {})]
     if compiled is not None:
         variants += [("ref_compiled", compiled, {})]
     rows: list[dict[str, Any]] = []
     for variant, fn, kw in variants:
-        passes = ("fwd",) if variant.startswith("fused[") else ("fwd", "fwd+bwd")
+        passes = ("fwd",) if "[" in variant else ("fwd", "fwd+bwd")
         for pass_ in passes:
             if variant == "ref_compiled" and time.perf_counter() - t_start > args.budget_s:
                 print(f"  {name} {variant} {pass_}: skipped (time budget --budget-s spent)")
@@ -284,12 +302,12 @@ def output_path(out_dir: str | None, card: str, date: str) -> Path:
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--out", default=None, help="folder for kernels.json (else $OUT or benchmarks/results)")
-    p.add_argument("--shapes", default="vit_b,vit_l,vit_h", help=f"comma list of {', '.join(SHAPES)}")
+    p.add_argument("--shapes", default="vit_l,vit_b,vit_h", help=f"comma list of {', '.join(SHAPES)}")
     p.add_argument("--batch", type=int, default=256)
     p.add_argument("--warmup", type=int, default=5)
     p.add_argument("--repeats", type=int, default=15, help="timed repeats (median)")
     p.add_argument("--inner", type=int, default=10, help="calls per timed repeat")
-    p.add_argument("--block-d", default="64,128,256", help="block_d values swept for the fused forward")
+    p.add_argument("--block-d", default="64,128,256", help="block_d values swept (fwd, both strategies)")
     p.add_argument("--no-compile", action="store_true", help="skip the torch.compile reference")
     p.add_argument("--budget-s", type=float, default=45.0, help="skip torch.compile variants after this")
     p.add_argument("--cpu-smoke", action="store_true",
@@ -369,6 +387,10 @@ def main(argv: list[str] | None = None) -> int:
 
     key = ("vit_l", "fused", "fwd")
     target = next((r for r in rows if (r["shape"], r["variant"], r["pass_"]) == key), None)
+    best = min((r for r in rows if r["shape"] == "vit_l" and r["pass_"] == "fwd" and "ms" in r
+                and r["variant"].startswith(("fused", "split"))), key=lambda r: r["ms"], default=None)
+    if best is not None:
+        print(f"fastest kernel variant at ViT-L fwd: {best['variant']} ({best['ms'] * 1e3:.1f} us)")
     verdict = None
     if target is not None:
         verdict = dict(speedup=target["speedup_vs_reference"], copy_fraction=target["copy_fraction"],
@@ -383,6 +405,7 @@ def main(argv: list[str] | None = None) -> int:
         device=card, date=date, torch=torch.__version__, triton=triton.__version__,
         batch=B, mask_ratio=ratio, dtype="bfloat16", pos_embed_dtype="bfloat16", keys="philox (in kernel)",
         copy_bandwidth_GBps=copy_gbps, correctness_errors=errors, vit_l_target=verdict,
+        default_strategy=masking.DEFAULT_STRATEGY, fastest_vit_l_fwd=None if best is None else best["variant"],
         wall_s=time.perf_counter() - t_start,
         rows=[{("pass" if k == "pass_" else k): v for k, v in r.items()} for r in rows],
     )

@@ -2,14 +2,19 @@
 
 One kernel replaces the official MAE sequence ``argsort(noise) -> argsort -> gather -> add pos_embed``:
 
-* **Forward** (``_masking_fwd_kernel``), grid ``(B, cdiv(D, BLOCK_D))``. Each program owns one sample
-  and one chunk of ``BLOCK_D`` channels. It builds the sample's N sort keys in registers, sorts them
-  with ``tl.sort`` and gathers its ``(K, BLOCK_D)`` slab of kept rows (plus ``pos_embed``) straight
-  into ``x_vis``. Every program of a sample re-does the same cheap sort (N <= 1024 int64 keys in
-  registers) instead of sharing it through memory: that keeps it to one launch with no [B, N]
-  intermediate, and gives ``B * D / BLOCK_D`` programs (~800-2000 at B=256, D=768..1280) so the
+* **Forward, ``fused``** (default; ``_masking_fwd_kernel``), grid ``(B, cdiv(D, BLOCK_D))``. Each
+  program owns one sample and one chunk of ``BLOCK_D`` channels. It builds the sample's N sort keys
+  in registers, sorts them with ``tl.sort`` and gathers its ``(K, BLOCK_D)`` slab of kept rows (plus
+  ``pos_embed``) straight into ``x_vis``. Every program of a sample re-does the same sort (N <= 1024
+  int64 keys in registers, ~1k instructions per warp) instead of sharing it through memory: one
+  launch, no intermediate, and ``B * D / BLOCK_D`` programs (~800-2000 at B=256, D=768..1280) so the
   gather, which is what costs, is spread over every SM. The first D-chunk program of each sample
   also scatters ``mask`` and ``ids_restore``.
+* **Forward, ``split``** (``_masking_sort_kernel`` + ``_gather_rows_kernel``): one sort per sample
+  (grid ``(B,)``) writes mask, ids_restore and ``ids_keep`` (B, K) int32 (50 KB at ViT-L), then a
+  sort-free gather over ``(B, K-chunks, D-chunks)``. Two launches instead of B*D/BLOCK_D redundant
+  sorts; which one is faster on a given card is for ``benchmarks/kernels.py`` to say (both give
+  identical outputs; ``DEFAULT_STRATEGY`` picks).
 * **Sort keys.** There is no ``tl.argsort``: each key is packed into one int64 as
   ``(random or noise key) << b | index`` so that sorting the packed values sorts by key with the
   index as tie-break (exactly torch's stable argsort), and the low bits give back the permutation.
@@ -46,10 +51,14 @@ import triton.language as tl
 
 from .masking_ref import num_kept
 
-__all__ = ["MAX_TOKENS", "masking_bwd", "masking_fwd", "pos_embed_grad", "random_masking"]
+__all__ = [
+    "DEFAULT_STRATEGY", "MAX_TOKENS", "STRATEGIES", "masking_bwd", "masking_fwd", "pos_embed_grad", "random_masking",
+]
 
-MAX_TOKENS = 16384  # sort length in registers; ViT-H at 448 px has 1024 patches
-_INT64_MAX = 0x7FFFFFFFFFFFFFFF
+MAX_TOKENS = 4096  # sorted in registers (compiled for sm_90 without spills); ViT-H/14 at 448 px: 1024
+STRATEGIES = ("fused", "split")
+DEFAULT_STRATEGY = "fused"  # until benchmarks/kernels.py has measured both on a GPU
+_INT64_MAX = tl.constexpr(0x7FFFFFFFFFFFFFFF)  # padding key: sorts after every real key
 
 
 # ----------------------------------------------------------------------------- kernels
@@ -106,6 +115,70 @@ def _sorted_keys(
 
 
 @triton.jit
+def _shuffle_and_scatter(
+    noise_ptr,
+    seed_ptr,
+    mask_ptr,
+    ids_restore_ptr,
+    b,
+    N,
+    K,
+    stride_noise_b,
+    write,
+    NP: tl.constexpr,
+    LOG2_NP: tl.constexpr,
+    USE_NOISE: tl.constexpr,
+):
+    """ids_shuffle (NP,) int32 of sample b (token at each rank); if ``write``, also scatters mask and
+    ids_restore of the sample (N small elements)."""
+    srt = _sorted_keys(noise_ptr, seed_ptr, b, N, stride_noise_b, NP, LOG2_NP, USE_NOISE)  # (NP,)
+    if USE_NOISE:
+        ids_shuffle = (srt & 0xFFFFFFFF).to(tl.int32)
+    else:
+        ids_shuffle = (srt & (NP - 1)).to(tl.int32)
+    rank = tl.arange(0, NP)  # (NP,)
+    ok = (rank < N) & write
+    tl.store(ids_restore_ptr + b * N + ids_shuffle, rank.to(tl.int64), mask=ok)
+    is_masked = tl.where(rank >= K, 1.0, 0.0).to(mask_ptr.dtype.element_ty)  # (NP,) exact in any dtype
+    tl.store(mask_ptr + b * N + ids_shuffle, is_masked, mask=ok)
+    return ids_shuffle
+
+
+@triton.jit
+def _gather_tile(
+    x_ptr,
+    pos_ptr,
+    out_ptr,
+    b,
+    rows,
+    r,
+    r_ok,
+    d,
+    d_ok,
+    stride_xb,
+    stride_xn,
+    stride_pn,
+    stride_ob,
+    stride_ok,
+    HAS_POS: tl.constexpr,
+    BF16_RNE: tl.constexpr,
+):
+    """out[b, r, d] = (x + pos)[b, rows, d] for a (BLOCK_K, BLOCK_D) tile.
+
+    Rows are contiguous along d, so the loads and stores are 16-byte vector accesses when the row
+    strides are multiples of 16 bytes (D % 8 == 0 in bf16: every ViT width).
+    """
+    rows = rows.to(tl.int64)
+    m2 = r_ok[:, None] & d_ok[None, :]  # (BLOCK_K, BLOCK_D)
+    v = tl.load(x_ptr + b * stride_xb + rows[:, None] * stride_xn + d[None, :], mask=m2)
+    if HAS_POS:
+        p = tl.load(pos_ptr + rows[:, None] * stride_pn + d[None, :], mask=m2)
+        v = v.to(tl.float32) + p.to(tl.float32)  # one rounding below, as torch's add
+    dst = out_ptr + b * stride_ob + r[:, None].to(tl.int64) * stride_ok + d[None, :]
+    tl.store(dst, _cast(v, out_ptr.dtype.element_ty, BF16_RNE), mask=m2)
+
+
+@triton.jit
 def _masking_fwd_kernel(
     x_ptr,
     pos_ptr,
@@ -131,38 +204,79 @@ def _masking_fwd_kernel(
     USE_NOISE: tl.constexpr,
     BF16_RNE: tl.constexpr,
 ):
-    """x_vis[b, :, d-chunk] = (x + pos)[b, ids_shuffle[:K], d-chunk]; mask/ids_restore from chunk 0."""
+    """Fused: x_vis[b, :, d-chunk] = (x + pos)[b, ids_shuffle[:K], d-chunk]; grid (B, cdiv(D, BLOCK_D)).
+
+    Every program sorts its sample's keys; the first D-chunk program also writes mask/ids_restore.
+    """
     b = tl.program_id(0).to(tl.int64)
     pid_d = tl.program_id(1)
-
-    srt = _sorted_keys(noise_ptr, seed_ptr, b, N, stride_noise_b, NP, LOG2_NP, USE_NOISE)  # (NP,)
-    if USE_NOISE:
-        ids_shuffle = (srt & 0xFFFFFFFF).to(tl.int32)  # (NP,) token at each rank
-    else:
-        ids_shuffle = (srt & (NP - 1)).to(tl.int32)
-
-    # mask and ids_restore: one scatter of N small elements per sample, by the first D-chunk only
-    rank = tl.arange(0, NP)  # (NP,)
-    first = (rank < N) & (pid_d == 0)
-    tl.store(ids_restore_ptr + b * N + ids_shuffle, rank.to(tl.int64), mask=first)
-    is_masked = tl.where(rank >= K, 1.0, 0.0).to(mask_ptr.dtype.element_ty)  # (NP,) exact in any dtype
-    tl.store(mask_ptr + b * N + ids_shuffle, is_masked, mask=first)
-
-    # the gather: BLOCK_K kept rows x BLOCK_D channels per step; rows are contiguous along d, so the
-    # loads and stores are full-width vector accesses whenever the row stride is a multiple of 16 B
+    ids_shuffle = _shuffle_and_scatter(
+        noise_ptr, seed_ptr, mask_ptr, ids_restore_ptr, b, N, K, stride_noise_b, pid_d == 0,
+        NP, LOG2_NP, USE_NOISE,
+    )  # (NP,)
     d = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)  # (BLOCK_D,)
     d_ok = d < D
     for k0 in range(0, K, BLOCK_K):
         r = k0 + tl.arange(0, BLOCK_K)  # (BLOCK_K,) ranks = rows of x_vis
-        r_ok = r < K
-        rows = tl.gather(ids_shuffle, tl.minimum(r, NP - 1), 0).to(tl.int64)  # (BLOCK_K,) tokens
-        m2 = r_ok[:, None] & d_ok[None, :]  # (BLOCK_K, BLOCK_D)
-        v = tl.load(x_ptr + b * stride_xb + rows[:, None] * stride_xn + d[None, :], mask=m2)
-        if HAS_POS:
-            p = tl.load(pos_ptr + rows[:, None] * stride_pn + d[None, :], mask=m2)
-            v = v.to(tl.float32) + p.to(tl.float32)  # one rounding below, as torch's add
-        dst = out_ptr + b * stride_ob + r[:, None].to(tl.int64) * stride_ok + d[None, :]
-        tl.store(dst, _cast(v, out_ptr.dtype.element_ty, BF16_RNE), mask=m2)
+        rows = tl.gather(ids_shuffle, tl.minimum(r, NP - 1), 0)  # (BLOCK_K,) their tokens
+        _gather_tile(
+            x_ptr, pos_ptr, out_ptr, b, rows, r, r < K, d, d_ok,
+            stride_xb, stride_xn, stride_pn, stride_ob, stride_ok, HAS_POS, BF16_RNE,
+        )
+
+
+@triton.jit
+def _masking_sort_kernel(
+    noise_ptr,
+    seed_ptr,
+    mask_ptr,
+    ids_restore_ptr,
+    ids_keep_ptr,
+    N,
+    K,
+    stride_noise_b,
+    NP: tl.constexpr,
+    LOG2_NP: tl.constexpr,
+    USE_NOISE: tl.constexpr,
+):
+    """Split, step 1 (grid (B,)): sort once per sample; write mask, ids_restore and ids_keep (B, K) int32."""
+    b = tl.program_id(0).to(tl.int64)
+    ids_shuffle = _shuffle_and_scatter(
+        noise_ptr, seed_ptr, mask_ptr, ids_restore_ptr, b, N, K, stride_noise_b, True,
+        NP, LOG2_NP, USE_NOISE,
+    )  # (NP,)
+    rank = tl.arange(0, NP)
+    tl.store(ids_keep_ptr + b * K + rank, ids_shuffle, mask=rank < K)
+
+
+@triton.jit
+def _gather_rows_kernel(
+    x_ptr,
+    pos_ptr,
+    ids_keep_ptr,
+    out_ptr,
+    K,
+    D,
+    stride_xb,
+    stride_xn,
+    stride_pn,
+    stride_ob,
+    stride_ok,
+    BLOCK_K: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    HAS_POS: tl.constexpr,
+    BF16_RNE: tl.constexpr,
+):
+    """Split, step 2 (grid (B, cdiv(K, BLOCK_K), cdiv(D, BLOCK_D))): a pure gather, no sort."""
+    b = tl.program_id(0).to(tl.int64)
+    r = tl.program_id(1) * BLOCK_K + tl.arange(0, BLOCK_K)  # (BLOCK_K,)
+    r_ok = r < K
+    d = tl.program_id(2) * BLOCK_D + tl.arange(0, BLOCK_D)  # (BLOCK_D,)
+    rows = tl.load(ids_keep_ptr + b * K + r, mask=r_ok, other=0)  # (BLOCK_K,)
+    _gather_tile(
+        x_ptr, pos_ptr, out_ptr, b, rows, r, r_ok, d, d < D,
+        stride_xb, stride_xn, stride_pn, stride_ob, stride_ok, HAS_POS, BF16_RNE,
+    )
 
 
 @triton.jit
@@ -253,20 +367,26 @@ def _check_device(t: torch.Tensor, what: str) -> None:
     )
 
 
-def _fwd_blocks(K: int, D: int, block_d: int | None) -> tuple[int, int, int]:
-    """(BLOCK_K, BLOCK_D, num_warps) of the forward kernel.
+def _sort_warps(NP: int) -> int:
+    """Warps that keep a sort of NP int64 keys in registers (<= 8 keys per thread up to 4096)."""
+    return max(4, min(16, NP // 512))
 
-    On GPU a program moves a (64, 256) slab per step at most: 32 KiB of bf16 in flight per program,
-    a few programs per SM, enough bytes in flight to saturate HBM while the duplicated per-chunk sort
-    stays a small share (B * D/256 sorts of N keys). The interpreter runs programs one after the
-    other and pays ~0.4 s per sort of 256 keys, so there one program per sample does all of D.
+
+def _fwd_blocks(N: int, K: int, D: int, block_d: int | None) -> tuple[int, int, int]:
+    """(BLOCK_K, BLOCK_D, num_warps) of the forward kernels.
+
+    On GPU a program moves a (64, 256) bf16 slab per step at most (32 KiB in flight per program, a
+    few programs per SM: enough bytes in flight to saturate HBM), and with ``fused`` the duplicated
+    per-chunk sort stays a small share (B * D/256 sorts of N keys; SASS of the N=196 fused kernel:
+    ~900 instructions per warp, mostly the sort). The interpreter runs programs one after the other
+    and pays ~0.25 s per sort of 256 keys, so there one program per sample does all of D.
     """
     kp = triton.next_power_of_2(K)
     if block_d is None:
-        block_d = min(triton.next_power_of_2(D), 4096 if _interpreting() else 256)
+        block_d = min(triton.next_power_of_2(max(D, 1)), 4096 if _interpreting() else 256)
     block_k = kp if _interpreting() else min(kp, max(16, 16384 // block_d))
     num_warps = 8 if block_k * block_d >= 16384 else 4
-    return block_k, block_d, num_warps
+    return block_k, block_d, max(num_warps, _sort_warps(triton.next_power_of_2(N)))
 
 
 def masking_fwd(
@@ -277,14 +397,19 @@ def masking_fwd(
     seed: torch.Tensor | None = None,
     out: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
     block_d: int | None = None,
+    strategy: str = "fused",
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Launch the forward kernel (no autograd, no argument normalisation).
+    """Launch the forward kernel(s) (no autograd, no argument normalisation).
 
     x (B, N, D) with unit stride in D; pos_embed (N, D) with unit stride in D or None; noise (B, N)
     contiguous float32/16/bf16 or None, in which case seed is a (1,) int64 tensor on x's device.
     ``out`` = (x_vis (B, K, D), mask (B, N), ids_restore (B, N) int64) buffers to write (tests poison
-    them to check every element is written). Returns (x_vis, mask, ids_restore).
+    them to check every element is written). ``strategy``: ``fused`` (one kernel, a sort per
+    program) or ``split`` (a sort kernel writing ids_keep (B, K) int32, then a gather kernel).
+    Returns (x_vis, mask, ids_restore).
     """
+    if strategy not in STRATEGIES:
+        raise ValueError(f"unknown masking strategy {strategy!r}; valid: {', '.join(STRATEGIES)}")
     B, N, D = x.shape
     dtype = x.dtype if pos_embed is None else torch.promote_types(x.dtype, pos_embed.dtype)
     if out is None:
@@ -293,38 +418,40 @@ def masking_fwd(
         ids_restore = torch.empty((B, N), device=x.device, dtype=torch.int64)
     else:
         x_vis, mask, ids_restore = out
-    if B == 0 or D == 0:
+    if B == 0:
         return x_vis, mask, ids_restore
     NP = triton.next_power_of_2(N)
-    block_k, block_d, num_warps = _fwd_blocks(K, D, block_d)
-    use_noise = noise is not None
-    grid = (B, triton.cdiv(D, block_d))
-    _masking_fwd_kernel[grid](
-        x,
-        pos_embed if pos_embed is not None else x,  # dummy pointer, never read without HAS_POS
-        noise if use_noise else x,
-        seed if seed is not None else ids_restore,
-        x_vis,
-        mask,
-        ids_restore,
-        N,
-        K,
-        D,
-        x.stride(0),
-        x.stride(1),
-        pos_embed.stride(0) if pos_embed is not None else 0,
-        noise.stride(0) if use_noise else 0,
-        x_vis.stride(0),
-        x_vis.stride(1),
-        NP=NP,
-        LOG2_NP=max(NP.bit_length() - 1, 0),
-        BLOCK_K=block_k,
-        BLOCK_D=block_d,
-        HAS_POS=pos_embed is not None,
-        USE_NOISE=use_noise,
-        BF16_RNE=_needs_bf16_rne(x.dtype if pos_embed is None else torch.float32, dtype),
-        num_warps=num_warps,
+    block_k, block_d, num_warps = _fwd_blocks(N, K, D, block_d)
+    has_pos, use_noise = pos_embed is not None, noise is not None
+    pos_arg = pos_embed if has_pos else x  # dummy pointer, never read without HAS_POS
+    noise_arg = noise if use_noise else x  # dummy pointer, never read without USE_NOISE
+    seed_arg = seed if seed is not None else ids_restore  # dummy pointer, never read with USE_NOISE
+    pos_stride = pos_embed.stride(0) if has_pos else 0
+    noise_stride = noise.stride(0) if use_noise else 0
+    bf16_rne = _needs_bf16_rne(torch.float32 if has_pos else x.dtype, dtype)
+    log2_np = NP.bit_length() - 1
+    if strategy == "fused":
+        if D == 0:  # no D-chunk program would write mask / ids_restore
+            return masking_fwd(x, K, pos_embed, noise, seed, (x_vis, mask, ids_restore), block_d, "split")
+        _masking_fwd_kernel[(B, triton.cdiv(D, block_d))](
+            x, pos_arg, noise_arg, seed_arg, x_vis, mask, ids_restore,
+            N, K, D, x.stride(0), x.stride(1), pos_stride, noise_stride, x_vis.stride(0), x_vis.stride(1),
+            NP=NP, LOG2_NP=log2_np, BLOCK_K=block_k, BLOCK_D=block_d, HAS_POS=has_pos,
+            USE_NOISE=use_noise, BF16_RNE=bf16_rne, num_warps=num_warps,
+        )
+        return x_vis, mask, ids_restore
+    ids_keep = torch.empty((B, K), device=x.device, dtype=torch.int32)  # (B, K): 4*B*K bytes, no (B, N)
+    _masking_sort_kernel[(B,)](
+        noise_arg, seed_arg, mask, ids_restore, ids_keep, N, K, noise_stride,
+        NP=NP, LOG2_NP=log2_np, USE_NOISE=use_noise, num_warps=_sort_warps(NP),
     )
+    if D > 0:
+        grid = (B, triton.cdiv(K, block_k), triton.cdiv(D, block_d))
+        _gather_rows_kernel[grid](
+            x, pos_arg, ids_keep, x_vis, K, D, x.stride(0), x.stride(1), pos_stride,
+            x_vis.stride(0), x_vis.stride(1),
+            BLOCK_K=block_k, BLOCK_D=block_d, HAS_POS=has_pos, BF16_RNE=bf16_rne, num_warps=num_warps,
+        )
     return x_vis, mask, ids_restore
 
 
@@ -401,9 +528,10 @@ class RandomMaskingFunction(torch.autograd.Function):
         seed: torch.Tensor | None,
         K: int,
         block_d: int | None,
+        strategy: str,
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         x_vis, mask, ids_restore = masking_fwd(
-            x, K, pos_embed=pos_embed, noise=noise, seed=seed, block_d=block_d
+            x, K, pos_embed=pos_embed, noise=noise, seed=seed, block_d=block_d, strategy=strategy
         )
         ctx.save_for_backward(ids_restore)
         ctx.x_dtype = x.dtype
@@ -422,7 +550,7 @@ class RandomMaskingFunction(torch.autograd.Function):
             grad_x = masking_bwd(grad_x_vis, ids_restore, ctx.D, ctx.x_dtype)  # (B, N, D)
         if ctx.needs_input_grad[1]:
             grad_pos = pos_embed_grad(grad_x_vis, ids_restore, ctx.D, ctx.pos_dtype)  # (N, D)
-        return grad_x, grad_pos, None, None, None, None
+        return grad_x, grad_pos, None, None, None, None, None
 
 
 # ----------------------------------------------------------------------------- public API
@@ -437,6 +565,7 @@ def random_masking(
     seed: int | None = None,
     pos_embed: torch.Tensor | None = None,
     block_d: int | None = None,
+    strategy: str | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Keep a uniformly random subset of ``K = int(N * (1 - mask_ratio))`` tokens per sample (fused).
 
@@ -457,6 +586,8 @@ def random_masking(
         pos_embed: optional (N, D) or (1, N, D), added to the gathered rows (``x + pos_embed``); the
             outputs then have ``promote_types(x.dtype, pos_embed.dtype)`` like the reference.
         block_d: channels per program (power of two); None picks a default. For tests and tuning.
+        strategy: ``fused`` (one kernel; every program re-sorts its sample) or ``split`` (one sort
+            per sample, then a sort-free gather kernel); None: ``DEFAULT_STRATEGY``. Same results.
 
     Returns:
         x_vis (B, K, D), mask (B, N) (1 = masked), ids_restore (B, N) int64.
@@ -505,4 +636,7 @@ def random_masking(
     else:
         seed_t = torch.full((1,), int(seed) % (1 << 63), dtype=torch.int64, device=x.device)
 
-    return RandomMaskingFunction.apply(x, pos_embed, noise, seed_t, K, block_d)
+    strategy = DEFAULT_STRATEGY if strategy is None else strategy
+    if strategy not in STRATEGIES:
+        raise ValueError(f"unknown masking strategy {strategy!r}; valid: {', '.join(STRATEGIES)}")
+    return RandomMaskingFunction.apply(x, pos_embed, noise, seed_t, K, block_d, strategy)

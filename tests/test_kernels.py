@@ -52,8 +52,9 @@ NOISE_CASES = [
 ]
 
 
+@pytest.mark.parametrize("strategy", km.STRATEGIES)
 @pytest.mark.parametrize("B,N,D,ratio,dtype,pos,block_d", NOISE_CASES)
-def test_noise_path_equals_reference(B, N, D, ratio, dtype, pos, block_d) -> None:
+def test_noise_path_equals_reference(B, N, D, ratio, dtype, pos, block_d, strategy) -> None:
     """Same noise -> bit-identical x_vis, mask and ids_restore; every output element written."""
     x = (torch.randn(B, N, D) * 3).to(dtype).to(DEVICE)
     noise = torch.rand(B, N, device=DEVICE)
@@ -64,12 +65,12 @@ def test_noise_path_equals_reference(B, N, D, ratio, dtype, pos, block_d) -> Non
         if shape == "ND":
             pos_embed = pos_embed[0]
     want = random_masking_ref(x, ratio, noise=noise, pos_embed=pos_embed)
-    _assert_same(random_masking(x, ratio, noise=noise, pos_embed=pos_embed, block_d=block_d), want)
+    _assert_same(random_masking(x, ratio, noise=noise, pos_embed=pos_embed, block_d=block_d, strategy=strategy), want)
 
     K = num_kept(N, ratio)
     out = _poisoned_outputs(B, N, K, D, want[0].dtype)
     pos2d = None if pos_embed is None else pos_embed.reshape(N, D)
-    got = km.masking_fwd(x, K, pos_embed=pos2d, noise=noise, out=out, block_d=block_d)
+    got = km.masking_fwd(x, K, pos_embed=pos2d, noise=noise, out=out, block_d=block_d, strategy=strategy)
     assert all(g is o for g, o in zip(got, out, strict=True)), "must write into the given buffers"
     _assert_same(got, want)
 
@@ -138,12 +139,28 @@ def _check_valid_masking(x: torch.Tensor, K: int, out: tuple[torch.Tensor, ...])
 
 
 def test_philox_valid_masking_n196() -> None:
-    """Realistic shape: K=49 distinct kept of 196, everything written (poisoned buffers), D tail."""
+    """Realistic shape: K=49 distinct kept of 196, everything written (poisoned buffers), D tail;
+    both strategies and any block_d give the same masks for the same seed."""
     B, N, D, K = 2, 196, 24, 49
     x = torch.randn(B, N, D, device=DEVICE)
     seed = torch.full((1,), 1234, dtype=torch.int64, device=DEVICE)
-    out = km.masking_fwd(x, K, seed=seed, out=_poisoned_outputs(B, N, K, D, x.dtype), block_d=16)
-    _check_valid_masking(x, K, out)
+    outs = []
+    for strategy, block_d in (("fused", 16), ("split", 8), ("split", None)):
+        out = _poisoned_outputs(B, N, K, D, x.dtype)
+        outs.append(km.masking_fwd(x, K, seed=seed, out=out, block_d=block_d, strategy=strategy))
+        _check_valid_masking(x, K, outs[-1])
+    _assert_same(outs[1], outs[0])
+    _assert_same(outs[2], outs[0])
+
+
+@pytest.mark.parametrize("strategy", km.STRATEGIES)
+def test_empty_dims(strategy: str) -> None:
+    """D=0 still writes mask and ids_restore; B=0 returns empty outputs."""
+    x = torch.randn(2, 12, 0, device=DEVICE)
+    noise = torch.rand(2, 12, device=DEVICE)
+    _assert_same(random_masking(x, 0.5, noise=noise, strategy=strategy), random_masking_ref(x, 0.5, noise=noise))
+    x_vis, mask, ids = random_masking(torch.randn(0, 12, 4, device=DEVICE), 0.5, seed=1, strategy=strategy)
+    assert x_vis.shape == (0, 6, 4) and mask.shape == (0, 12) and ids.shape == (0, 12)
 
 
 def test_philox_seeds() -> None:
@@ -274,6 +291,8 @@ def test_errors() -> None:
         random_masking(x.double(), 0.5)
     with pytest.raises(ValueError, match="power of two"):
         random_masking(x, 0.5, block_d=24)
+    with pytest.raises(ValueError, match="unknown masking strategy"):
+        random_masking(x, 0.5, strategy="magic")
     with pytest.raises(ValueError, match="at most"):
         random_masking(torch.empty(1, km.MAX_TOKENS + 1, 1, device=DEVICE), 0.5)
 
