@@ -91,12 +91,7 @@ def environment(device: torch.device) -> dict[str, Any]:
         triton_version = triton.__version__
     except Exception:
         triton_version = None
-    try:
-        import transformers
-
-        transformers_version: str | None = transformers.__version__
-    except Exception:
-        transformers_version = None
+    transformers_version = package_version("transformers")
     env: dict[str, Any] = {
         "device": device_name(device),
         "device_type": device.type,
@@ -115,6 +110,16 @@ def environment(device: torch.device) -> dict[str, Any]:
         env["sm_count"] = props.multi_processor_count
         env["capability"] = f"{props.major}.{props.minor}"
     return env
+
+
+def package_version(name: str) -> str | None:
+    """Installed version of a distribution without importing it (transformers takes seconds to import)."""
+    from importlib import metadata
+
+    try:
+        return metadata.version(name)
+    except metadata.PackageNotFoundError:
+        return None
 
 
 def synchronize(device: torch.device) -> None:
@@ -235,3 +240,75 @@ def free_device_memory(device: torch.device) -> None:
     gc.collect()
     if device.type == "cuda":
         torch.cuda.empty_cache()
+
+
+# ----------------------------------------------------------------------------- gpu_check.sh helpers
+
+
+def measure_ceilings(device: torch.device, small: bool = False) -> dict[str, Any]:
+    """The card's two ceilings, measured once: device-to-device copy bandwidth (bytes read + written)
+    and a large bf16 matrix product on random data (fp32 on CPU). Medians over repeats."""
+    n_copy = (1 << 22) if small else (1 << 30)  # bytes per buffer: 4 MiB / 1 GiB
+    m = 512 if small else 8192
+    mm_dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    src = torch.randn(n_copy // 2, device=device, dtype=torch.bfloat16)
+    dst = torch.empty_like(src)
+    copy_times = time_steps(lambda: dst.copy_(src), device, warmup=3, repeats=5 if small else 20)
+    a = torch.randn(m, m, device=device, dtype=mm_dtype)
+    b = torch.randn(m, m, device=device, dtype=mm_dtype)
+    mm_times = time_steps(lambda: a @ b, device, warmup=3, repeats=5 if small else 20)
+    t_copy, t_mm = median(copy_times), median(mm_times)
+    return {
+        "device": device_name(device),
+        "copy_bytes": 2 * n_copy,
+        "copy_gb_per_s": 2 * n_copy / t_copy / 1e9,
+        "matmul_size": m,
+        "matmul_dtype": dtype_name(mm_dtype),
+        "matmul_tflops": 2 * m**3 / t_mm / 1e12,
+        "note": "copy counts bytes read + written; matmul on torch.randn data (never zeros)",
+    }
+
+
+def _load(path: Path) -> Any:
+    import json
+
+    try:
+        return json.loads(path.read_text())
+    except Exception:
+        return None
+
+
+def gpu_check_summary(res: Path) -> str:
+    """``summary.md`` of a gpu_check.sh run from the files it left in ``res``."""
+    lines = [f"# gpu_check: {res.name}", ""]
+    stages = (res / "stages.tsv").read_text().splitlines() if (res / "stages.tsv").exists() else []
+    lines += ["| stage | exit | seconds | note |", "|---|---|---|---|"]
+    for s in stages:
+        parts = (s.split("\t") + ["", "", "", ""])[:4]
+        lines.append("| " + " | ".join(parts) + " |")
+    env = _load(res / "throughput.json")
+    if env:
+        e = env["environment"]
+        lines += ["", f"Card: {e['device']}; torch {e['torch']} (CUDA {e['cuda']}), triton {e['triton']}, "
+                      f"transformers {e['transformers']}; commit {e['commit']}; {e['date_utc']}."]
+    ceil = _load(res / "ceilings.json")
+    if ceil:
+        lines += ["", f"Ceilings: copy {ceil['copy_gb_per_s']:.0f} GB/s (read + write), {ceil['matmul_dtype']} "
+                      f"matmul {ceil['matmul_size']}^3 {ceil['matmul_tflops']:.1f} TFLOP/s."]
+    chk = _load(res / "correctness.json")
+    if chk:
+        bad = [c for c in chk["checks"] if c["ok"] is False]
+        lines += ["", f"Correctness (throughput.py --check): {'PASSED' if chk['passed'] else 'FAILED'} "
+                      f"({sum(c['ok'] is True for c in chk['checks'])} passed, {len(bad)} failed, "
+                      f"{sum(c['ok'] is None for c in chk['checks'])} skipped)"]
+        lines += [f"- FAIL {c['name']}: {c['detail']}" for c in bad]
+    for name in ("throughput", "throughput_ablations", "memory_vit_h"):
+        md = res / f"{name}.md"
+        if md.exists():
+            lines += ["", f"## {name}", "", md.read_text()]
+    kern = res / "kernels.json"
+    if kern.exists():
+        lines += ["", "## kernels.py", "", f"See [kernels.json](kernels.json) ({kern.stat().st_size} bytes)."]
+    if (res / "profile" / "report.md").exists():
+        lines += ["", "## Step profile", "", "See [profile/report.md](profile/report.md)."]
+    return "\n".join(lines) + "\n"

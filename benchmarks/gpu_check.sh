@@ -1,0 +1,284 @@
+#!/usr/bin/env bash
+# fastmae GPU check: the one script to run whenever a CUDA machine is available (issues 6 and 7).
+#
+#   bash benchmarks/gpu_check.sh                    # on the GPU machine (device tool: carry ["wheels"])
+#   bash benchmarks/gpu_check.sh --cpu-rehearsal    # here, tiny sizes, GPU-only stages skipped
+#   bash benchmarks/gpu_check.sh --prepare-wheels   # here, with PyPI: fill wheels/ for the GPU machine
+#   (FASTMAE_CPU_REHEARSAL=1 is the same as --cpu-rehearsal)
+#
+# Stages, each time-boxed with `timeout` and skipped once the whole budget (GPU_CHECK_BUDGET_S, default
+# 450 s, i.e. under 8 minutes with the start-up) is spent; a failing stage is recorded and the next runs:
+#   setup        pip install --no-index --find-links wheels/ (when wheels/ has any) and fastmae itself
+#   env          card, driver, torch/CUDA/triton/transformers versions
+#   ceilings     device copy bandwidth and bf16 matmul rate (the roofs for the numbers below)
+#   correctness  throughput.py --check: one bf16 training step each of ViT-B/L/H (finite loss, grads,
+#                params), attention backends vs fp32 math, Triton masking kernel vs torch reference,
+#                official-style baseline == fastmae on shared weights
+#   throughput   ViT-B/L/H: fastmae, fastmae w/ [M], official-style, HF ViTMAE; SDPA backend probe
+#   kernels      benchmarks/kernels.py (fused masking kernel vs reference, GB/s vs copy bandwidth)
+#   pytest_gpu   pytest -m gpu (every GPU-marked test of the repository)
+#   memory_vit_h ViT-H/14 at micro batch 256 without and with activation checkpointing, vs the estimate
+#   profile      profile_step.py on ViT-L (time split w/ [M] vs w/o [M], top kernels, traces)
+#   ablations    ViT-L with each optimisation switched in turn (masking, attention, compile, fused AdamW)
+#   deepspeed    a short DeepSpeed ZeRO-2 run of fastmae/train.py (only when deepspeed imports)
+#   data         benchmarks/data_throughput.py (only when DALI imports and the script exists)
+# Results: $OUT/<card>-<date>.tar.gz + summary.md + gpu_check.log when $OUT is set (the device tool
+# brings back at most 8 files), else benchmarks/results/<card>-<date>/.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+REPO=$(pwd)
+
+REHEARSAL=${FASTMAE_CPU_REHEARSAL:-0}
+PREPARE=0
+for a in "$@"; do
+    case "$a" in
+        --cpu-rehearsal) REHEARSAL=1 ;;
+        --prepare-wheels) PREPARE=1 ;;
+        -h|--help) sed -n '2,26p' "$0"; exit 0 ;;
+        *) echo "unknown argument $a (valid: --cpu-rehearsal, --prepare-wheels)" >&2; exit 2 ;;
+    esac
+done
+if [ -z "${PYTHON:-}" ]; then
+    if [ -x "$REPO/.venv/bin/python" ]; then PYTHON="$REPO/.venv/bin/python"; else PYTHON=python3; fi
+fi
+PY=$PYTHON
+
+# ------------------------------------------------------------------ wheels for the offline GPU machine
+if [ "$PREPARE" = 1 ]; then
+    # DeepSpeed (built here from its source package: pure Python), webdataset and their pure-Python or
+    # cp312 needs that the GPU image lacks. The GPU machine's python is 3.12, x86_64.
+    set -e
+    mkdir -p wheels
+    PLAT=(--only-binary=:all: --python-version 3.12 --implementation cp --platform manylinux_2_28_x86_64
+          --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64)
+    "$PY" -m pip wheel -q --no-deps -w wheels deepspeed==0.19.8
+    "$PY" -m pip download -q --no-deps "${PLAT[@]}" -d wheels pydantic hjson webdataset braceexpand \
+        annotated-types typing-inspection typing-extensions
+    CORE=$(unzip -p wheels/pydantic-*.whl '*/METADATA' | sed -n 's/^Requires-Dist: pydantic-core==\([0-9.]*\).*/\1/p')
+    "$PY" -m pip download -q --no-deps "${PLAT[@]}" -d wheels "pydantic-core==$CORE"
+    ls -la wheels
+    du -sh wheels
+    exit 0
+fi
+
+START=$(date +%s)
+BUDGET=${GPU_CHECK_BUDGET_S:-450}
+if [ "$REHEARSAL" = 1 ]; then
+    export CUDA_VISIBLE_DEVICES=""  # the same script, on the CPU
+    CARD=cpu-rehearsal
+else
+    CARD=$(nvidia-smi --query-gpu=name --format=csv,noheader 2>/dev/null | head -1)
+    CARD=${CARD:-unknown-gpu}
+fi
+SLUG=$(echo "$CARD" | tr '[:upper:]' '[:lower:]' | tr -cs 'a-z0-9' '-' | sed 's/^-*//;s/-*$//')
+STAMP=$(date -u +%Y%m%d-%H%M)
+NAME="$SLUG-$STAMP"
+if [ -n "${OUT:-}" ]; then
+    RES=$(mktemp -d)/$NAME
+else
+    RES=$REPO/benchmarks/results/$NAME
+fi
+mkdir -p "$RES/logs"
+LOG=$RES/gpu_check.log
+exec > >(tee -a "$LOG") 2>&1
+printf 'stage\texit\tseconds\tnote\n' > "$RES/stages.tsv"
+echo "gpu_check: card '$CARD', results in $RES, budget ${BUDGET}s, rehearsal=$REHEARSAL, python=$PY"
+export PYTHONUNBUFFERED=1 OMP_NUM_THREADS=${OMP_NUM_THREADS:-2}
+FAILED=0
+
+# stage NAME LIMIT_S CMD...: run CMD under `timeout`, log to logs/NAME.log, record exit code and seconds.
+stage() {
+    local name=$1 limit=$2
+    shift 2
+    local now elapsed left t0 rc
+    now=$(date +%s)
+    elapsed=$((now - START))
+    left=$((BUDGET - elapsed))
+    if [ "$left" -lt 15 ]; then
+        echo "=== [$name] skipped: budget spent (${elapsed}s of ${BUDGET}s)"
+        printf '%s\t-\t0\tskipped: budget spent\n' "$name" >> "$RES/stages.tsv"
+        return 0
+    fi
+    [ "$limit" -gt "$left" ] && limit=$left
+    echo "=== [$name] limit ${limit}s (elapsed ${elapsed}s): $*"
+    t0=$(date +%s)
+    if [ "$(type -t "$1")" = function ]; then  # a shell function: run it in a child bash
+        export -f "$1"
+        timeout -k 10 "$limit" bash -c "$(printf '%q ' "$@")" 2>&1 | tee "$RES/logs/$name.log"
+    else
+        timeout -k 10 "$limit" "$@" 2>&1 | tee "$RES/logs/$name.log"
+    fi
+    rc=${PIPESTATUS[0]}
+    local took=$(($(date +%s) - t0))
+    local note=ok
+    if [ "$rc" = 124 ] || [ "$rc" = 137 ]; then note="timed out after ${limit}s"; elif [ "$rc" != 0 ]; then note=failed; fi
+    [ "$rc" != 0 ] && FAILED=$((FAILED + 1))
+    echo "=== [$name] exit $rc in ${took}s ($note)"
+    printf '%s\t%s\t%s\t%s\n' "$name" "$rc" "$took" "$note" >> "$RES/stages.tsv"
+}
+
+skip() {  # skip NAME REASON
+    echo "=== [$1] skipped: $2"
+    printf '%s\t-\t0\tskipped: %s\n' "$1" "$2" >> "$RES/stages.tsv"
+}
+
+# ------------------------------------------------------------------ setup (installs nothing from outside)
+setup() {
+    if compgen -G "wheels/*.whl" > /dev/null; then
+        echo "installing $(ls wheels/*.whl | wc -l) wheels from wheels/ (no index)"
+        "$PY" -m pip install -q --no-index --find-links wheels/ wheels/*.whl || echo "wheel install failed (continuing)"
+    else
+        echo "no wheels/ folder: DeepSpeed and webdataset stay as the machine has them"
+    fi
+    if "$PY" -c "import fastmae, fastmae.kernels, fastmae.data" 2>/dev/null; then
+        echo "fastmae already importable: $("$PY" -c 'import fastmae; print(fastmae.__file__)')"
+    else
+        "$PY" -m pip install -q --no-index --no-deps --no-build-isolation -e . ||
+            "$PY" -m pip install -q --no-index --no-deps --no-build-isolation --target /tmp/fastmae-site .
+        [ -f /tmp/fastmae-site/fastmae/__init__.py ] && export PYTHONPATH=/tmp/fastmae-site:${PYTHONPATH:-}
+        "$PY" -c "import fastmae, fastmae.kernels, fastmae.data; print('fastmae installed:', fastmae.__file__)"
+    fi
+}
+# setup runs in this shell (it may set PYTHONPATH); pip --no-index cannot wait on a network
+T0=$(date +%s)
+setup 2>&1 | tee "$RES/logs/setup.log"
+RC=${PIPESTATUS[0]}
+[ -f /tmp/fastmae-site/fastmae/__init__.py ] && export PYTHONPATH=/tmp/fastmae-site:${PYTHONPATH:-}
+printf 'setup\t%s\t%s\t%s\n' "$RC" $(($(date +%s) - T0)) "$([ "$RC" = 0 ] && echo ok || echo failed)" >> "$RES/stages.tsv"
+export PY RES REPO
+
+env_info() {
+    date -u
+    nvidia-smi || echo "(no nvidia-smi)"
+    "$PY" - <<'EOF'
+import importlib, platform, torch
+print("python", platform.python_version(), "| torch", torch.__version__, "| CUDA", torch.version.cuda,
+      "| cuDNN", torch.backends.cudnn.version())
+if torch.cuda.is_available():
+    p = torch.cuda.get_device_properties(0)
+    print(f"GPU {p.name}: {p.total_memory / 2**30:.1f} GiB, {p.multi_processor_count} SMs, cc {p.major}.{p.minor}")
+for m in ("triton", "transformers", "timm", "deepspeed", "webdataset", "nvidia.dali", "flash_attn", "numpy"):
+    try:
+        mod = importlib.import_module(m)
+        print(f"{m} {getattr(mod, '__version__', '?')}")
+    except Exception as e:
+        print(f"{m}: not importable ({type(e).__name__})")
+EOF
+    git -C "$REPO" rev-parse HEAD 2>/dev/null || echo "(no git)"
+}
+stage env 60 env_info
+
+SMALL=False
+[ "$REHEARSAL" = 1 ] && SMALL=True
+stage ceilings 60 "$PY" -c "
+import json, sys, torch
+sys.path.insert(0, 'benchmarks')
+import common
+d = common.pick_device('auto')
+c = common.measure_ceilings(d, small=$SMALL)
+json.dump(c, open('$RES/ceilings.json', 'w'), indent=2)
+print(json.dumps(c, indent=2))
+"
+
+if [ "$REHEARSAL" = 1 ]; then  # tiny sizes; no torch.compile ablation (a cold CPU compile takes ~30 s)
+    P_ALL=debug; P_L=debug; P_H=debug; QUICK=(--warmup 1 --repeats 2); BIG_BATCH=4; PROF_BATCH=4
+    PROF_STEPS=(--warmup 1 --steps 2 --profile-steps 1); ABLATE=masking,attention,fused_optimizer
+    FLOPS=(--flops-presets debug,mae_vit_large_patch16); MEM_REPEATS=1
+else
+    P_ALL=mae_vit_base_patch16,mae_vit_large_patch16,mae_vit_huge_patch14
+    P_L=mae_vit_large_patch16; P_H=mae_vit_huge_patch14; QUICK=(); BIG_BATCH=256; PROF_BATCH=64
+    PROF_STEPS=(--warmup 3 --steps 8 --profile-steps 2); ABLATE=masking,attention,compile,fused_optimizer
+    FLOPS=(); MEM_REPEATS=3
+fi
+
+stage correctness 120 "$PY" benchmarks/throughput.py --check --presets "$P_ALL" --out "$RES" --name correctness
+
+stage throughput 170 "$PY" benchmarks/throughput.py --presets "$P_ALL" "${QUICK[@]}" "${FLOPS[@]}" --out "$RES" \
+    --name throughput
+
+if [ "$REHEARSAL" = 1 ]; then
+    stage kernels 30 "$PY" benchmarks/kernels.py --help
+else
+    stage kernels 75 "$PY" benchmarks/kernels.py --out "$RES"
+fi
+
+# GPU-marked tests and the device-aware kernel tests (they run on CUDA when it is there);
+# exit 5 (nothing collected) is not a failure. The rehearsal only collects them.
+pytest_gpu() {
+    local files rc
+    files=$( { ls tests/test_kernels.py 2>/dev/null; grep -l -E "mark\.gpu|requires_cuda" tests/test_*.py 2>/dev/null; } | sort -u)
+    [ -z "$files" ] && { echo "no GPU tests found"; return 0; }
+    # shellcheck disable=SC2086
+    "$PY" -m pytest -q -rs -p no:cacheprovider ${PYTEST_EXTRA:-} $files
+    rc=$?
+    [ "$rc" = 5 ] && { echo "no tests collected"; rc=0; }
+    return $rc
+}
+if [ "$REHEARSAL" = 1 ]; then
+    PYTEST_EXTRA=--co stage pytest_gpu 60 pytest_gpu
+else
+    stage pytest_gpu 120 pytest_gpu
+fi
+
+stage memory_vit_h 75 "$PY" benchmarks/throughput.py --presets "$P_H" --variants fastmae --batch-size "$BIG_BATCH" \
+    --activation-checkpointing both --warmup 1 --repeats "$MEM_REPEATS" --interleave off --flops-presets "" --no-count \
+    --out "$RES" --name memory_vit_h
+
+stage profile 75 "$PY" benchmarks/profile_step.py --preset "$P_L" --batch-size "$PROF_BATCH" "${PROF_STEPS[@]}" \
+    --out "$RES/profile"
+
+stage ablations 150 "$PY" benchmarks/throughput.py --presets "$P_L" --variants fastmae --ablations \
+    --ablate "$ABLATE" "${QUICK[@]}" --flops-presets "" --no-count --out "$RES" --name throughput_ablations
+
+# DeepSpeed: a short ZeRO-2 pre-training run of the real program on synthetic data.
+DS_ARGS=(--ds_config zero2.json --preset "$P_L" train.steps=20 train.log_interval=5 data.backend=synthetic
+         "train.output_dir=$RES/ds_run" train.checkpoint_interval=0 train.progress=false)
+if [ ! -f fastmae/train.py ]; then
+    skip deepspeed "fastmae/train.py does not exist yet"
+elif ! "$PY" -c "import deepspeed" 2>/dev/null; then
+    skip deepspeed "deepspeed not importable (place its wheels in wheels/)"
+elif [ "$REHEARSAL" = 1 ]; then
+    # the same arguments, checked by the program's own parser (no DeepSpeed start-up on CPU here)
+    stage deepspeed 60 "$PY" fastmae/train.py "${DS_ARGS[@]}" --print-config
+else
+    ds_run() {
+        if command -v deepspeed > /dev/null; then
+            deepspeed --num_gpus 1 fastmae/train.py "$@"
+        else
+            "$PY" -c 'import sys; from deepspeed.launcher.runner import main; sys.argv[0] = "deepspeed"; main()' \
+                --num_gpus 1 fastmae/train.py "$@"
+        fi
+    }
+    stage deepspeed 120 ds_run "${DS_ARGS[@]}"
+fi
+
+if [ ! -f benchmarks/data_throughput.py ]; then
+    skip data "benchmarks/data_throughput.py does not exist yet"
+elif ! "$PY" -c "import nvidia.dali" 2>/dev/null; then
+    skip data "DALI not importable on this machine"
+elif [ "$REHEARSAL" = 1 ]; then
+    stage data 30 "$PY" benchmarks/data_throughput.py --help
+else
+    stage data 90 "$PY" benchmarks/data_throughput.py --out "$RES"
+fi
+
+# ------------------------------------------------------------------ summary and hand-back
+"$PY" -c "
+import sys
+from pathlib import Path
+sys.path.insert(0, 'benchmarks')
+import common
+res = Path('$RES')
+(res / 'summary.md').write_text(common.gpu_check_summary(res))
+" || echo "summary failed"
+TOTAL=$(($(date +%s) - START))
+echo "gpu_check finished in ${TOTAL}s with $FAILED failed stage(s); results in $RES"
+cat "$RES/stages.tsv" | column -t -s $'\t' 2>/dev/null || cat "$RES/stages.tsv"
+if [ -n "${OUT:-}" ]; then
+    mkdir -p "$OUT"
+    cp "$RES/summary.md" "$OUT/summary.md" 2>/dev/null
+    tar czf "$OUT/$NAME.tar.gz" -C "$(dirname "$RES")" "$NAME"
+    cp "$LOG" "$OUT/gpu_check.log"
+    echo "packed $OUT/$NAME.tar.gz ($(du -h "$OUT/$NAME.tar.gz" | cut -f1))"
+fi
+[ "$FAILED" = 0 ]

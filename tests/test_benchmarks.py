@@ -1,0 +1,166 @@
+"""CPU tests of the benchmark scripts: they run, emit every field, and their FLOPs figures are right.
+
+Timing targets are never asserted (they are for benchmarks on a GPU, not for tests).
+"""
+
+from __future__ import annotations
+
+import gzip
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+import tarfile
+from pathlib import Path
+
+import pytest
+import torch
+
+import fastmae
+from fastmae.flops import encoder_skip_flops_ratio, train_flops
+
+REPO = Path(__file__).resolve().parent.parent
+BENCH = REPO / "benchmarks"
+sys.path.insert(0, str(BENCH))
+
+import common  # noqa: E402
+import throughput  # noqa: E402
+from official_style import OfficialStyleMAE  # noqa: E402
+
+
+def run(args: list[str], timeout: int = 120, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+    full_env = {**os.environ, "OMP_NUM_THREADS": "2", **(env or {})}
+    proc = subprocess.run(args, cwd=REPO, capture_output=True, text=True, timeout=timeout, env=full_env)
+    assert proc.returncode == 0, f"{args} exited {proc.returncode}\n{proc.stdout[-4000:]}\n{proc.stderr[-4000:]}"
+    return proc
+
+
+def test_benchmark_modules_shadow_nothing() -> None:
+    """No script in benchmarks/ carries a stdlib or installed module's name (it is first on sys.path)."""
+    for f in BENCH.glob("*.py"):
+        name = f.stem
+        assert name not in sys.stdlib_module_names, name
+        spec = importlib.util.find_spec(name)
+        assert spec is None or Path(spec.origin or "").parent == BENCH, f"{name} shadows {spec.origin}"
+
+
+@pytest.mark.parametrize("name,peak", [
+    ("NVIDIA H100 80GB HBM3", 989.0), ("NVIDIA H100 PCIe", 756.0), ("NVIDIA H200", 989.0),
+    ("NVIDIA A100-SXM4-80GB", 312.0), ("NVIDIA H100 NVL", 835.0),
+])
+def test_peak_lookup(name: str, peak: float) -> None:
+    assert common.lookup_peak_tflops(name)[0] == peak
+    assert common.lookup_peak_tflops(name, override=500.0) == (500.0, "--peak-tflops")
+    assert common.lookup_peak_tflops("Some CPU")[0] is None
+
+
+def test_official_style_computes_the_same_loss() -> None:
+    """The baseline is a different implementation of the same model: one state dict, same noise, same loss."""
+    cfg = fastmae.get_preset("debug").model
+    ours = fastmae.create_model("debug", masking="torch", attention="math")
+    theirs = OfficialStyleMAE(cfg, mask_ratio=0.75)
+    theirs.load_state_dict(ours.state_dict(), strict=True)
+    imgs = torch.randn(3, 3, cfg.img_size, cfg.img_size)
+    noise = torch.rand(3, (cfg.img_size // cfg.patch_size) ** 2)
+    with torch.no_grad():
+        a_loss, a_pred, a_mask = ours(imgs, noise=noise)
+        b_loss, b_pred, b_mask = theirs(imgs, noise=noise)
+    torch.testing.assert_close(a_mask, b_mask)
+    torch.testing.assert_close(a_pred, b_pred, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(a_loss, b_loss, rtol=1e-5, atol=1e-6)
+
+
+def test_counted_flops_match_analytic_for_vit_l() -> None:
+    """FlopCounterMode on the meta device agrees with fastmae.flops within 2% for both encoder variants."""
+    cfg = fastmae.get_preset("mae_vit_large_patch16").model
+    s = throughput.Settings(masking="torch", attention="sdpa", compile=False, fused_optimizer=False)
+    for with_m in (False, True):
+        build = throughput.fastmae_builder("mae_vit_large_patch16", cfg, 0.75, s, with_m)
+        counted = common.counted_flops(build, throughput.mae_loss, 2, cfg.img_size)
+        assert counted == pytest.approx(train_flops(cfg, 0.75, with_m), rel=0.02)
+
+
+def test_throughput_debug_emits_every_field(tmp_path: Path) -> None:
+    run([sys.executable, "benchmarks/throughput.py", "--presets", "debug", "--warmup", "1", "--repeats", "2",
+         "--flops-presets", "debug,mae_vit_large_patch16", "--ablations", "--ablate",
+         "attention,fused_optimizer", "--out", str(tmp_path)])
+    data = json.loads((tmp_path / "throughput.json").read_text())
+    assert (tmp_path / "throughput.md").read_text().startswith("# Throughput")
+    for key in ("schema", "environment", "machine", "peak_tflops", "peak_source", "settings", "flops", "rows",
+                "summary", "goals"):
+        assert key in data, key
+    variants = {r["variant"] for r in data["rows"]}
+    expected = {"fastmae", "fastmae_with_m", "official", "ablate"}
+    if throughput.transformers_available():
+        expected.add("hf")
+    assert expected <= variants
+    for row in data["rows"]:
+        assert set(throughput.ROW_FIELDS) <= set(row), set(throughput.ROW_FIELDS) - set(row)
+        assert row["status"] == "ok", row
+        assert row["step_time_ms"] > 0 and row["img_per_s"] > 0 and row["achieved_tflops"] > 0
+        assert len(row["step_time_ms_all"]) == 2
+        assert row["counted_over_analytic"] == pytest.approx(1.0, abs=0.02)
+    by = {r["label"]: r for r in data["rows"]}
+    assert by["fastmae w/ [M]"]["train_gflop_per_img"] / by["fastmae"]["train_gflop_per_img"] == pytest.approx(
+        encoder_skip_flops_ratio("debug"))
+    assert {"attention=math", "fused_optimizer=on"} <= set(by)
+    s = data["summary"]["debug"]
+    for key in ("encoder_skip_flops_ratio_analytic", "encoder_skip_flops_ratio_counted",
+                "encoder_skip_wallclock_ratio", "speedup_vs_official", "speedup_vs_hf", "ablations", "sdpa_backend"):
+        assert key in s, key
+    assert s["encoder_skip_wallclock_ratio"] > 0 and s["speedup_vs_official"] > 0
+    # the ViT-L figure it reports is fastmae.flops's, and the count confirms it within 2%
+    vit_l = data["flops"]["mae_vit_large_patch16"]
+    assert vit_l["encoder_skip_ratio_analytic"] == encoder_skip_flops_ratio("mae_vit_large_patch16")
+    assert 3.2 <= vit_l["encoder_skip_ratio_analytic"] <= 3.4
+    assert vit_l["encoder_skip_ratio_counted"] == pytest.approx(vit_l["encoder_skip_ratio_analytic"], rel=0.02)
+    assert vit_l["counted_over_analytic_without_m"] == pytest.approx(1.0, abs=0.02)
+    assert vit_l["counted_over_analytic_with_m"] == pytest.approx(1.0, abs=0.02)
+
+
+def test_throughput_check_mode(tmp_path: Path) -> None:
+    run([sys.executable, "benchmarks/throughput.py", "--check", "--presets", "debug", "--out", str(tmp_path),
+         "--name", "correctness"])
+    data = json.loads((tmp_path / "correctness.json").read_text())
+    assert data["passed"] and any(c["name"].startswith("train step debug") for c in data["checks"])
+
+
+def test_profile_step_writes_report(tmp_path: Path) -> None:
+    run([sys.executable, "benchmarks/profile_step.py", "--preset", "debug", "--batch-size", "4", "--warmup", "1",
+         "--steps", "2", "--profile-steps", "1", "--out", str(tmp_path)])
+    report = (tmp_path / "report.md").read_text()
+    assert "w/o [M]" in report and "optimizer" in report and "Top CPU aten ops" in report
+    assert (tmp_path / "split.png").read_bytes()[:4] == b"\x89PNG"
+    split = json.loads((tmp_path / "split.json").read_text())
+    for tag in ("without_m", "with_m"):
+        phases = split[tag]["split_ms"]
+        assert {"data", "masking", "encoder_fwd", "encoder_bwd", "decoder_fwd", "decoder_bwd", "loss_fwd",
+                "optimizer", "total"} <= set(phases)
+        assert phases["total"] > 0
+        trace = json.loads(gzip.decompress((tmp_path / f"trace_{tag}.json.gz").read_bytes()))
+        names = {e.get("name") for e in trace["traceEvents"]}
+        assert {"fastmae/encoder", "fastmae/decoder", "fastmae/masking", "fastmae/optimizer"} <= names
+
+
+@pytest.mark.slow
+def test_gpu_check_cpu_rehearsal(tmp_path: Path) -> None:
+    """The whole gpu_check.sh with tiny sizes on CPU (about 10 Python start-ups: 1-2 minutes on 2 cores,
+    hence slow). Every stage must pass and the packed results must hold the JSON files."""
+    out = tmp_path / "out"
+    proc = run(["bash", "benchmarks/gpu_check.sh", "--cpu-rehearsal"], timeout=400,
+               env={"OUT": str(out), "PYTHON": sys.executable})
+    assert "gpu_check finished" in proc.stdout
+    assert (out / "summary.md").exists() and (out / "gpu_check.log").exists()
+    packs = list(out.glob("cpu-rehearsal-*.tar.gz"))
+    assert len(packs) == 1
+    with tarfile.open(packs[0]) as tar:
+        names = {Path(n).name for n in tar.getnames()}
+        stages_tsv = next(m for m in tar.getmembers() if m.name.endswith("stages.tsv"))
+        stages = tar.extractfile(stages_tsv).read().decode().splitlines()[1:]
+    assert {"throughput.json", "correctness.json", "memory_vit_h.json", "throughput_ablations.json",
+            "ceilings.json", "report.md", "split.png"} <= names
+    ran = {line.split("\t")[0]: line.split("\t")[1] for line in stages}
+    assert {"setup", "env", "ceilings", "correctness", "throughput", "kernels", "pytest_gpu", "memory_vit_h",
+            "profile", "ablations"} <= set(ran)
+    assert all(rc in ("0", "-") for rc in ran.values()), stages
