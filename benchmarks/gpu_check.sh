@@ -124,7 +124,10 @@ skip() {  # skip NAME REASON
 
 # ------------------------------------------------------------------ setup (installs nothing from outside)
 setup() {
-    if compgen -G "wheels/*.whl" > /dev/null; then
+    if compgen -G "wheels/*.whl" > /dev/null && [ "$REHEARSAL" = 1 ]; then
+        echo "rehearsal: not installing wheels/ here (they are for the GPU machine's Python 3.12):"
+        ls wheels/*.whl
+    elif compgen -G "wheels/*.whl" > /dev/null; then
         echo "installing $(ls wheels/*.whl | wc -l) wheels from wheels/ (no index)"
         "$PY" -m pip install -q --no-index --find-links wheels/ wheels/*.whl || echo "wheel install failed (continuing)"
     else
