@@ -11,6 +11,7 @@ in Python (any digit count) and the same samples, crop boxes and flips as the to
 
 from __future__ import annotations
 
+import weakref
 from collections.abc import Iterator
 from typing import Any
 
@@ -52,7 +53,7 @@ class _Feed:
     ends, the next ``iter`` (DALI prefetches it at once) starts the following epoch at batch 0."""
 
     def __init__(self, loader: DaliLoader, epoch: int, start: int) -> None:
-        self.loader = loader
+        self.loader = weakref.proxy(loader)  # no cycle: dropping the loader frees the pipeline at once
         self.next_pos = (epoch, start)
         self._gen: Iterator[tuple[list[np.ndarray], ...]] | None = None
 

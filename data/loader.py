@@ -14,10 +14,9 @@ from .index import ShardError, ShardIndex, expand_shards
 from .sampling import (
     PAD_LABEL,
     batch_uniforms,
-    center_crop_box,
     epoch_order,
-    random_resized_crop_box,
     rank_batch,
+    sample_crop,
     steps_per_epoch,
 )
 
@@ -131,9 +130,7 @@ class ShardLoader:
 
     def crop(self, u: np.ndarray | None, width: int, height: int) -> tuple[int, int, int, int, bool]:
         """(x, y, w, h, flip) of one sample: RandomResizedCrop + flip in train mode, centre crop in eval."""
-        if u is None:
-            return (*center_crop_box(width, height, self.img_size), False)
-        return (*random_resized_crop_box(u, width, height, self.crop_scale), bool(u[-1] < 0.5))
+        return sample_crop(u, width, height, self.img_size, self.crop_scale)
 
     # ------------------------------------------------------------------ iteration
     def _batches(self, epoch: int, start: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:

@@ -106,6 +106,16 @@ def center_crop_box(width: int, height: int, img_size: int) -> tuple[int, int, i
     return (width - side) // 2, (height - side) // 2, side, side
 
 
+def sample_crop(
+    u: np.ndarray | None, width: int, height: int, img_size: int, scale: tuple[float, float]
+) -> tuple[int, int, int, int, bool]:
+    """(x, y, w, h, flip) of one sample: RandomResizedCrop + flip from ``u`` in train mode, the eval
+    centre crop when ``u`` is None."""
+    if u is None:
+        return (*center_crop_box(width, height, img_size), False)
+    return (*random_resized_crop_box(u, width, height, scale), bool(u[-1] < 0.5))
+
+
 _SOF = {0xC0, 0xC1, 0xC2, 0xC3, 0xC5, 0xC6, 0xC7, 0xC9, 0xCA, 0xCB, 0xCD, 0xCE, 0xCF}
 
 

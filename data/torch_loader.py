@@ -7,6 +7,7 @@ normalisation happens once per batch on the training device.
 from __future__ import annotations
 
 import io
+import weakref
 from collections.abc import Iterator
 from typing import Any
 
@@ -16,7 +17,7 @@ from PIL import Image
 
 from .index import ShardIndex
 from .loader import ShardLoader, normalize_uint8
-from .sampling import PAD_LABEL
+from .sampling import PAD_LABEL, sample_crop
 
 Item = tuple[int, Any, bool]  # (global sample index, augmentation uniforms or None, padding flag)
 
@@ -31,8 +32,8 @@ class _Samples(torch.utils.data.Dataset):
 
     def __init__(self, loader: TorchLoader) -> None:
         self.index: ShardIndex = loader.index
-        self.crop = loader.crop
         self.size = loader.img_size
+        self.scale = loader.crop_scale
 
     def __len__(self) -> int:
         return len(self.index)
@@ -40,7 +41,7 @@ class _Samples(torch.utils.data.Dataset):
     def __getitem__(self, item: Item) -> tuple[torch.Tensor, int]:
         i, u, pad = item
         img = _open_rgb(self.index.read_image(i))
-        x, y, w, h, flip = self.crop(u, *img.size)
+        x, y, w, h, flip = sample_crop(u, *img.size, self.size, self.scale)
         img = img.resize((self.size, self.size), Image.Resampling.BICUBIC, box=(x, y, x + w, y + h))
         if flip:
             img = img.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
@@ -57,7 +58,9 @@ class _PlanSampler:
     """Batch sampler that replays the loader's plan from the position set before each ``iter``."""
 
     def __init__(self, loader: TorchLoader) -> None:
-        self.loader = loader
+        # a weak reference: no cycle, so dropping the loader shuts its workers down at once (a cycle left to
+        # the garbage collector can finalise the worker queues first and stall the shutdown ~5 s per worker)
+        self.loader = weakref.proxy(loader)
         self.start: tuple[int, int] = (0, 0)
 
     def __iter__(self) -> Iterator[list[Item]]:
@@ -70,7 +73,12 @@ class _PlanSampler:
 
 
 class TorchLoader(ShardLoader):
-    """WebDataset shards -> PIL -> torch DataLoader workers (``num_workers``; 0 = in this process)."""
+    """WebDataset shards -> PIL -> torch DataLoader workers (``num_workers``; 0 = in this process).
+
+    Workers are forked (torch's default on Linux) when the first epoch starts and kept across epochs. Do
+    not fork them while a DALI pipeline is alive in the same process (its native threads make ``fork``
+    unsafe); one training process uses one backend, so this only concerns tests and benchmarks.
+    """
 
     backend = "torch"
 
@@ -87,6 +95,13 @@ class TorchLoader(ShardLoader):
             persistent_workers=workers > 0,
             prefetch_factor=4 if workers > 0 else None,
         )
+
+    def close(self) -> None:
+        """Stop the worker processes now (they also stop when the loader is dropped)."""
+        it = getattr(self._dl, "_iterator", None)
+        if it is not None and hasattr(it, "_shutdown_workers"):
+            it._shutdown_workers()
+        self._dl._iterator = None
 
     def _batches(self, epoch: int, start: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         if start >= len(self):

@@ -1,0 +1,227 @@
+"""The DALI (CPU twin) and torch loaders: shapes, labels, normalisation, crops and flips, exact epochs with
+1 and 2 ranks, resume, determinism, and agreement between the two backends."""
+
+from __future__ import annotations
+
+import dataclasses
+import gc
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from fastmae.data import (
+    PAD_LABEL,
+    ShardError,
+    SyntheticLoader,
+    build_loader,
+    bundled_sample_dir,
+    dali_available,
+)
+from fastmae.data.loader import IMAGENET_MEAN, IMAGENET_STD
+from fastmae.data.shards import write_shards
+from PIL import Image
+
+from fastmae.config import DataConfig
+
+BACKENDS = [
+    "torch",
+    pytest.param("dali", marks=pytest.mark.skipif(not dali_available(), reason="nvidia.dali not installed")),
+]
+MEAN = torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1)
+STD = torch.tensor(IMAGENET_STD).view(1, 3, 1, 1)
+# unique labels of varying digit counts: a label identifies its sample
+IDS = [3, 42, 7, 999, 12345, 5, 80, 123456, 64, 1, 2048, 9, 31337, 600, 11, 77, 4096, 8, 100000, 13, 250, 6,
+       70]
+
+
+def _gradient(w: int, h: int) -> np.ndarray:
+    """R grows with x, G with y: a crop's pixel values reveal its box and whether it was flipped."""
+    x = np.linspace(0, 255, w)[None, :].repeat(h, 0)
+    y = np.linspace(0, 255, h)[:, None].repeat(w, 1)
+    return np.stack([x, y, np.full_like(x, 128)], -1).round().astype(np.uint8)
+
+
+@pytest.fixture(scope="module")
+def ids_shards(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """23 gradient images of assorted sizes in 3 shards, labelled with the unique ``IDS``."""
+    root = tmp_path_factory.mktemp("ids")
+    sizes = [(200, 150), (150, 200), (256, 256), (320, 180), (120, 160)]
+    lines = []
+    for i, lab in enumerate(IDS):
+        p = root / "src" / f"img{i}.png"
+        p.parent.mkdir(exist_ok=True)
+        Image.fromarray(_gradient(*sizes[i % len(sizes)])).save(p)
+        lines.append(f"{p} {lab}")
+    (root / "list.txt").write_text("\n".join(lines) + "\n")
+    write_shards(root / "list.txt", root / "shards", samples_per_shard=8, quality=95, workers=1,
+                 shuffle=False, progress=False)
+    return root / "shards"
+
+
+def _cfg(backend: str, shards: Path | str, batch: int = 4, workers: int = 0, **kw: object) -> DataConfig:
+    return dataclasses.replace(DataConfig(), backend=backend, shards=str(shards), batch_size=batch,
+                               num_workers=max(workers, 1) if backend == "dali" else workers, **kw)
+
+
+def _epoch(loader: object) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    return [(x.clone(), y.clone()) for x, y in loader]  # type: ignore[attr-defined]
+
+
+def test_torch_loader_with_workers(ids_shards: Path) -> None:
+    gc.collect()  # no DALI pipeline (native threads) may be alive when workers fork: this test runs first
+    ref = _epoch(build_loader(_cfg("torch", ids_shards, workers=0), img_size=16, seed=2))
+    loader = build_loader(_cfg("torch", ids_shards, workers=2), img_size=16, seed=2)
+    for _ in range(2):  # persistent workers across epochs
+        loader.set_epoch(0)
+        got = _epoch(loader)
+        assert all(torch.equal(a[0], b[0]) and torch.equal(a[1], b[1]) for a, b in zip(ref, got, strict=True))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_shapes_dtypes_labels(backend: str, ids_shards: Path) -> None:
+    loader = build_loader(_cfg(backend, ids_shards, batch=5), img_size=32)
+    assert loader.backend == backend and loader.num_samples == 23 and len(loader) == 5
+    batches = _epoch(loader)
+    assert [len(y) for _, y in batches] == [5, 5, 5, 5, 3]
+    for x, y in batches:
+        assert x.shape[1:] == (3, 32, 32) and x.dtype == torch.float32 and x.device.type == "cpu"
+        assert y.dtype == torch.int64 and y.shape == (len(x),)
+    assert sorted(torch.cat([y for _, y in batches]).tolist()) == sorted(IDS)
+    assert loader.epoch == 1 and loader.batch_in_epoch == 0
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_normalisation_crops_and_flips(backend: str, ids_shards: Path) -> None:
+    loader = build_loader(_cfg(backend, ids_shards, batch=8), img_size=32, seed=1)
+    areas, flips = [], []
+    for _ in range(4):
+        for x, _y in loader:
+            pix = x * STD + MEAN  # back to [0, 1]
+            assert float(pix.min()) > -0.03 and float(pix.max()) < 1.03
+            assert torch.allclose(pix[:, 2], torch.full_like(pix[:, 2], 128 / 255), atol=0.03)  # flat channel
+            r, g = pix[:, 0], pix[:, 1]
+            # R spans the crop's x-range, G its y-range (as fractions of the image)
+            areas += ((r.amax((1, 2)) - r.amin((1, 2))) * (g.amax((1, 2)) - g.amin((1, 2)))).tolist()
+            flips += (r[:, :, 0].mean(1) > r[:, :, -1].mean(1)).tolist()
+    a = np.array(areas)
+    assert a.min() > 0.12 and a.max() < 1.02
+    assert a.min() < 0.35 and a.max() > 0.75, "crops should span the 0.2-1.0 area range"
+    assert 0.25 < np.mean(flips) < 0.75, "about half the crops flipped"
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_eval_mode_centre_crop_no_flip(backend: str, ids_shards: Path) -> None:
+    loader = build_loader(_cfg(backend, ids_shards, batch=6), img_size=32, mode="eval")
+    first = _epoch(loader)
+    assert torch.cat([y for _, y in first]).tolist() == IDS  # sequential, unshuffled
+    for x, _ in first:
+        r = (x * STD + MEAN)[:, 0]
+        assert bool((r[:, :, 0].mean(1) < r[:, :, -1].mean(1)).all()), "no flips in eval"
+    again = _epoch(loader)
+    assert all(torch.equal(a[0], b[0]) for a, b in zip(first, again, strict=True))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("world,batch", [(1, 4), (2, 4), (2, 8)])
+def test_exact_epochs_across_ranks(backend: str, ids_shards: Path, world: int, batch: int) -> None:
+    cfg = _cfg(backend, ids_shards, batch=batch)
+    loaders = [build_loader(cfg, img_size=16, rank=r, world_size=world, seed=5) for r in range(world)]
+    assert len({len(ld) for ld in loaders}) == 1
+    orders = []
+    for epoch in range(2):
+        labels = []
+        for ld in loaders:
+            ld.set_epoch(epoch)
+            got = [y for _, y in ld]
+            assert len(got) == len(ld)
+            labels.append(torch.cat(got).tolist())
+        flat = [v for part in labels for v in part if v != PAD_LABEL]
+        assert sorted(flat) == sorted(IDS), f"epoch {epoch}: every sample exactly once across ranks"
+        if world == 2:
+            assert not set(labels[0]) & set(labels[1]) - {PAD_LABEL}
+        orders.append(flat)
+    assert orders[0] != orders[1], "epochs are reshuffled"
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_padding_when_a_rank_runs_out(backend: str, ids_shards: Path) -> None:
+    # 23 samples, 2 ranks x 11: two full steps (44 > 23) ... last step holds 1 sample: rank 1 gets a pad
+    loaders = [build_loader(_cfg(backend, ids_shards, batch=11), img_size=16, rank=r, world_size=2)
+               for r in range(2)]
+    out = [torch.cat([y for _, y in ld]).tolist() for ld in loaders]
+    assert len(out[0]) == 12 and len(out[1]) == 12 and out[1].count(PAD_LABEL) == 1
+    assert sorted(v for part in out for v in part if v != PAD_LABEL) == sorted(IDS)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_resume_continues_with_the_remaining_samples(backend: str, ids_shards: Path) -> None:
+    cfg = _cfg(backend, ids_shards, batch=3)
+    full = build_loader(cfg, img_size=16, rank=1, world_size=2, seed=7)
+    full.set_epoch(3)
+    ref = _epoch(full) + _epoch(full)  # epoch 3 and 4
+    part = build_loader(cfg, img_size=16, rank=1, world_size=2, seed=7)
+    part.set_epoch(3)
+    seen = []
+    for x, y in part:
+        seen.append((x.clone(), y.clone()))
+        if len(seen) == 2:
+            break
+    state = part.state_dict()
+    assert state["epoch"] == 3 and state["batch_in_epoch"] == 2
+    resumed = build_loader(cfg, img_size=16, rank=1, world_size=2, seed=7)
+    resumed.load_state_dict(state)
+    rest = _epoch(resumed) + _epoch(resumed)
+    both = seen + rest
+    assert len(both) == len(ref)
+    for (xa, ya), (xb, yb) in zip(both, ref, strict=True):
+        assert torch.equal(ya, yb) and torch.equal(xa, xb)
+    part_rest = _epoch(part)  # the interrupted loader itself also continues where it stopped
+    assert [y.tolist() for _, y in part_rest] == [y.tolist() for _, y in ref[2:len(part)]]
+    with pytest.raises(ValueError, match="world_size"):
+        build_loader(cfg, img_size=16).load_state_dict(state)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_determinism(backend: str, ids_shards: Path) -> None:
+    a = _epoch(build_loader(_cfg(backend, ids_shards), img_size=16, seed=11))[:3]
+    b = _epoch(build_loader(_cfg(backend, ids_shards), img_size=16, seed=11))[:3]
+    c = _epoch(build_loader(_cfg(backend, ids_shards), img_size=16, seed=12))[:3]
+    assert all(torch.equal(x[0], y[0]) and torch.equal(x[1], y[1]) for x, y in zip(a, b, strict=True))
+    assert any(not torch.equal(x[1], y[1]) for x, y in zip(a, c, strict=True))
+
+
+@pytest.mark.skipif(not dali_available(), reason="nvidia.dali not installed")
+def test_dali_and_torch_agree_on_the_bundled_sample() -> None:
+    cfg = _cfg("torch", "", batch=16, workers=0)
+    ref = _epoch(build_loader(cfg, img_size=64, seed=3))
+    dali = _epoch(build_loader(dataclasses.replace(cfg, backend="dali"), img_size=64, seed=3))
+    assert len(ref) == len(dali) == 5
+    for (xa, ya), (xb, yb) in zip(ref, dali, strict=True):
+        assert torch.equal(ya, yb)  # same samples, same order
+        # same crops and flips; the decoders and resamplers differ slightly
+        assert float((xa - xb).abs().mean()) < 0.02
+    imgs = torch.cat([x for x, _ in ref])
+    assert abs(float(imgs.mean())) < 0.6 and 0.6 < float(imgs.std()) < 1.5  # ImageNet-normalised photographs
+
+
+def test_bundled_sample_and_errors(tmp_path: Path) -> None:
+    assert len(list(bundled_sample_dir().glob("*.tar"))) == 2
+    assert len(list(bundled_sample_dir("val").glob("*.tar"))) == 1
+    loader = build_loader(_cfg("auto", ""), img_size=16)
+    assert loader.backend == ("dali" if dali_available() else "torch") and loader.num_samples == 80
+    val = build_loader(_cfg("torch", bundled_sample_dir("val")), img_size=16, mode="eval")
+    assert sorted(torch.cat([y for _, y in val]).tolist()) == sorted(list(range(10)) * 2)
+    with pytest.raises(ShardError, match="no_such_dir"):
+        build_loader(_cfg("torch", tmp_path / "no_such_dir"), img_size=16)
+    with pytest.raises(ShardError, match=str(tmp_path)):
+        build_loader(_cfg("torch", tmp_path), img_size=16)
+    with pytest.raises(ValueError, match="mode"):
+        build_loader(_cfg("torch", ""), img_size=16, mode="test")
+
+
+def test_synthetic_backend() -> None:
+    loader = build_loader(_cfg("synthetic", "", batch=4, synthetic_size=10), img_size=16, world_size=2)
+    assert isinstance(loader, SyntheticLoader) and loader.backend == "synthetic" and loader.num_samples == 10
+    batches = list(loader)
+    assert len(batches) == len(loader) == 1 and batches[0][0].shape == (4, 3, 16, 16)
