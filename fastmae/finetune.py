@@ -17,6 +17,13 @@ Augmentations on the batch (on the training device, so DALI and torch loaders ge
 small re-implementations of the same behaviour (``fastmae``). RandAugment works on PIL images and is
 applied only by a loader that offers a per-sample hook (``set_sample_transform``); otherwise it is skipped
 and the start-up log says so.
+
+Where this differs from the official ``main_finetune.py``: DeepSpeed (bf16/fp32, ZeRO) instead of DDP +
+fp16 AMP; erasing and mixup run on the device batch (same distributions); with timm's mixup an odd
+(last, short) batch is only label-smoothed; padding samples that even out ranks' last batches get loss
+weight 0 and are not counted in validation (the official distributed eval counts duplicates); the
+augmentation random streams are not restored on resume (weights, optimizer, schedule and data position
+are); ``best.pth`` holds the fp32 master weights.
 """
 
 from __future__ import annotations

@@ -134,7 +134,7 @@ class VisionTransformer(nn.Module):
         (2e-5 for fine-tuning, 0.01 for linear probing as in MoCo v3)."""
         lin = self.head_linear
         if isinstance(lin, nn.Linear):
-            nn.init.trunc_normal_(lin.weight, std=std, a=-2 * std, b=2 * std)
+            nn.init.trunc_normal_(lin.weight, std=std)  # bounds +-2 absolute, as timm's (i.e. untruncated)
             nn.init.zeros_(lin.bias)
 
     # ------------------------------------------------------------------ forward
