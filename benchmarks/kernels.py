@@ -320,6 +320,10 @@ def main(argv: list[str] | None = None) -> int:
     global DEVICE, SHAPES
     args = parse_args(argv)
     if args.cpu_smoke:
+        if "triton" in sys.modules and os.environ.get("TRITON_INTERPRET", "0") in ("", "0"):
+            print("--cpu-smoke needs the Triton interpreter, but triton was imported without TRITON_INTERPRET=1",
+                  file=sys.stderr)
+            return 2
         os.environ["TRITON_INTERPRET"] = "1"  # before triton is imported
         DEVICE, SHAPES = torch.device("cpu"), SMOKE_SHAPES
         args.no_compile, args.batch, args.block_d = True, min(args.batch, 2), "8,16"
