@@ -28,7 +28,9 @@ _DALI_DTYPE = {torch.float32: types.FLOAT, torch.float16: types.FLOAT16, torch.b
 
 
 @pipeline_def(enable_conditionals=False)
-def mae_pipeline(source: Any, img_size: int, decode_device: str, out_dtype: Any) -> tuple[Any, Any]:
+def mae_pipeline(
+    source: Any, img_size: int, decode_device: str, out_dtype: Any, interp: Any = types.INTERP_CUBIC
+) -> tuple[Any, Any]:
     """Encoded JPEG + crop box + flip + label -> normalised (3, S, S) image and int64 label."""
     jpegs, anchors, shapes, flips, labels = fn.external_source(
         source=source, num_outputs=5, batch=True, cycle="raise", no_copy=False
@@ -38,7 +40,7 @@ def mae_pipeline(source: Any, img_size: int, decode_device: str, out_dtype: Any)
         jpegs, anchors, shapes, device=decode_device, output_type=types.RGB,
         normalized_anchor=False, normalized_shape=False, axis_names="WH",
     )
-    images = fn.resize(images, size=[img_size, img_size], interp_type=types.INTERP_CUBIC, antialias=True)
+    images = fn.resize(images, size=[img_size, img_size], interp_type=interp, antialias=True)
     images = fn.crop_mirror_normalize(
         images, mirror=flips, dtype=out_dtype, output_layout="CHW",
         mean=[255 * m for m in IMAGENET_MEAN], std=[255 * s for s in IMAGENET_STD],
@@ -107,6 +109,7 @@ class DaliLoader(ShardLoader):
         self._pipe = mae_pipeline(
             source=_Feed(self, epoch, start), img_size=self.img_size,
             decode_device="mixed" if gpu else "cpu", out_dtype=_DALI_DTYPE[self.dtype],
+            interp=types.INTERP_CUBIC if self.interpolation == "bicubic" else types.INTERP_LINEAR,
             batch_size=self.batch_size, num_threads=max(1, self.num_workers), device_id=self._device_id,
             seed=self.seed + 1, prefetch_queue_depth=2, exec_dynamic=True,
         )

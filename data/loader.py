@@ -23,6 +23,7 @@ from .sampling import (
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 MODES = ("train", "eval")
+INTERPOLATIONS = ("bicubic", "bilinear")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
@@ -60,6 +61,7 @@ class ShardLoader:
         crop_scale: tuple[float, float] = (0.2, 1.0),
         dtype: str = "float32",
         num_workers: int = 2,
+        interpolation: str = "bicubic",
     ) -> None:
         if mode not in MODES:
             raise ValueError(f"mode={mode!r} is not valid; valid modes: {', '.join(MODES)}")
@@ -67,6 +69,8 @@ class ShardLoader:
             raise ValueError(f"rank={rank} must lie in [0, world_size={world_size})")
         if dtype not in DTYPES:
             raise ValueError(f"dtype={dtype!r} is not valid; valid choices: {', '.join(DTYPES)}")
+        if interpolation not in INTERPOLATIONS:
+            raise ValueError(f"interpolation={interpolation!r} is not valid; valid: {', '.join(INTERPOLATIONS)}")
         if batch_size <= 0 or img_size <= 0:
             raise ValueError(f"batch_size={batch_size} and img_size={img_size} must be > 0")
         self.index = index
@@ -79,6 +83,8 @@ class ShardLoader:
         self.mode = mode
         self.crop_scale = (float(crop_scale[0]), float(crop_scale[1]))
         self.num_workers = num_workers
+        # antialiased in both backends (PIL always is; DALI with antialias=True), like torchvision on PIL
+        self.interpolation = interpolation
         # low-precision output only on GPU: CPU runs (tests, CI) compute in float32
         self.dtype = DTYPES[dtype] if self.device.type == "cuda" else torch.float32
         self.num_samples = len(index)
@@ -189,6 +195,7 @@ def build_loader(
     """The loader ``cfg`` (a :class:`fastmae.config.DataConfig`) asks for, for this rank.
 
     ``cfg.shards == ""`` reads the bundled sample; otherwise a directory, brace pattern or glob of shards.
+    Resampling is bicubic (the paper's recipe) unless ``cfg`` has ``interpolation = "bilinear"``.
     """
     backend = resolve_backend(cfg.backend)
     if backend == "synthetic":
@@ -210,7 +217,7 @@ def build_loader(
     kwargs = dict(
         batch_size=cfg.batch_size, img_size=img_size, rank=rank, world_size=world_size, seed=seed,
         device=device, mode=mode, crop_scale=(cfg.crop_scale_min, cfg.crop_scale_max), dtype=cfg.dtype,
-        num_workers=cfg.num_workers,
+        num_workers=cfg.num_workers, interpolation=getattr(cfg, "interpolation", "bicubic"),
     )
     if backend == "dali":
         from .dali_pipeline import DaliLoader

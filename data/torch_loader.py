@@ -34,6 +34,9 @@ class _Samples(torch.utils.data.Dataset):
         self.index: ShardIndex = loader.index
         self.size = loader.img_size
         self.scale = loader.crop_scale
+        self.resample = (
+            Image.Resampling.BICUBIC if loader.interpolation == "bicubic" else Image.Resampling.BILINEAR
+        )
 
     def __len__(self) -> int:
         return len(self.index)
@@ -42,7 +45,7 @@ class _Samples(torch.utils.data.Dataset):
         i, u, pad = item
         img = _open_rgb(self.index.read_image(i))
         x, y, w, h, flip = sample_crop(u, *img.size, self.size, self.scale)
-        img = img.resize((self.size, self.size), Image.Resampling.BICUBIC, box=(x, y, x + w, y + h))
+        img = img.resize((self.size, self.size), self.resample, box=(x, y, x + w, y + h))
         if flip:
             img = img.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
         arr = torch.from_numpy(np.asarray(img).copy()).permute(2, 0, 1)

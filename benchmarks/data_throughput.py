@@ -1,0 +1,183 @@
+"""Images per second of each fastmae data loader on the same shards with the same transforms.
+
+    python benchmarks/data_throughput.py                       # ImageNet-like shards made from skimage photos
+    python benchmarks/data_throughput.py --shards "/data/imagenet/train/{000000..001023}.tar" --workers 16
+    python benchmarks/data_throughput.py --backends dali,torch --batch-size 64 --img-size 224 --out DIR
+
+Each loader runs in its own process (DALI's threads and DataLoader's forked workers do not mix, and each
+gets a fresh page cache state of its own making): it is built, iterated for ``--warmup`` batches, then
+timed over ``--repeats`` windows of ``--batches`` batches each; epochs roll over as in training. The
+table shows the median window (and min/max); images are counted as delivered on the device (CUDA:
+synchronised at the end of each window). Without ``--shards``, ``--make`` images of ImageNet's typical
+size (500x375 / 375x500, JPEG quality 90, ~100 KB) are cut from scikit-image's photographs and sharded
+once into a cache folder.
+
+Backends: ``dali`` (``device="mixed"`` nvJPEG on CUDA, the CPU operators elsewhere; ``--workers``
+threads), ``torch`` (PIL in ``--workers`` DataLoader processes), ``synthetic`` (random tensors: the
+ceiling with no decoding at all).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from fastmae.data import build_loader, dali_available
+
+from fastmae.config import DataConfig
+
+
+@dataclasses.dataclass
+class _BenchDataConfig(DataConfig):
+    """DataConfig plus the resampling choice ``build_loader`` honours when present."""
+
+    interpolation: str = "bicubic"
+
+
+def make_shards(out: Path, count: int, seed: int = 0) -> Path:
+    """``count`` ImageNet-sized JPEGs cut from scikit-image photographs, sharded into ``out`` (cached)."""
+    if (out / "report.json").is_file() and json.loads((out / "report.json").read_text())["samples"] == count:
+        return out
+    import skimage.data
+    from fastmae.data.shards import write_shards
+    from PIL import Image
+
+    photos = [np.asarray(Image.fromarray(getattr(skimage.data, n)()).convert("RGB"))
+              for n in ("astronaut", "chelsea", "coffee", "hubble_deep_field", "retina", "rocket", "camera")]
+    rng = np.random.default_rng(seed)
+    with tempfile.TemporaryDirectory() as tmp:
+        for i in range(count):
+            img = photos[i % len(photos)]
+            h, w = img.shape[:2]
+            ch, cw = int(h * rng.uniform(0.5, 1.0)), int(w * rng.uniform(0.5, 1.0))
+            y, x = int(rng.integers(0, h - ch + 1)), int(rng.integers(0, w - cw + 1))
+            size = (500, 375) if rng.random() < 0.75 else (375, 500)
+            crop = Image.fromarray(np.ascontiguousarray(img[y:y + ch, x:x + cw])).resize(size, Image.BICUBIC)
+            crop.save(Path(tmp) / f"img{i:06d}.jpg", quality=90)
+        write_shards(Path(tmp), out, samples_per_shard=256, workers=os.cpu_count() or 1, progress=False)
+    return out
+
+
+def run_one(args: argparse.Namespace) -> dict[str, Any]:
+    """Time one backend in this process."""
+    device = torch.device(args.device)
+    cfg = _BenchDataConfig(
+        backend=args.only, interpolation=args.interpolation, shards=args.shards, batch_size=args.batch_size,
+        num_workers=args.workers, dtype=args.dtype, synthetic_size=10**9,
+    )
+    t0 = time.perf_counter()
+    loader = build_loader(cfg, img_size=args.img_size, device=device, seed=0)
+    stream = _forever(loader)
+    for _ in range(args.warmup):
+        next(stream)
+    _sync(device)
+    first = time.perf_counter() - t0
+    rates = []
+    for _ in range(args.repeats):
+        t = time.perf_counter()
+        n = 0
+        for _ in range(args.batches):
+            imgs, _labels = next(stream)
+            n += imgs.shape[0]
+        _sync(device)
+        rates.append(n / (time.perf_counter() - t))
+    return {
+        "backend": loader.backend, "device": str(device), "img_per_s": statistics.median(rates),
+        "min": min(rates), "max": max(rates), "repeats": rates, "startup_and_warmup_s": first,
+        "num_samples": loader.num_samples,
+    }
+
+
+def _forever(loader: Any) -> Any:
+    while True:
+        yield from loader
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def machine() -> str:
+    if torch.cuda.is_available():
+        return f"{torch.cuda.get_device_name()} + {os.cpu_count()} CPU cores"
+    model = platform.processor() or platform.machine()
+    try:
+        for ln in Path("/proc/cpuinfo").read_text().splitlines():
+            if ln.startswith("model name"):
+                model = ln.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return f"{model}, {os.cpu_count()} cores, no GPU"
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--shards", default="", help="shards to read (default: ImageNet-like shards made once)")
+    ap.add_argument("--make", type=int, default=1024, help="images to make when --shards is not given")
+    ap.add_argument("--cache", type=Path, default=Path(tempfile.gettempdir()) / "fastmae_bench_shards")
+    ap.add_argument("--backends", default="", help="comma list of dali,torch,synthetic (default: all here)")
+    ap.add_argument("--batch-size", type=int, default=64)
+    ap.add_argument("--img-size", type=int, default=224)
+    ap.add_argument("--workers", type=int, default=os.cpu_count() or 1, help="DALI threads / DataLoader workers")
+    ap.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16"))
+    ap.add_argument("--interpolation", default="bicubic", choices=("bicubic", "bilinear"))
+    ap.add_argument("--warmup", type=int, default=5)
+    ap.add_argument("--batches", type=int, default=10, help="batches per timed repeat")
+    ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--out", type=Path, default=None, help="folder for data_throughput.json")
+    ap.add_argument("--only", default="", help=argparse.SUPPRESS)
+    args = ap.parse_args(argv)
+
+    if args.only:  # child process: one backend, one JSON line
+        print(json.dumps(run_one(args)))
+        return 0
+    if not args.shards:
+        args.shards = str(make_shards(args.cache, args.make))
+    backends = args.backends.split(",") if args.backends else (
+        ["dali"] if dali_available() else []) + ["torch", "synthetic"]
+    rows = []
+    for b in backends:
+        cmd = [sys.executable, __file__, "--only", b] + [
+            a for k, v in vars(args).items() if k not in ("only", "out", "backends", "make", "cache")
+            for a in (f"--{k.replace('_', '-')}", str(v))
+        ]
+        res = subprocess.run(cmd, capture_output=True, text=True)
+        if res.returncode != 0:
+            print(f"{b}: failed\n{res.stderr[-2000:]}", file=sys.stderr)
+            continue
+        rows.append(json.loads(res.stdout.strip().splitlines()[-1]))
+    base = next((r["img_per_s"] for r in rows if r["backend"] == "torch"), None)
+    title = (f"data loaders on {machine()}: batch {args.batch_size}, {args.img_size} px {args.interpolation}, "
+             f"{args.workers} workers/threads, shards {args.shards}")
+    print(title)
+    print(f"{'backend':<10} {'device':<7} {'img/s (median)':>15} {'min':>8} {'max':>8} {'vs torch':>9} {'start s':>8}")
+    for r in rows:
+        rel = f"{r['img_per_s'] / base:.2f}x" if base else "-"
+        print(f"{r['backend']:<10} {r['device']:<7} {r['img_per_s']:>15.1f} {r['min']:>8.1f} {r['max']:>8.1f} "
+              f"{rel:>9} {r['startup_and_warmup_s']:>8.1f}")
+    result = {"machine": machine(), "torch": torch.__version__, "args": {k: str(v) for k, v in vars(args).items()},
+              "rows": rows}
+    print(json.dumps(result))
+    if args.out:
+        args.out.mkdir(parents=True, exist_ok=True)
+        (args.out / "data_throughput.json").write_text(json.dumps(result, indent=1) + "\n")
+    return 0 if rows else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
