@@ -199,12 +199,18 @@ class ShardIndex:
         self.shard_of, self.img_off, self.img_len, self.cls_off, self.cls_len = (
             np.asarray(c, dtype=np.int64) for c in cols
         )
-        self.keys = keys
+        # one compact byte array, not a list of str: ~40 MB instead of ~100 MB for ImageNet, and no
+        # per-object refcounts for forked DataLoader workers to copy
+        self._keys = np.array([k.encode() for k in keys], dtype=bytes)
         self._fds: dict[int, int] = {}
         self._pid = -1
 
     def __len__(self) -> int:
-        return len(self.keys)
+        return len(self._keys)
+
+    def key(self, i: int) -> str:
+        """The WebDataset key of sample ``i`` (its member name without extension)."""
+        return self._keys[i].decode()
 
     def __getstate__(self) -> dict:
         state = self.__dict__.copy()
@@ -235,7 +241,7 @@ class ShardIndex:
             return int(raw.strip())
         except ValueError:
             shard = self.shards[int(self.shard_of[i])]
-            raise ShardError(f"{shard}: {self.keys[i]}.cls is not an integer: {raw!r}") from None
+            raise ShardError(f"{shard}: {self.key(i)}.cls is not an integer: {raw!r}") from None
 
     def close(self) -> None:
         for fd in self._fds.values():

@@ -89,7 +89,7 @@ def test_written_samples_are_rgb_jpeg_with_labels(written: tuple[Path, dict], so
             assert im.format == "JPEG" and im.mode == "RGB"
             im.load()
             assert image_size(index.read_image(i)) == im.size
-        by_stem[index.keys[i].split("_", 1)[1]] = (index.read_label(i), im.size)
+        by_stem[index.key(i).split("_", 1)[1]] = (index.read_label(i), im.size)
     assert by_stem["cmyk"][0] == 0 and by_stem["rgba"][0] == 1 and by_stem["wide"][0] == 2
     assert by_stem["rgb_big"][1] == (320, 200) and by_stem["tall"][1] == (30, 200)
 
@@ -102,6 +102,15 @@ def test_verify_accepts_written_shards(written: tuple[Path, dict], capsys: pytes
         assert [{k: v[:2] for k, v in s.items()} for s in read_index(shard.with_suffix(".idx"))] == [
             {k: v[:2] for k, v in s.items()} for s in scan_tar(shard)
         ]
+
+
+def test_index_without_idx_files_matches(written: tuple[Path, dict], tmp_path: Path) -> None:
+    out, _ = written
+    for shard in expand_shards(out):
+        (tmp_path / shard.name).write_bytes(shard.read_bytes())  # copy the tars only: ShardIndex scans them
+    a, b = ShardIndex(expand_shards(out)), ShardIndex(expand_shards(tmp_path))
+    assert [a.key(i) for i in range(len(a))] == [b.key(i) for i in range(len(b))]
+    assert all(a.read_image(i) == b.read_image(i) and a.read_label(i) == b.read_label(i) for i in range(len(a)))
 
 
 def test_resize_and_bytes_per_shard(source: Path, tmp_path: Path) -> None:
