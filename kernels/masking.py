@@ -48,6 +48,7 @@ import os
 import torch
 import triton
 import triton.language as tl
+from torch.autograd.function import once_differentiable
 
 from .masking_ref import num_kept
 
@@ -85,12 +86,14 @@ def _cast(v, dst_ty: tl.constexpr, BF16_RNE: tl.constexpr):
 def _sorted_keys(
     noise_ptr,
     seed_ptr,
+    seed,
     b,
     N,
     stride_noise_b,
     NP: tl.constexpr,
     LOG2_NP: tl.constexpr,
     USE_NOISE: tl.constexpr,
+    SEED_FROM_PTR: tl.constexpr,
 ):
     """Sorted packed keys (NP,) int64 of sample ``b``; the low index bits hold ``argsort(noise[b])``."""
     n = tl.arange(0, NP)  # (NP,)
@@ -103,7 +106,8 @@ def _sorted_keys(
         key = tl.where(mag > 0x7F800000, 0x7FC00000, key)  # any NaN: after +inf, ties by index
         packed = (key.to(tl.int64) << 32) | n.to(tl.int64)
     else:
-        seed = tl.load(seed_ptr)  # int64 scalar: read on device, so drawing it never syncs the host
+        if SEED_FROM_PTR:
+            seed = tl.load(seed_ptr)  # int64 drawn on the device by torch: no host sync
         c0 = n.to(tl.uint32)
         c1 = tl.zeros([NP], dtype=tl.uint32) + b.to(tl.uint32)
         zero = tl.zeros([NP], dtype=tl.uint32)
@@ -118,6 +122,7 @@ def _sorted_keys(
 def _shuffle_and_scatter(
     noise_ptr,
     seed_ptr,
+    seed,
     mask_ptr,
     ids_restore_ptr,
     b,
@@ -128,10 +133,13 @@ def _shuffle_and_scatter(
     NP: tl.constexpr,
     LOG2_NP: tl.constexpr,
     USE_NOISE: tl.constexpr,
+    SEED_FROM_PTR: tl.constexpr,
 ):
     """ids_shuffle (NP,) int32 of sample b (token at each rank); if ``write``, also scatters mask and
     ids_restore of the sample (N small elements)."""
-    srt = _sorted_keys(noise_ptr, seed_ptr, b, N, stride_noise_b, NP, LOG2_NP, USE_NOISE)  # (NP,)
+    srt = _sorted_keys(
+        noise_ptr, seed_ptr, seed, b, N, stride_noise_b, NP, LOG2_NP, USE_NOISE, SEED_FROM_PTR
+    )  # (NP,)
     if USE_NOISE:
         ids_shuffle = (srt & 0xFFFFFFFF).to(tl.int32)
     else:
@@ -178,12 +186,13 @@ def _gather_tile(
     tl.store(dst, _cast(v, out_ptr.dtype.element_ty, BF16_RNE), mask=m2)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["seed"])
 def _masking_fwd_kernel(
     x_ptr,
     pos_ptr,
     noise_ptr,
     seed_ptr,
+    seed,
     out_ptr,
     mask_ptr,
     ids_restore_ptr,
@@ -202,6 +211,7 @@ def _masking_fwd_kernel(
     BLOCK_D: tl.constexpr,
     HAS_POS: tl.constexpr,
     USE_NOISE: tl.constexpr,
+    SEED_FROM_PTR: tl.constexpr,
     BF16_RNE: tl.constexpr,
 ):
     """Fused: x_vis[b, :, d-chunk] = (x + pos)[b, ids_shuffle[:K], d-chunk]; grid (B, cdiv(D, BLOCK_D)).
@@ -211,8 +221,8 @@ def _masking_fwd_kernel(
     b = tl.program_id(0).to(tl.int64)
     pid_d = tl.program_id(1)
     ids_shuffle = _shuffle_and_scatter(
-        noise_ptr, seed_ptr, mask_ptr, ids_restore_ptr, b, N, K, stride_noise_b, pid_d == 0,
-        NP, LOG2_NP, USE_NOISE,
+        noise_ptr, seed_ptr, seed, mask_ptr, ids_restore_ptr, b, N, K, stride_noise_b, pid_d == 0,
+        NP, LOG2_NP, USE_NOISE, SEED_FROM_PTR,
     )  # (NP,)
     d = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)  # (BLOCK_D,)
     d_ok = d < D
@@ -225,10 +235,11 @@ def _masking_fwd_kernel(
         )
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["seed"])
 def _masking_sort_kernel(
     noise_ptr,
     seed_ptr,
+    seed,
     mask_ptr,
     ids_restore_ptr,
     ids_keep_ptr,
@@ -238,12 +249,13 @@ def _masking_sort_kernel(
     NP: tl.constexpr,
     LOG2_NP: tl.constexpr,
     USE_NOISE: tl.constexpr,
+    SEED_FROM_PTR: tl.constexpr,
 ):
     """Split, step 1 (grid (B,)): sort once per sample; write mask, ids_restore and ids_keep (B, K) int32."""
     b = tl.program_id(0).to(tl.int64)
     ids_shuffle = _shuffle_and_scatter(
-        noise_ptr, seed_ptr, mask_ptr, ids_restore_ptr, b, N, K, stride_noise_b, True,
-        NP, LOG2_NP, USE_NOISE,
+        noise_ptr, seed_ptr, seed, mask_ptr, ids_restore_ptr, b, N, K, stride_noise_b, True,
+        NP, LOG2_NP, USE_NOISE, SEED_FROM_PTR,
     )  # (NP,)
     rank = tl.arange(0, NP)
     tl.store(ids_keep_ptr + b * K + rank, ids_shuffle, mask=rank < K)
@@ -394,7 +406,7 @@ def masking_fwd(
     K: int,
     pos_embed: torch.Tensor | None = None,
     noise: torch.Tensor | None = None,
-    seed: torch.Tensor | None = None,
+    seed: torch.Tensor | int | None = None,
     out: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
     block_d: int | None = None,
     strategy: str = "fused",
@@ -402,7 +414,8 @@ def masking_fwd(
     """Launch the forward kernel(s) (no autograd, no argument normalisation).
 
     x (B, N, D) with unit stride in D; pos_embed (N, D) with unit stride in D or None; noise (B, N)
-    contiguous float32/16/bf16 or None, in which case seed is a (1,) int64 tensor on x's device.
+    contiguous float32/16/bf16 or None, in which case seed is an int in [0, 2^63) (a kernel argument)
+    or a (1,) int64 tensor on x's device (read by the kernel: a seed drawn on the device, no sync).
     ``out`` = (x_vis (B, K, D), mask (B, N), ids_restore (B, N) int64) buffers to write (tests poison
     them to check every element is written). ``strategy``: ``fused`` (one kernel, a sort per
     program) or ``split`` (a sort kernel writing ids_keep (B, K) int32, then a gather kernel).
@@ -425,7 +438,9 @@ def masking_fwd(
     has_pos, use_noise = pos_embed is not None, noise is not None
     pos_arg = pos_embed if has_pos else x  # dummy pointer, never read without HAS_POS
     noise_arg = noise if use_noise else x  # dummy pointer, never read without USE_NOISE
-    seed_arg = seed if seed is not None else ids_restore  # dummy pointer, never read with USE_NOISE
+    seed_from_ptr = isinstance(seed, torch.Tensor)
+    seed_arg = seed if seed_from_ptr else ids_restore  # dummy pointer unless SEED_FROM_PTR
+    seed_int = 0 if seed_from_ptr or seed is None else int(seed)
     pos_stride = pos_embed.stride(0) if has_pos else 0
     noise_stride = noise.stride(0) if use_noise else 0
     bf16_rne = _needs_bf16_rne(torch.float32 if has_pos else x.dtype, dtype)
@@ -434,16 +449,16 @@ def masking_fwd(
         if D == 0:  # no D-chunk program would write mask / ids_restore
             return masking_fwd(x, K, pos_embed, noise, seed, (x_vis, mask, ids_restore), block_d, "split")
         _masking_fwd_kernel[(B, triton.cdiv(D, block_d))](
-            x, pos_arg, noise_arg, seed_arg, x_vis, mask, ids_restore,
+            x, pos_arg, noise_arg, seed_arg, seed_int, x_vis, mask, ids_restore,
             N, K, D, x.stride(0), x.stride(1), pos_stride, noise_stride, x_vis.stride(0), x_vis.stride(1),
             NP=NP, LOG2_NP=log2_np, BLOCK_K=block_k, BLOCK_D=block_d, HAS_POS=has_pos,
-            USE_NOISE=use_noise, BF16_RNE=bf16_rne, num_warps=num_warps,
+            USE_NOISE=use_noise, SEED_FROM_PTR=seed_from_ptr, BF16_RNE=bf16_rne, num_warps=num_warps,
         )
         return x_vis, mask, ids_restore
     ids_keep = torch.empty((B, K), device=x.device, dtype=torch.int32)  # (B, K): 4*B*K bytes, no (B, N)
     _masking_sort_kernel[(B,)](
-        noise_arg, seed_arg, mask, ids_restore, ids_keep, N, K, noise_stride,
-        NP=NP, LOG2_NP=log2_np, USE_NOISE=use_noise, num_warps=_sort_warps(NP),
+        noise_arg, seed_arg, seed_int, mask, ids_restore, ids_keep, N, K, noise_stride,
+        NP=NP, LOG2_NP=log2_np, USE_NOISE=use_noise, SEED_FROM_PTR=seed_from_ptr, num_warps=_sort_warps(NP),
     )
     if D > 0:
         grid = (B, triton.cdiv(K, block_k), triton.cdiv(D, block_d))
@@ -525,7 +540,7 @@ class RandomMaskingFunction(torch.autograd.Function):
         x: torch.Tensor,
         pos_embed: torch.Tensor | None,
         noise: torch.Tensor | None,
-        seed: torch.Tensor | None,
+        seed: torch.Tensor | int | None,
         K: int,
         block_d: int | None,
         strategy: str,
@@ -541,6 +556,7 @@ class RandomMaskingFunction(torch.autograd.Function):
         return x_vis, mask, ids_restore
 
     @staticmethod
+    @once_differentiable
     def backward(ctx, grad_x_vis: torch.Tensor, _grad_mask: torch.Tensor, _grad_ids: torch.Tensor):
         (ids_restore,) = ctx.saved_tensors
         if grad_x_vis.stride(-1) != 1:
@@ -620,7 +636,7 @@ def random_masking(
         if pos_embed.stride(-1) != 1:
             pos_embed = pos_embed.contiguous()
 
-    seed_t: torch.Tensor | None = None
+    seed_arg: torch.Tensor | int | None = None
     if noise is not None:
         if tuple(noise.shape) != (B, N):
             raise ValueError(f"noise must have shape {(B, N)}, got {tuple(noise.shape)}")
@@ -632,11 +648,11 @@ def random_masking(
             noise = ranks.to(torch.float32)
         noise = noise.contiguous()
     elif seed is None:
-        seed_t = torch.empty(1, dtype=torch.int64, device=x.device).random_()  # default generator
+        seed_arg = torch.empty(1, dtype=torch.int64, device=x.device).random_()  # on device: no host sync
     else:
-        seed_t = torch.full((1,), int(seed) % (1 << 63), dtype=torch.int64, device=x.device)
+        seed_arg = int(seed) % (1 << 63)  # a plain kernel argument: no tensor, no extra launch
 
     strategy = DEFAULT_STRATEGY if strategy is None else strategy
     if strategy not in STRATEGIES:
         raise ValueError(f"unknown masking strategy {strategy!r}; valid: {', '.join(STRATEGIES)}")
-    return RandomMaskingFunction.apply(x, pos_embed, noise, seed_t, K, block_d, strategy)
+    return RandomMaskingFunction.apply(x, pos_embed, noise, seed_arg, K, block_d, strategy)

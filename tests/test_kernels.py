@@ -149,12 +149,13 @@ def test_philox_valid_masking_n196() -> None:
     x = torch.randn(B, N, D, device=DEVICE)
     seed = torch.full((1,), 1234, dtype=torch.int64, device=DEVICE)
     outs = []
-    for strategy, block_d in (("fused", 16), ("split", 8), ("split", None)):
+    # the seed as a device tensor (seed=None draws one so) or as a plain int kernel argument
+    for strategy, block_d, s in (("fused", 16, seed), ("split", 8, seed), ("split", None, 1234), ("fused", None, 1234)):
         out = _poisoned_outputs(B, N, K, D, x.dtype)
-        outs.append(km.masking_fwd(x, K, seed=seed, out=out, block_d=block_d, strategy=strategy))
+        outs.append(km.masking_fwd(x, K, seed=s, out=out, block_d=block_d, strategy=strategy))
         _check_valid_masking(x, K, outs[-1])
-    _assert_same(outs[1], outs[0])
-    _assert_same(outs[2], outs[0])
+    for other in outs[1:]:
+        _assert_same(other, outs[0])
 
 
 @pytest.mark.parametrize("strategy", km.STRATEGIES)
@@ -416,14 +417,15 @@ def compile_(fn, sig, constexprs, num_warps):
 
 
 i32 = "i32"
-fwd = dict(x_ptr="*bf16", pos_ptr="*bf16", noise_ptr="*fp32", seed_ptr="*i64", out_ptr="*bf16", mask_ptr="*bf16",
-           ids_restore_ptr="*i64", N=i32, K=i32, D=i32, stride_xb=i32, stride_xn=i32, stride_pn=i32,
+fwd = dict(x_ptr="*bf16", pos_ptr="*bf16", noise_ptr="*fp32", seed_ptr="*i64", seed="i64", out_ptr="*bf16",
+           mask_ptr="*bf16", ids_restore_ptr="*i64", N=i32, K=i32, D=i32, stride_xb=i32, stride_xn=i32, stride_pn=i32,
            stride_noise_b=i32, stride_ob=i32, stride_ok=i32)
-for use_noise in (False, True):
+for use_noise, from_ptr in ((False, False), (False, True), (True, False)):
     compile_(km._masking_fwd_kernel, dict(fwd), dict(NP=256, LOG2_NP=8, BLOCK_K=64, BLOCK_D=256, HAS_POS=True,
-             USE_NOISE=use_noise, BF16_RNE=False), 8)
-compile_(km._masking_sort_kernel, dict(noise_ptr="*fp32", seed_ptr="*i64", mask_ptr="*bf16", ids_restore_ptr="*i64",
-         ids_keep_ptr="*i32", N=i32, K=i32, stride_noise_b=i32), dict(NP=256, LOG2_NP=8, USE_NOISE=False), 4)
+             USE_NOISE=use_noise, SEED_FROM_PTR=from_ptr, BF16_RNE=False), 8)
+compile_(km._masking_sort_kernel, dict(noise_ptr="*fp32", seed_ptr="*i64", seed="i32", mask_ptr="*bf16",
+         ids_restore_ptr="*i64", ids_keep_ptr="*i32", N=i32, K=i32, stride_noise_b=i32),
+         dict(NP=256, LOG2_NP=8, USE_NOISE=False, SEED_FROM_PTR=False), 4)
 compile_(km._gather_rows_kernel, dict(x_ptr="*bf16", pos_ptr="*fp32", ids_keep_ptr="*i32", out_ptr="*fp32", K=i32,
          D=i32, stride_xb=i32, stride_xn=i32, stride_pn=i32, stride_ob=i32, stride_ok=i32),
          dict(BLOCK_K=64, BLOCK_D=128, HAS_POS=True, BF16_RNE=False), 4)
