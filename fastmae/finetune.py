@@ -554,11 +554,13 @@ def _run(cfg: Config, cls: ClassifierConfig, ds_config_name: str, loaded: Any, p
     augment = BatchAugment(cls, dist.device, seed=t_cfg.seed * 1000 + dist.rank)
     randaug = "off"
     if cls.randaug:
-        if hasattr(loader, "set_sample_transform"):
+        if not hasattr(loader, "set_sample_transform"):
+            randaug = f"SKIPPED: the {loader.backend} loader has no per-sample (PIL) hook"
+        elif augment.impl != "timm":
+            randaug = "SKIPPED: timm's RandAugment needs timm (not importable here)"
+        else:
             loader.set_sample_transform(randaugment_hook(cls.randaug, cfg.model.img_size))
             randaug = cls.randaug
-        else:
-            randaug = f"SKIPPED: the {loader.backend} loader has no per-sample (PIL) hook"
     flops_per_img = classifier_flops(model, trainable_encoder=not probe)
     peak = peak_tflops(override=t_cfg.peak_tflops) if dist.device.type == "cuda" else None
     n_train = sum(p.numel() for p in model.parameters() if p.requires_grad)

@@ -281,7 +281,7 @@ def test_finetune_runs_on_bundled_sample(env: dict[str, str], pretrained: Path, 
     out = run_program("finetune.py", [*COMMON, "--checkpoint", str(pretrained), f"train.output_dir={tmp_path}"],
                       env)
     assert "fine-tuning | preset debug" in out and "val top-1" in out
-    assert "mixup/cutmix" in out and "random erasing" in out
+    assert "mixup/cutmix" in out and "random erasing" in out and "RandAugment: " in out
     best = torch.load(tmp_path / "best.pth", weights_only=True)
     assert best["classifier"] == {"num_classes": 10, "global_pool": True, "head_bn": False}
     assert best["step"] <= 3 and 0.0 <= best["acc1"] <= 100.0

@@ -231,6 +231,12 @@ def test_batch_augment_uses_timm_mixup_and_erasing() -> None:
     plain = BatchAugment(ClassifierConfig(num_classes=10, mixup=0, cutmix=0, reprob=0), torch.device("cpu"), 0)
     _, t, _ = plain(x, torch.arange(8))
     torch.testing.assert_close(t, smooth_one_hot(torch.arange(8), 10, 0.1))
+    # RandAugment for loaders with a per-sample PIL hook
+    from fastmae.finetune import randaugment_hook
+
+    im = Image.fromarray(np.random.default_rng(0).integers(0, 255, (64, 64, 3), dtype=np.uint8))
+    out = randaugment_hook("rand-m9-mstd0.5-inc1", 64)(im)
+    assert isinstance(out, Image.Image) and out.size == (64, 64)
 
 
 # ----------------------------------------------------------------------------- reconstruction picture
