@@ -23,11 +23,13 @@ One kernel replaces the official MAE sequence ``argsort(noise) -> argsort -> gat
   - ``noise`` given: the float32 bits are mapped to a monotone int32 (sign-magnitude -> two's
     complement; -0.0 equals +0.0; every NaN sorts last, as in torch), packed over a 32-bit index.
   - otherwise: Philox (``tl.philox``) with key ``seed`` and counter ``(n, b, 0, 0)`` gives 64 random
-    bits per token, of which ``63 - log2(N_pow2)`` are used as the key: ties (which would favour the
-    lower index) have probability ~N^2 / 2^55, i.e. the subset is uniform for all practical purposes.
-    No [B, N] noise tensor exists. Sample b's mask is a pure function of ``(seed, b, N, K)``; the
-    training program passes one seed per (step, rank) so every step, sample and rank differs and a
-    resumed run masks exactly as the uninterrupted one.
+    bits per token, of which ``63 - log2(N_pow2)`` are used as the key (55 bits at N=196/256): a tie
+    (broken towards the lower index) has probability ~N^2 / 2^56 per sample, so the kept subset and
+    its order are uniform for all practical purposes. No [B, N] noise tensor exists. Sample b's mask
+    is a pure function of ``(seed, b, N, K)``: the training program passes one seed per (step, rank)
+    so every step, sample and rank differs and a resumed run masks exactly as the uninterrupted one.
+    An int seed is a plain kernel argument; without one, a seed is drawn by torch's generator on the
+    device into a 1-element tensor that the kernel reads (follows ``torch.manual_seed``, no sync).
 * **Backward** (``_masking_bwd_kernel``), grid ``(B, cdiv(N, BLOCK_N), cdiv(D, BLOCK_D))``: for every
   token n it reads ``j = ids_restore[b, n]`` and writes ``grad_x[b, n] = grad_x_vis[b, j]`` if
   ``j < K`` else 0. Writing every row (zeros included) means no memset, and reads by inverse
