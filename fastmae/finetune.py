@@ -54,7 +54,7 @@ from fastmae.config import (
     get_preset,
     preset_names,
 )
-from fastmae.evaluate import PAD_LABEL, evaluate
+from fastmae.evaluation import PAD_LABEL, evaluate
 from fastmae.flops import block_flops
 from fastmae.metrics import MetricsLogger, peak_tflops
 from fastmae.optim import build_adamw, build_scheduler, param_groups, scaled_lr

@@ -1,11 +1,14 @@
 #!/usr/bin/env bash
-# fastmae developer entry point: set up a virtual environment, run the main job, run the tests.
-#   bash scripts/dev.sh setup    create .venv (CPU torch 2.13.0, triton 3.6.0, DALI, DeepSpeed, dev tools)
-#   bash scripts/dev.sh train    setup + the main job: DeepSpeed pre-training of the debug preset
-#   bash scripts/dev.sh test     setup + the whole test suite
+# fastmae developer entry point: set up virtual environments, run the main job, run the tests.
+#   bash scripts/dev.sh setup       create .venv (CPU torch 2.13.0, triton 3.6.0, DALI, DeepSpeed, dev tools)
+#   bash scripts/dev.sh train ...   setup + the main job: DeepSpeed pre-training of the debug preset
+#   bash scripts/dev.sh test ...    setup + ruff + the whole test suite in .venv, then the timm interop tests
+#                                   in .venv-timm (what CI runs); extra arguments go to the first pytest
+#   bash scripts/dev.sh test-timm   only the timm interop tests (.venv-timm)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 VENV=${FASTMAE_VENV:-.venv}
+TIMM_VENV=${FASTMAE_TIMM_VENV:-.venv-timm}
 PY="$VENV/bin/python"
 
 setup() {
@@ -16,9 +19,25 @@ setup() {
     "$PY" -m pip install -q 'triton==3.6.0' 'numpy<2.4' -e '.[dali,dev]'
 }
 
+# timm needs torchvision, which does not import beside the CPU torch 2.13.0 build; torch 2.14.1 and
+# torchvision 0.29.1 install together (a CUDA build that runs on the CPU) but want triton 3.8, so the
+# timm interop tests get an environment of their own.
+setup_timm() {
+    [ -x "$TIMM_VENV/bin/python" ] || python3 -m venv "$TIMM_VENV"
+    "$TIMM_VENV/bin/python" -c 'import timm, torchvision' 2>/dev/null || "$TIMM_VENV/bin/python" -m pip install -q \
+        torch==2.14.1 torchvision==0.29.1 timm==1.0.31 'numpy<2.4' pytest pytest-timeout deepspeed webdataset pillow tqdm
+    "$TIMM_VENV/bin/python" -m pip install -q --no-deps -e .
+}
+
+test_timm() {
+    setup_timm
+    "$TIMM_VENV/bin/python" -m pytest -q -m timm
+}
+
 case "${1:-}" in
     setup) setup ;;
     train) setup; shift; exec "$VENV/bin/deepspeed" fastmae/train.py --ds_config zero2.json "$@" ;;
-    test) setup; shift; "$VENV/bin/ruff" check . && exec "$PY" -m pytest -q "$@" ;;
-    *) echo "usage: bash scripts/dev.sh setup|train|test [args...]" >&2; exit 2 ;;
+    test) setup; shift; "$VENV/bin/ruff" check . && "$PY" -m pytest -q "$@" && test_timm ;;
+    test-timm) test_timm ;;
+    *) echo "usage: bash scripts/dev.sh setup|train|test|test-timm [args...]" >&2; exit 2 ;;
 esac

@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from fastmae.config import ConfigError, ModelConfig, get_preset
-from fastmae.evaluate import PAD_LABEL, evaluate, load_classifier
+from fastmae.evaluation import PAD_LABEL, evaluate, load_classifier
 from fastmae.finetune import (
     BatchAugment,
     BatchMixup,
@@ -315,11 +315,11 @@ def test_evaluate_cli_on_val_split(env: dict[str, str], pretrained: Path, tmp_pa
     model.load_encoder(sd)
     ckpt = tmp_path / "clf.pth"
     torch.save({"model": model.state_dict(), "config": get_preset("debug").to_dict()}, ckpt)
-    proc = subprocess.run([sys.executable, "-m", "fastmae.evaluate", "--checkpoint", str(ckpt), "--preset", "debug",
+    proc = subprocess.run([sys.executable, "-m", "fastmae.evaluation", "--checkpoint", str(ckpt), "--preset", "debug",
                            "--backend", "torch", "--num_workers", "0"], cwd=REPO, env=env, capture_output=True,
                           text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "top-1" in proc.stdout and "20 images" in proc.stdout
-    bad = subprocess.run([sys.executable, "-m", "fastmae.evaluate", "--checkpoint", str(pretrained)], cwd=REPO,
+    bad = subprocess.run([sys.executable, "-m", "fastmae.evaluation", "--checkpoint", str(pretrained)], cwd=REPO,
                          env=env, capture_output=True, text=True, timeout=120)
     assert bad.returncode == 1 and "no classification head" in bad.stderr

@@ -3,8 +3,8 @@
 Evaluation-only mode runs a fine-tuned (or probed) model, unchanged, on any labelled shard set -- the
 paper's robustness evaluation runs the same model on ImageNet variants (resize to 256, centre crop 224)::
 
-    python -m fastmae.evaluate --checkpoint runs/finetune/best.pth --shards /data/imagenet-a/
-    torchrun --nproc_per_node 8 -m fastmae.evaluate --checkpoint ... --shards ...   # ranks split the set
+    python -m fastmae.evaluation --checkpoint runs/finetune/best.pth --shards /data/imagenet-a/
+    torchrun --nproc_per_node 8 -m fastmae.evaluation --checkpoint ... --shards ...   # ranks split the set
 
 The checkpoint may be a fastmae classifier file (``best.pth`` of :mod:`fastmae.finetune` /
 :mod:`fastmae.linprobe`) or a timm ViT classifier state dict. Padding samples (label ``PAD_LABEL``) that
@@ -89,7 +89,7 @@ def load_classifier(path: str | Path, preset: str = "mae_vit_large_patch16",
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m fastmae.evaluate",
+    ap = argparse.ArgumentParser(prog="python -m fastmae.evaluation",
                                  description="Top-1/top-5 of a fine-tuned model on a labelled shard set.")
     ap.add_argument("--checkpoint", required=True, help="best.pth of fastmae.finetune/linprobe, or a timm ViT")
     ap.add_argument("--shards", default="",
@@ -122,7 +122,7 @@ def main(argv: list[str] | None = None) -> int:
                               device=device, mode="eval")
         stats = evaluate(model.to(device), loader, device, args.max_batches)
     except (ValueError, FileNotFoundError, ConfigError, RuntimeError) as e:
-        print(f"fastmae.evaluate: {e}", file=sys.stderr)
+        print(f"fastmae.evaluation: {e}", file=sys.stderr)
         return 1
     finally:
         if world > 1 and torch.distributed.is_initialized():
