@@ -325,34 +325,41 @@ def _masking_bwd_kernel(
 def _pos_grad_kernel(
     gvis_ptr,
     ids_restore_ptr,
-    gpos_ptr,
+    partial_ptr,
     B,
     N,
     K,
     D,
     stride_gb,
     stride_gk,
+    B_PER_SPLIT,
     BLOCK_N: tl.constexpr,
     BLOCK_D: tl.constexpr,
-    BF16_RNE: tl.constexpr,
 ):
-    """grad_pos[n, d-chunk] = sum_b (kept ? grad_x_vis[b, ids_restore[b, n]] : 0), fp32 accumulation."""
+    """partial[s, n, d-chunk] = sum over samples b of split s of (kept ? grad_x_vis[b, ids_restore[b, n]] : 0).
+
+    Grid (cdiv(N, BLOCK_N), cdiv(D, BLOCK_D), splits); fp32 partial sums, reduced by the launcher in a
+    fixed order: deterministic, no atomics.
+    """
     n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)  # (BLOCK_N,)
     d = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)  # (BLOCK_D,)
+    split = tl.program_id(2)
     n_ok = n < N
     d_ok = d < D
+    b0 = split.to(tl.int64) * B_PER_SPLIT
     acc = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
-    ids_row = ids_restore_ptr + n  # (BLOCK_N,) pointers into sample 0; advanced per sample (64-bit)
-    g_base = gvis_ptr
-    for _ in range(0, B):
-        j = tl.load(ids_row, mask=n_ok, other=K)  # (BLOCK_N,)
-        keep = n_ok & (j < K)
+    ids_row = ids_restore_ptr + b0 * N + n  # (BLOCK_N,) pointers into sample b0, advanced per sample
+    g_base = gvis_ptr + b0 * stride_gb
+    for i in range(0, B_PER_SPLIT):
+        live = n_ok & (b0 + i < B)
+        j = tl.load(ids_row, mask=live, other=K)  # (BLOCK_N,) rank of token n in sample b0 + i
+        keep = live & (j < K)
         src = g_base + j[:, None] * stride_gk + d[None, :]
         acc += tl.load(src, mask=keep[:, None] & d_ok[None, :], other=0.0).to(tl.float32)
         ids_row += N
         g_base += stride_gb
-    dst = gpos_ptr + n[:, None].to(tl.int64) * D + d[None, :]
-    tl.store(dst, _cast(acc, gpos_ptr.dtype.element_ty, BF16_RNE), mask=n_ok[:, None] & d_ok[None, :])
+    dst = partial_ptr + (split.to(tl.int64) * N + n[:, None]) * D + d[None, :]
+    tl.store(dst, acc, mask=n_ok[:, None] & d_ok[None, :])
 
 
 # ----------------------------------------------------------------------------- launchers
@@ -510,24 +517,34 @@ def pos_embed_grad(
     D: int,
     dtype: torch.dtype,
     out: torch.Tensor | None = None,
+    splits: int | None = None,
 ) -> torch.Tensor:
-    """grad of the fused pos_embed (N, D) of ``dtype``: the scattered rows summed over the batch in fp32.
+    """grad of the fused pos_embed (N, D) of ``dtype``: the scattered rows summed over the batch.
 
-    Deterministic (no atomics). Parallel over (N, D) tiles only: fine for a parameter that MAE keeps
-    frozen; a trainable pos_embed at large batch would want a split-B reduction.
+    fp32 partial sums over up to 16 batch splits (so a B=256 batch still fills the GPU), then one
+    fixed-order sum: deterministic, no atomics. MAE keeps pos_embed frozen; this is for other uses.
+    ``splits`` overrides the number of batch splits (tests).
     """
     B, N = ids_restore.shape
     K = grad_x_vis.shape[1]
-    grad_pos = torch.empty((N, D), device=grad_x_vis.device, dtype=dtype) if out is None else out
-    if D == 0:
-        return grad_pos
-    block_n, block_d = (32, 64) if not _interpreting() else _bwd_blocks(N, D)
-    grid = (triton.cdiv(N, block_n), triton.cdiv(D, block_d))
+    if B == 0 or D == 0:
+        grad = torch.zeros((N, D), device=grad_x_vis.device, dtype=dtype)
+        return grad if out is None else out.copy_(grad)
+    if _interpreting():
+        block_n, block_d, default_splits = triton.next_power_of_2(N), triton.next_power_of_2(D), 1
+    else:
+        block_n, block_d, default_splits = min(32, triton.next_power_of_2(N)), min(128, triton.next_power_of_2(D)), 16
+    splits = splits if splits is not None else default_splits
+    b_per_split = triton.cdiv(B, min(splits, B))
+    splits = triton.cdiv(B, b_per_split)
+    partial = torch.empty((splits, N, D), device=grad_x_vis.device, dtype=torch.float32)
+    grid = (triton.cdiv(N, block_n), triton.cdiv(D, block_d), splits)
     _pos_grad_kernel[grid](
-        grad_x_vis, ids_restore, grad_pos, B, N, K, D, grad_x_vis.stride(0), grad_x_vis.stride(1),
-        BLOCK_N=block_n, BLOCK_D=block_d, BF16_RNE=_needs_bf16_rne(torch.float32, dtype), num_warps=4,
+        grad_x_vis, ids_restore, partial, B, N, K, D, grad_x_vis.stride(0), grad_x_vis.stride(1), b_per_split,
+        BLOCK_N=block_n, BLOCK_D=block_d, num_warps=4,
     )
-    return grad_pos
+    grad = partial.sum(0).to(dtype)  # (N, D)
+    return grad if out is None else out.copy_(grad)
 
 
 # ----------------------------------------------------------------------------- autograd

@@ -276,6 +276,8 @@ def test_backward_launchers_write_every_element() -> None:
     want[kept] = torch.gather(g, 1, ids_restore.clamp(max=K - 1).unsqueeze(-1).expand(-1, -1, D))[kept]
     assert torch.equal(gx, want)
     torch.testing.assert_close(gp, want.sum(0))
+    for splits in (2, 3):  # batch split into partial sums (the GPU default), last split partly empty
+        torch.testing.assert_close(km.pos_embed_grad(g, ids_restore, D, F32, splits=splits), want.sum(0))
 
 
 # ----------------------------------------------------------------------------- errors
@@ -431,9 +433,9 @@ compile_(km._gather_rows_kernel, dict(x_ptr="*bf16", pos_ptr="*fp32", ids_keep_p
          dict(BLOCK_K=64, BLOCK_D=128, HAS_POS=True, BF16_RNE=False), 4)
 bwd = dict(gvis_ptr="*fp32", ids_restore_ptr="*i64", gx_ptr="*bf16", N=i32, K=i32, D=i32, stride_gb=i32, stride_gk=i32)
 compile_(km._masking_bwd_kernel, dict(bwd), dict(BLOCK_N=64, BLOCK_D=128, BF16_RNE=False), 4)
-pos = dict(gvis_ptr="*fp32", ids_restore_ptr="*i64", gpos_ptr="*bf16", B=i32, N=i32, K=i32, D=i32, stride_gb=i32,
-           stride_gk=i32)
-compile_(km._pos_grad_kernel, pos, dict(BLOCK_N=32, BLOCK_D=64, BF16_RNE=False), 4)
+pos = dict(gvis_ptr="*bf16", ids_restore_ptr="*i64", partial_ptr="*fp32", B=i32, N=i32, K=i32, D=i32, stride_gb=i32,
+           stride_gk=i32, B_PER_SPLIT=i32)
+compile_(km._pos_grad_kernel, pos, dict(BLOCK_N=32, BLOCK_D=128), 4)
 print("compiled for sm_90")
 """
 
