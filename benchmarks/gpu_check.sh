@@ -234,7 +234,9 @@ stage ablations 150 "$PY" benchmarks/throughput.py --presets "$P_L" --variants f
     --ablate "$ABLATE" "${QUICK[@]}" --flops-presets "" --no-count --out "$RES" --name throughput_ablations
 
 # DeepSpeed: a short ZeRO-2 pre-training run of the real program on synthetic data.
+# effective batch = micro batch (no accumulation), so 20 steps are 20 micro-batches
 DS_ARGS=(--ds_config zero2.json --preset "$P_L" train.steps=20 train.log_interval=5 data.backend=synthetic
+         data.batch_size=64 train.batch_size=64
          "train.output_dir=$RES/ds_run" train.checkpoint_interval=0 train.progress=false)
 if [ ! -f fastmae/train.py ]; then
     skip deepspeed "fastmae/train.py does not exist yet"
