@@ -1,12 +1,21 @@
-"""The fused Triton masking kernel against its plain-torch reference.
+"""The fused Triton masking kernel (fastmae.kernels.masking) against its plain-torch reference.
+
+Covers: the noise path bit for bit (both strategies, dtypes, odd shapes, ties/NaN/-0.0, float64
+noise, N=1024, strided inputs), the Philox path (valid, reproducible, seed-dependent, chi-square
+uniform), gradients of x and a trainable pos_embed, errors, the debug model with masking=triton vs
+torch, the benchmark script (--cpu-smoke), and an sm_90 compile of every kernel.
 
 Without CUDA these run under the Triton interpreter on CPU tensors (conftest sets TRITON_INTERPRET=1),
 where every program's in-kernel sort costs ~0.2-0.4 s at N=196..256: a few samples at N=196/256,
 small N elsewhere. The interpreter does not bounds-check, so the launchers are also called with
 output buffers poisoned with NaN / sentinels and every element is checked to have been written.
+With CUDA the same tests run on the GPU (benchmarks/gpu_check.sh runs this file).
 """
 
 from __future__ import annotations
+
+from pathlib import Path
+from types import ModuleType
 
 import pytest
 import torch
@@ -21,7 +30,9 @@ DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 F32, BF16, F16 = torch.float32, torch.bfloat16, torch.float16
 
 
-def _poisoned_outputs(B: int, N: int, K: int, D: int, dtype: torch.dtype):
+def _poisoned_outputs(
+    B: int, N: int, K: int, D: int, dtype: torch.dtype
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """x_vis / mask filled with NaN and ids_restore with -7: any element the kernel skips shows."""
     return (
         torch.full((B, K, D), float("nan"), dtype=dtype, device=DEVICE),
@@ -54,7 +65,9 @@ NOISE_CASES = [
 
 @pytest.mark.parametrize("strategy", km.STRATEGIES)
 @pytest.mark.parametrize("B,N,D,ratio,dtype,pos,block_d", NOISE_CASES)
-def test_noise_path_equals_reference(B, N, D, ratio, dtype, pos, block_d, strategy) -> None:
+def test_noise_path_equals_reference(
+    B: int, N: int, D: int, ratio: float, dtype: torch.dtype, pos: tuple | None, block_d: int | None, strategy: str
+) -> None:
     """Same noise -> bit-identical x_vis, mask and ids_restore; every output element written."""
     x = (torch.randn(B, N, D) * 3).to(dtype).to(DEVICE)
     noise = torch.rand(B, N, device=DEVICE)
@@ -364,10 +377,9 @@ def test_model_trains_with_triton_masking() -> None:
 # ----------------------------------------------------------------------------- benchmark script
 
 
-def _load_benchmark():
+def _load_benchmark() -> ModuleType:
     """benchmarks/kernels.py as a module (under another name: ``kernels`` is a PyPI package's)."""
     import importlib.util
-    from pathlib import Path
 
     path = Path(__file__).resolve().parent.parent / "benchmarks" / "kernels.py"
     spec = importlib.util.spec_from_file_location("fastmae_benchmark_kernels", path)
@@ -384,7 +396,7 @@ def test_benchmark_needs_cuda(capsys: pytest.CaptureFixture[str]) -> None:
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="on a GPU machine gpu_check.sh runs the real benchmark")
-def test_benchmark_cpu_smoke(tmp_path) -> None:
+def test_benchmark_cpu_smoke(tmp_path: Path) -> None:
     """The benchmark script end to end on CPU (interpreter, tiny shape): correct, table, JSON."""
     import json
 
