@@ -28,7 +28,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from PIL import Image, ImageOps
+from PIL import Image, ImageOps, UnidentifiedImageError
 
 from .index import (
     IMAGE_EXTS,
@@ -128,6 +128,8 @@ def encode_image(path: str, label: int, resize: int = 0, quality: int = 90) -> E
             buf = io.BytesIO()
             out.save(buf, "JPEG", quality=quality)
             return Encoded(path, label, buf.getvalue(), converted=True)
+    except UnidentifiedImageError:
+        return Encoded(path, label, None, error="not an image format PIL recognises")
     except Exception as e:  # any failure to read or decode means: skip and report
         return Encoded(path, label, None, error=f"{type(e).__name__}: {e}")
 
@@ -328,6 +330,8 @@ def verify_shard(shard: Path) -> tuple[int, list[str], dict[int, int]]:
                         im.load()
                         if im.format != "JPEG":
                             problems.append(f"{name}: {key}: image is {im.format}, not JPEG")
+                except UnidentifiedImageError:
+                    problems.append(f"{name}: {key}: image does not decode (not an image format PIL recognises)")
                 except Exception as e:
                     problems.append(f"{name}: {key}: image does not decode ({type(e).__name__}: {e})")
     except (tarfile.TarError, OSError, EOFError) as e:
