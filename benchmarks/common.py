@@ -43,6 +43,18 @@ PEAK_BF16_TFLOPS: tuple[tuple[str, float], ...] = (
 )
 
 
+def leave_sys_path() -> None:
+    """Drop benchmarks/ from ``sys.path`` once the scripts' own modules are imported.
+
+    Running ``python benchmarks/x.py`` puts benchmarks/ first on the path, where ``kernels.py`` would
+    pass for Hugging Face's ``kernels`` package: transformers probes for that package by importing it.
+    """
+    import sys
+
+    here = Path(__file__).resolve().parent
+    sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != here]
+
+
 def lookup_peak_tflops(device_name: str, override: float | None = None) -> tuple[float | None, str]:
     """Peak dense bf16 TFLOP/s of a card from its name (or ``override``) and where the number came from."""
     if override:

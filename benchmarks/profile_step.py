@@ -37,6 +37,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import common  # noqa: E402
 from fastmae.data import SyntheticLoader  # noqa: E402
+from throughput import masking_kernel_available  # noqa: E402
 
 import fastmae  # noqa: E402
 from fastmae.config import get_preset  # noqa: E402
@@ -178,8 +179,6 @@ def profile_variant(preset: str, with_m: bool, args: argparse.Namespace, device:
     batch = args.batch_size
     masking = args.masking
     if masking == "auto":
-        from throughput import masking_kernel_available
-
         masking = "triton" if device.type == "cuda" and masking_kernel_available() else "torch"
     with torch.device(device):
         model = fastmae.create_model(preset, encoder_mask_tokens=with_m, masking=masking,
