@@ -11,6 +11,8 @@ in Python (any digit count) and the same samples, crop boxes and flips as the to
 
 from __future__ import annotations
 
+import queue
+import threading
 import weakref
 from collections.abc import Iterator
 from typing import Any
@@ -22,7 +24,7 @@ from nvidia.dali.plugin.pytorch import DALIGenericIterator
 
 from .index import ShardIndex
 from .loader import IMAGENET_MEAN, IMAGENET_STD, ShardLoader
-from .sampling import PAD_LABEL, image_size
+from .sampling import PAD_LABEL, image_size, sample_crop
 
 _DALI_DTYPE = {torch.float32: types.FLOAT, torch.float16: types.FLOAT16, torch.bfloat16: types.FLOAT16}
 
@@ -50,38 +52,88 @@ def mae_pipeline(
     return images, labels
 
 
+_END = object()
+Batch = tuple[list[np.ndarray], ...]
+
+
 class _Feed:
     """The ``external_source`` iterable: one epoch of this rank's batches from a start position; when it
-    ends, the next ``iter`` (DALI prefetches it at once) starts the following epoch at batch 0."""
+    ends, the next ``iter`` (DALI prefetches it at once) starts the following epoch at batch 0.
 
-    def __init__(self, loader: DaliLoader, epoch: int, start: int) -> None:
-        self.loader = weakref.proxy(loader)  # no cycle: dropping the loader frees the pipeline at once
+    A background thread reads the bytes and computes the crops ``prefetch`` batches ahead, so the file
+    reads (which release the GIL) overlap the training step instead of running inside ``next(loader)``.
+    """
+
+    def __init__(self, loader: DaliLoader, epoch: int, start: int, prefetch: int = 4) -> None:
+        self._loader = weakref.ref(loader)  # no cycle: dropping the loader frees the pipeline at once
         self.next_pos = (epoch, start)
-        self._gen: Iterator[tuple[list[np.ndarray], ...]] | None = None
+        self.prefetch = prefetch
+        self._queue: queue.Queue[Any] | None = None
+        self._stop: threading.Event | None = None
 
     def __iter__(self) -> _Feed:
-        self._gen = self._epoch(*self.next_pos)
+        self.stop()
+        q: queue.Queue[Any] = queue.Queue(maxsize=self.prefetch)
+        stop = threading.Event()
+        threading.Thread(
+            target=self._produce, args=(*self.next_pos, q, stop), name="fastmae-dali-feed", daemon=True
+        ).start()
+        self._queue, self._stop = q, stop
         return self
 
-    def __next__(self) -> tuple[list[np.ndarray], ...]:
-        assert self._gen is not None
-        return next(self._gen)
+    def __next__(self) -> Batch:
+        assert self._queue is not None
+        item = self._queue.get()
+        if item is _END:
+            raise StopIteration
+        if isinstance(item, BaseException):
+            raise item
+        return item
 
-    def _epoch(self, epoch: int, start: int) -> Iterator[tuple[list[np.ndarray], ...]]:
-        ld = self.loader
+    def stop(self) -> None:
+        """End the producer thread of the current epoch (if any)."""
+        if self._stop is not None:
+            self._stop.set()
+        self._queue = self._stop = None
+
+    def _put(self, q: queue.Queue[Any], item: Any, stop: threading.Event) -> bool:
+        while not stop.is_set() and self._loader() is not None:
+            try:
+                q.put(item, timeout=0.1)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+    def _produce(self, epoch: int, start: int, q: queue.Queue[Any], stop: threading.Event) -> None:
+        try:
+            for batch in self._epoch(epoch, start):
+                if not self._put(q, batch, stop):
+                    return
+            self.next_pos = (epoch + 1, 0)  # before _END: DALI calls iter() again right after StopIteration
+            self._put(q, _END, stop)
+        except BaseException as e:  # surfaced in the training process by __next__
+            self._put(q, e, stop)
+
+    def _epoch(self, epoch: int, start: int) -> Iterator[Batch]:
+        ld = self._loader()
+        if ld is None:
+            return
         idx: ShardIndex = ld.index
-        for b in ld.plan(epoch, start):
-            jpegs, anchors, shapes, flips, labels = [], [], [], [], []
+        plan = ld.layout().batches(epoch, start)
+        img_size, scale = ld.img_size, ld.crop_scale
+        del ld  # hold no strong reference: the thread must not keep the loader alive
+        for b in plan:
+            jpegs, boxes, labels = [], [], []
             for j, i in enumerate(b.indices):
                 data = idx.read_image(int(i))
-                x, y, w, h, flip = ld.crop(None if b.uniforms is None else b.uniforms[j], *image_size(data))
+                u = None if b.uniforms is None else b.uniforms[j]
+                boxes.append(sample_crop(u, *image_size(data), img_size, scale))
                 jpegs.append(np.frombuffer(data, dtype=np.uint8))
-                anchors.append(np.array([x, y], dtype=np.float32))
-                shapes.append(np.array([w, h], dtype=np.float32))
-                flips.append(np.array(int(flip), dtype=np.int32))
-                labels.append(np.array(PAD_LABEL if b.pad else idx.read_label(int(i)), dtype=np.int64))
-            yield jpegs, anchors, shapes, flips, labels
-        self.next_pos = (epoch + 1, 0)
+                labels.append(PAD_LABEL if b.pad else idx.read_label(int(i)))
+            box = np.asarray(boxes, dtype=np.float32)  # (B, 5): x, y, w, h, flip
+            yield (jpegs, np.ascontiguousarray(box[:, 0:2]), np.ascontiguousarray(box[:, 2:4]),
+                   box[:, 4].astype(np.int32), np.asarray(labels, dtype=np.int64))
 
 
 class DaliLoader(ShardLoader):
@@ -93,6 +145,7 @@ class DaliLoader(ShardLoader):
         super().__init__(index, **kwargs)
         self._iter: DALIGenericIterator | None = None
         self._pipe: Any = None
+        self._feed: _Feed | None = None
         self._ready_for: tuple[int, int] | None = None  # position the built pipeline will produce next
         self._needs_reset = False
         gpu = self.device.type == "cuda"
@@ -106,8 +159,9 @@ class DaliLoader(ShardLoader):
     def _build(self, epoch: int, start: int) -> None:
         self.close()
         gpu = self._device_id is not None
+        self._feed = _Feed(self, epoch, start)
         self._pipe = mae_pipeline(
-            source=_Feed(self, epoch, start), img_size=self.img_size,
+            source=self._feed, img_size=self.img_size,
             decode_device="mixed" if gpu else "cpu", out_dtype=_DALI_DTYPE[self.dtype],
             interp=types.INTERP_CUBIC if self.interpolation == "bicubic" else types.INTERP_LINEAR,
             batch_size=self.batch_size, num_threads=max(1, self.num_workers), device_id=self._device_id,
@@ -118,7 +172,10 @@ class DaliLoader(ShardLoader):
         self._needs_reset = False
 
     def close(self) -> None:
-        """Release the pipeline (its threads and buffers)."""
+        """Release the pipeline (its threads and buffers) and stop its feed thread."""
+        if self._feed is not None:
+            self._feed.stop()
+        self._feed = None
         self._iter = None
         self._pipe = None
         self._ready_for = None
@@ -140,3 +197,9 @@ class DaliLoader(ShardLoader):
             yield imgs.to(self.device), labels.to(self.device).view(-1)
         self._needs_reset = True
         self._ready_for = (epoch + 1, 0)
+
+    def __del__(self) -> None:
+        try:
+            self.close()
+        except Exception:
+            pass

@@ -37,6 +37,26 @@ class BatchPlan:
     uniforms: np.ndarray | None
 
 
+@dataclass(frozen=True)
+class EpochLayout:
+    """What decides one rank's batches: see :mod:`fastmae.data.sampling`."""
+
+    num_samples: int
+    world_size: int
+    rank: int
+    batch_size: int
+    seed: int
+    shuffle: bool
+
+    def batches(self, epoch: int, start: int) -> Iterator[BatchPlan]:
+        """This rank's batches of ``epoch`` from batch ``start`` on."""
+        order = epoch_order(self.num_samples, epoch, self.seed, self.shuffle)
+        for step in range(start, steps_per_epoch(self.num_samples, self.world_size, self.batch_size)):
+            idx, pad = rank_batch(order, step, self.rank, self.world_size, self.batch_size)
+            u = batch_uniforms(self.seed, epoch, step, self.rank, len(idx)) if self.shuffle else None
+            yield BatchPlan(step, idx, pad, u)
+
+
 class ShardLoader:
     """Base of the shard loaders: epoch layout, position, state and per-sample augmentation parameters.
 
@@ -126,13 +146,13 @@ class ShardLoader:
     def shuffle(self) -> bool:
         return self.mode == "train"
 
+    def layout(self) -> EpochLayout:
+        """This rank's epoch layout, detached from the loader (safe to hand to a feed thread)."""
+        return EpochLayout(self.num_samples, self.world_size, self.rank, self.batch_size, self.seed, self.shuffle)
+
     def plan(self, epoch: int, start: int) -> Iterator[BatchPlan]:
         """This rank's batches of ``epoch`` from batch ``start`` on."""
-        order = epoch_order(self.num_samples, epoch, self.seed, self.shuffle)
-        for step in range(start, len(self)):
-            idx, pad = rank_batch(order, step, self.rank, self.world_size, self.batch_size)
-            u = batch_uniforms(self.seed, epoch, step, self.rank, len(idx)) if self.shuffle else None
-            yield BatchPlan(step, idx, pad, u)
+        return self.layout().batches(epoch, start)
 
     def crop(self, u: np.ndarray | None, width: int, height: int) -> tuple[int, int, int, int, bool]:
         """(x, y, w, h, flip) of one sample: RandomResizedCrop + flip in train mode, centre crop in eval."""

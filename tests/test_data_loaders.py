@@ -225,3 +225,21 @@ def test_synthetic_backend() -> None:
     assert isinstance(loader, SyntheticLoader) and loader.backend == "synthetic" and loader.num_samples == 10
     batches = list(loader)
     assert len(batches) == len(loader) == 1 and batches[0][0].shape == (4, 3, 16, 16)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_bad_label_raises_naming_the_key(backend: str, tmp_path: Path) -> None:
+    import io
+    import tarfile
+
+    buf = io.BytesIO()
+    Image.fromarray(_gradient(40, 30)).save(buf, "JPEG")
+    with tarfile.open(tmp_path / "000000.tar", "w") as tf:
+        for key, cls in (("good", b"1"), ("odd_label", b"x7")):
+            for ext, data in (("cls", cls), ("jpg", buf.getvalue())):
+                info = tarfile.TarInfo(f"{key}.{ext}")
+                info.size = len(data)
+                tf.addfile(info, io.BytesIO(data))
+    loader = build_loader(_cfg(backend, tmp_path, batch=2), img_size=16)
+    with pytest.raises(ShardError, match="odd_label.cls is not an integer"):
+        list(loader)
