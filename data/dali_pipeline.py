@@ -22,7 +22,7 @@ import torch
 from nvidia.dali import fn, pipeline_def, types
 from nvidia.dali.plugin.pytorch import DALIGenericIterator
 
-from .index import ShardIndex
+from .index import ShardError, ShardIndex
 from .loader import IMAGENET_MEAN, IMAGENET_STD, ShardLoader
 from .sampling import PAD_LABEL, image_size, sample_crop
 
@@ -190,13 +190,36 @@ class DaliLoader(ShardLoader):
             self._needs_reset = False
         self._ready_for = None  # until this epoch is consumed to its end, the pipeline's position is unknown
         assert self._iter is not None
-        for out in self._iter:
+        done = start
+        while True:
+            try:
+                out = next(self._iter)
+            except StopIteration:
+                break
+            except RuntimeError as e:  # DALI stops on an undecodable image without naming it: name suspects
+                self.close()
+                raise ShardError(self._failure(epoch, done, e)) from e
+            done += 1
             imgs, labels = out[0]["images"], out[0]["labels"]
             if imgs.dtype != self.dtype:
                 imgs = imgs.to(self.dtype)
             yield imgs.to(self.device), labels.to(self.device).view(-1)
         self._needs_reset = True
         self._ready_for = (epoch + 1, 0)
+
+    def _failure(self, epoch: int, step: int, err: BaseException) -> str:
+        """An error message naming the samples of the batches DALI may have been working on."""
+        suspects = []
+        for b in self.layout().batches(epoch, step):
+            if b.step >= step + 3:  # the failing batch is this one or one of those prefetched after it
+                break
+            suspects += [f"{self.index.shards[int(self.index.shard_of[i])].name}:{self.index.key(int(i))}"
+                         for i in b.indices]
+        shown = ", ".join(suspects[:12]) + (f", ... ({len(suspects)} in all)" if len(suspects) > 12 else "")
+        first = str(err).strip().splitlines()
+        return (f"DALI failed in epoch {epoch} at batch {step} on rank {self.rank}, most likely on an image "
+                f"that does not decode, one of: {shown}. Check the shards with `python -m fastmae.data.shards "
+                f"verify {self.index.shards[0].parent}`. DALI said: {' '.join(first[-4:])}")
 
     def __del__(self) -> None:
         try:

@@ -15,7 +15,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from .index import ShardIndex
+from .index import ShardError, ShardIndex
 from .loader import ShardLoader, normalize_uint8
 from .sampling import PAD_LABEL, sample_crop
 
@@ -43,7 +43,15 @@ class _Samples(torch.utils.data.Dataset):
 
     def __getitem__(self, item: Item) -> tuple[torch.Tensor, int]:
         i, u, pad = item
-        img = _open_rgb(self.index.read_image(i))
+        try:
+            img = _open_rgb(self.index.read_image(i))
+            img.load()
+        except (OSError, ValueError, SyntaxError) as e:  # PIL's errors for bad data
+            shard = self.index.shards[int(self.index.shard_of[i])]
+            raise ShardError(
+                f"{shard}: {self.index.key(i)}: image does not decode ({type(e).__name__}: {e}); check the "
+                f"shards with `python -m fastmae.data.shards verify {shard.parent}`"
+            ) from e
         x, y, w, h, flip = sample_crop(u, *img.size, self.size, self.scale)
         img = img.resize((self.size, self.size), self.resample, box=(x, y, x + w, y + h))
         if flip:

@@ -243,3 +243,24 @@ def test_bad_label_raises_naming_the_key(backend: str, tmp_path: Path) -> None:
     loader = build_loader(_cfg(backend, tmp_path, batch=2), img_size=16)
     with pytest.raises(ShardError, match="odd_label.cls is not an integer"):
         list(loader)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_undecodable_image_error_names_the_key(backend: str, tmp_path: Path) -> None:
+    import io
+    import tarfile
+
+    buf = io.BytesIO()
+    Image.fromarray(_gradient(80, 60)).save(buf, "JPEG")
+    good = buf.getvalue()
+    bad = good[:300] + b"\x00" * 200 + good[500:600]  # written by hand: the writer would have skipped it
+    with tarfile.open(tmp_path / "000000.tar", "w") as tf:
+        for key, data in (("a", good), ("b", good), ("broken", bad), ("c", good)):
+            for ext, payload in (("cls", b"1"), ("jpg", data)):
+                info = tarfile.TarInfo(f"{key}.{ext}")
+                info.size = len(payload)
+                tf.addfile(info, io.BytesIO(payload))
+    loader = build_loader(_cfg(backend, tmp_path, batch=2), img_size=16, mode="eval")
+    with pytest.raises(ShardError, match="broken") as info:
+        list(loader)
+    assert "fastmae.data.shards verify" in str(info.value)
