@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import io
 import json
 import os
 import platform
@@ -47,15 +48,24 @@ class _BenchDataConfig(DataConfig):
 
 
 def make_shards(out: Path, count: int, seed: int = 0) -> Path:
-    """``count`` ImageNet-sized JPEGs cut from scikit-image photographs, sharded into ``out`` (cached)."""
+    """``count`` ImageNet-sized JPEGs cut from scikit-image photographs (else from the bundled sample),
+    sharded into ``out`` (cached)."""
     if (out / "report.json").is_file() and json.loads((out / "report.json").read_text())["samples"] == count:
         return out
-    import skimage.data
     from fastmae.data.shards import write_shards
     from PIL import Image
 
-    photos = [np.asarray(Image.fromarray(getattr(skimage.data, n)()).convert("RGB"))
-              for n in ("astronaut", "chelsea", "coffee", "hubble_deep_field", "retina", "rocket", "camera")]
+    try:
+        import skimage.data
+
+        photos = [np.asarray(Image.fromarray(getattr(skimage.data, n)()).convert("RGB"))
+                  for n in ("astronaut", "chelsea", "coffee", "hubble_deep_field", "retina", "rocket", "camera")]
+    except ImportError:  # e.g. a GPU machine without scikit-image: upscale the bundled sample's photos
+        from fastmae.data import ShardIndex, bundled_sample_dir, expand_shards
+
+        index = ShardIndex(expand_shards(bundled_sample_dir()))
+        photos = [np.asarray(Image.open(io.BytesIO(index.read_image(i))).convert("RGB").resize((500, 375)))
+                  for i in range(len(index))]
     rng = np.random.default_rng(seed)
     with tempfile.TemporaryDirectory() as tmp:
         for i in range(count):
