@@ -12,7 +12,6 @@ import glob
 import os
 import re
 import tarfile
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -156,15 +155,26 @@ def read_index(path: Path) -> list[dict[str, tuple[int, int, str]]]:
     return out
 
 
-@dataclass
-class SampleRef:
-    """Where one sample's image and label bytes lie."""
+_FD_BUDGET: int | None = None
 
-    shard: int
-    img_offset: int
-    img_size: int
-    cls_offset: int
-    cls_size: int
+
+def _fd_budget() -> int:
+    """How many shard files one process keeps open: a quarter of the descriptor limit, raised to the hard
+    limit first (a DataLoader worker and DALI need descriptors of their own)."""
+    global _FD_BUDGET
+    if _FD_BUDGET is None:
+        try:
+            import resource
+
+            soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+            want = hard if hard != resource.RLIM_INFINITY else 65536
+            if soft != resource.RLIM_INFINITY and soft < want:
+                resource.setrlimit(resource.RLIMIT_NOFILE, (min(want, 65536), hard))
+                soft = min(want, 65536)
+            _FD_BUDGET = max(16, min(4096, (soft if soft != resource.RLIM_INFINITY else 65536) // 4))
+        except (ImportError, ValueError, OSError):
+            _FD_BUDGET = 64
+    return _FD_BUDGET
 
 
 class ShardIndex:
@@ -222,6 +232,8 @@ class ShardIndex:
             self._fds, self._pid = {}, os.getpid()
         fd = self._fds.get(shard)
         if fd is None:
+            if len(self._fds) >= _fd_budget():  # ImageNet has ~1000 shards: keep descriptors bounded
+                os.close(self._fds.pop(next(iter(self._fds))))
             fd = os.open(self.shards[shard], os.O_RDONLY)
             self._fds[shard] = fd
         return fd

@@ -113,6 +113,18 @@ def test_index_without_idx_files_matches(written: tuple[Path, dict], tmp_path: P
     assert all(a.read_image(i) == b.read_image(i) and a.read_label(i) == b.read_label(i) for i in range(len(a)))
 
 
+def test_bounded_open_files(written: tuple[Path, dict], monkeypatch: pytest.MonkeyPatch) -> None:
+    from fastmae.data import index as index_mod
+
+    out, _ = written
+    ref = ShardIndex(expand_shards(out))
+    monkeypatch.setattr(index_mod, "_FD_BUDGET", 1)
+    small = ShardIndex(expand_shards(out))
+    for i in [0, 5, 10, 1, 9, 4]:  # hops between the 3 shards with one descriptor
+        assert small.read_image(i) == ref.read_image(i) and len(small._fds) == 1
+    assert index_mod._fd_budget() == 1
+
+
 def test_resize_and_bytes_per_shard(source: Path, tmp_path: Path) -> None:
     rep = shards_mod.write_shards(
         source, tmp_path, bytes_per_shard=6000, resize=48, workers=1, progress=False, shuffle=False
