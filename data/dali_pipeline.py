@@ -53,7 +53,7 @@ def mae_pipeline(
 
 
 _END = object()
-Batch = tuple[list[np.ndarray], ...]
+Batch = tuple[Any, ...]  # jpegs (list of uint8 arrays), anchors (B,2), shapes (B,2), flips (B,), labels (B,)
 
 
 class _Feed:
@@ -196,6 +196,9 @@ class DaliLoader(ShardLoader):
                 out = next(self._iter)
             except StopIteration:
                 break
+            except ShardError:  # raised by the feed (e.g. a bad label): already names the sample
+                self.close()
+                raise
             except RuntimeError as e:  # DALI stops on an undecodable image without naming it: name suspects
                 self.close()
                 raise ShardError(self._failure(epoch, done, e)) from e
