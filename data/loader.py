@@ -132,11 +132,11 @@ class ShardLoader:
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Continue at ``state``'s position: the next batches are exactly the ones not yet handed out."""
-        for key in ("num_samples", "world_size", "batch_size"):
+        for key in ("num_samples", "world_size", "batch_size", "seed"):
             if key in state and int(state[key]) != getattr(self, key):
                 raise ValueError(
                     f"loader state has {key}={state[key]} but this loader has {key}={getattr(self, key)}: "
-                    "an exact mid-epoch resume needs the same dataset, world size and micro batch"
+                    "an exact mid-epoch resume needs the same dataset, world size, micro batch and seed"
                 )
         self.epoch = int(state["epoch"])
         self.batch_in_epoch = int(state["batch_in_epoch"])
