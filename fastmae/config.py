@@ -69,6 +69,8 @@ class DataConfig:
     num_workers: int = 4
     crop_scale_min: float = 0.2
     crop_scale_max: float = 1.0
+    # resampling of the random crop: bicubic (the paper's recipe) | bilinear (cheaper on CPU)
+    interpolation: str = "bicubic"
     # output dtype of the DALI pipeline on GPU (float32 | bfloat16 | float16)
     dtype: str = "float32"
     # synthetic backend only: how many distinct images one epoch has
@@ -321,6 +323,7 @@ def validate(cfg: Config) -> None:
     d = cfg.data
     _choice("data.backend", d.backend, DATA_BACKENDS)
     _choice("data.dtype", d.dtype, ("float32", "bfloat16", "float16"))
+    _choice("data.interpolation", d.interpolation, ("bicubic", "bilinear"))
     _positive("data.batch_size", d.batch_size)
     _positive("data.num_workers", d.num_workers, allow_zero=True)
     _positive("data.synthetic_size", d.synthetic_size)

@@ -24,9 +24,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from .config import ConfigError, DataConfig, ModelConfig, get_preset
+from .data import PAD_LABEL  # label of padding samples (never counted)
 from .vit import VisionTransformer, build_classifier
-
-PAD_LABEL = -100
 
 
 @torch.no_grad()
