@@ -22,6 +22,7 @@ the traces as ``torch.profiler.record_function`` ranges.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import sys
 import time
@@ -137,6 +138,19 @@ def endless(loader: SyntheticLoader) -> Any:
         yield from loader
 
 
+def phases_of(m: Markers) -> dict[str, float]:
+    """Milliseconds per phase of one step."""
+    out = {k: m.ms(a, b) for k, (a, b) in PHASES.items()}
+    out["encoder_fwd"] -= out["masking"]
+    out["total"] = m.ms("start", "optimizer")
+    return out
+
+
+def fastest_split(markers: list[Markers]) -> dict[str, float]:
+    """The phases of the fastest step (steadier than medians on a loaded, shared CPU)."""
+    return min((phases_of(m) for m in markers), key=lambda p: p["total"])
+
+
 def split_of(markers: list[Markers]) -> dict[str, float]:
     """Median milliseconds per phase over the steps' markers."""
     per: dict[str, list[float]] = {k: [] for k in PHASES}
@@ -172,11 +186,29 @@ def top_ops(prof: Any, device: torch.device, n: int = 15) -> list[dict[str, Any]
     return rows[:n]
 
 
-def profile_variant(preset: str, with_m: bool, args: argparse.Namespace, device: torch.device,
-                    dtype: torch.dtype, out: Path, tag: str) -> dict[str, Any]:
-    """Timed split and a profiler trace of one encoder variant."""
+@dataclasses.dataclass
+class Variant:
+    """One encoder variant ready to step: model, optimizer, step closure and its markers."""
+
+    tag: str
+    model: nn.Module
+    opt: torch.optim.Optimizer
+    step: Callable[[], None]
+    markers: list[Markers]
+    masking: str
+    done: list[Markers] = dataclasses.field(default_factory=list)
+
+    def run(self, device: torch.device, keep: bool) -> None:
+        self.markers[0] = Markers(device)
+        self.step()
+        if keep:
+            self.done.append(self.markers[0])
+
+
+def build_variant(preset: str, with_m: bool, tag: str, args: argparse.Namespace, device: torch.device,
+                  dtype: torch.dtype) -> Variant:
+    """fastmae with (``with_m``) or without mask tokens in the encoder, instrumented."""
     cfg = get_preset(preset).model
-    batch = args.batch_size
     masking = args.masking
     if masking == "auto":
         masking = "triton" if device.type == "cuda" and masking_kernel_available() else "torch"
@@ -185,37 +217,61 @@ def profile_variant(preset: str, with_m: bool, args: argparse.Namespace, device:
                                      attention=args.attention, mask_ratio=args.mask_ratio)
     apply_performance_toggles(model, args.activation_checkpointing, compile=False)
     opt = common.make_adamw(model, common.resolve_fused(args.fused_optimizer, device))
-    loader = SyntheticLoader(batch, cfg.img_size, device=device, size=10**9)
-    batches = endless(loader)
+    batches = endless(SyntheticLoader(args.batch_size, cfg.img_size, device=device, size=10**9))
     markers: list[Markers] = [Markers(device)]
     instrument_masking(model, markers)
     step = make_step(model, opt, batches, device, dtype, args.mask_ratio, markers)
+    return Variant(tag, model, opt, step, markers, masking)
 
-    for _ in range(args.warmup):
-        markers[0] = Markers(device)
-        step()
-    common.synchronize(device)
-    done: list[Markers] = []
-    for _ in range(args.steps):
-        markers[0] = Markers(device)
-        step()
-        done.append(markers[0])
-    common.synchronize(device)
-    split = split_of(done)
 
+def profile_trace(v: Variant, args: argparse.Namespace, device: torch.device, out: Path) -> dict[str, Any]:
+    """A few steps under torch.profiler: Chrome trace and top ops."""
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
     with profile(activities=activities, record_shapes=False) as prof:
         for _ in range(args.profile_steps):
-            markers[0] = Markers(device)
             with record_function("ProfilerStep"):
-                step()
+                v.run(device, keep=False)
         common.synchronize(device)
-    trace = out / f"trace_{tag}.json{'.gz' if args.gzip_traces else ''}"
+    trace = out / f"trace_{v.tag}.json{'.gz' if args.gzip_traces else ''}"
     prof.export_chrome_trace(str(trace))
-    ops = top_ops(prof, device)
-    del model, opt
-    common.free_device_memory(device)
-    return {"split_ms": split, "top_ops": ops, "trace": trace.name, "masking": masking, "batch": batch}
+    return {"top_ops": top_ops(prof, device), "trace": trace.name}
+
+
+def measure(args: argparse.Namespace, device: torch.device, dtype: torch.dtype, out: Path,
+            interleave: bool) -> dict[str, Any]:
+    """Timed split of both variants (interleaved step by step, or one after the other) and their traces."""
+    results: dict[str, Any] = {}
+
+    def finish(v: Variant) -> None:
+        results[v.tag] = {"split_ms": split_of(v.done), "split_ms_fastest": fastest_split(v.done),
+                          "masking": v.masking, "batch": args.batch_size,
+                          **profile_trace(v, args, device, out)}
+        print(f"   {v.tag}: {results[v.tag]['split_ms']['total']:.2f} ms/step (median)", flush=True)
+
+    if interleave:
+        vs = [build_variant(args.preset, with_m, tag, args, device, dtype) for tag, _, with_m in VARIANTS]
+        for v in vs:
+            for _ in range(args.warmup):
+                v.run(device, keep=False)
+        for _ in range(args.steps):
+            for v in vs:
+                v.run(device, keep=True)
+        common.synchronize(device)
+        for v in vs:
+            finish(v)
+        del vs
+    else:
+        for tag, _, with_m in VARIANTS:
+            v = build_variant(args.preset, with_m, tag, args, device, dtype)
+            for _ in range(args.warmup):
+                v.run(device, keep=False)
+            for _ in range(args.steps):
+                v.run(device, keep=True)
+            common.synchronize(device)
+            finish(v)
+            del v
+            common.free_device_memory(device)
+    return results
 
 
 def bar_chart(results: dict[str, Any], path: Path, title: str) -> None:
@@ -247,6 +303,9 @@ def bar_chart(results: dict[str, Any], path: Path, title: str) -> None:
 def report(results: dict[str, Any], env: dict[str, Any], args: argparse.Namespace, dtype: torch.dtype) -> str:
     """The markdown summary."""
     a, b = results["without_m"]["split_ms"], results["with_m"]["split_ms"]
+    fa, fb = results["without_m"]["split_ms_fastest"], results["with_m"]["split_ms_fastest"]
+    order = "variants interleaved step by step" if args.interleave_used else "one variant after the other"
+    enc_fast = (fb["encoder_fwd"] + fb["encoder_bwd"]) / max(fa["encoder_fwd"] + fa["encoder_bwd"], 1e-9)
     lines = [
         f"# Step profile: {args.preset}, encoder w/o [M] vs w/ [M]",
         "",
@@ -256,11 +315,15 @@ def report(results: dict[str, Any], env: dict[str, Any], args: argparse.Namespac
         f"{results['without_m']['masking']}, attention {args.attention}, AdamW "
         f"(fused {common.resolve_fused(args.fused_optimizer, torch.device(env['device_type']))}), "
         f"activation checkpointing {args.activation_checkpointing}. Median of {args.steps} steps after "
-        f"{args.warmup} warm-up; data: synthetic images generated on the device.",
+        f"{args.warmup} warm-up ({order}); data: synthetic images generated on the device. Medians are per "
+        "phase, so "
+        "they need not add up to the median total (the rest is shown as unattributed).",
         "",
         f"Step time: w/o [M] {a['total']:.2f} ms, w/ [M] {b['total']:.2f} ms: wall-clock encoder-skip "
         f"speedup **{b['total'] / a['total']:.2f}x** (encoder alone, fwd+bwd: "
-        f"{(b['encoder_fwd'] + b['encoder_bwd']) / max(a['encoder_fwd'] + a['encoder_bwd'], 1e-9):.2f}x).",
+        f"{(b['encoder_fwd'] + b['encoder_bwd']) / max(a['encoder_fwd'] + a['encoder_bwd'], 1e-9):.2f}x). "
+        f"Fastest steps: {fa['total']:.2f} ms vs {fb['total']:.2f} ms, {fb['total'] / fa['total']:.2f}x "
+        f"(encoder {enc_fast:.2f}x).",
         "",
         "![split](split.png)",
         "",
@@ -303,6 +366,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--warmup", type=int, default=3)
     ap.add_argument("--steps", type=int, default=10, help="timed steps for the split (median)")
     ap.add_argument("--profile-steps", type=int, default=2, help="steps under torch.profiler (trace size)")
+    ap.add_argument("--interleave", default="auto", choices=("auto", "on", "off"),
+                    help="alternate the two variants step by step (auto: on for CPU, where other processes "
+                         "load the machine; off for CUDA)")
     ap.add_argument("--no-gzip", dest="gzip_traces", action="store_false",
                     help="plain .json traces (default .json.gz: Perfetto and chrome://tracing open it)")
     ap.add_argument("--out", default="benchmarks/results/profile")
@@ -320,11 +386,9 @@ def main(argv: list[str] | None = None) -> int:
     env = common.environment(device)
     print(f"profiling {args.preset} on {env['device']} (batch {args.batch_size}, {common.dtype_name(dtype)})",
           flush=True)
-    results: dict[str, Any] = {}
-    for tag, label, with_m in VARIANTS:
-        print(f"-- {label} ...", flush=True)
-        results[tag] = profile_variant(args.preset, with_m, args, device, dtype, out, tag)
-        print(f"   {results[tag]['split_ms']['total']:.2f} ms/step", flush=True)
+    interleave = args.interleave == "on" or (args.interleave == "auto" and device.type != "cuda")
+    args.interleave_used = interleave
+    results = measure(args, device, dtype, out, interleave)
     machine = env["device"].split(" (")[0]
     bar_chart(results, out / "split.png",
               f"{args.preset}, batch {args.batch_size}, {common.dtype_name(dtype)}: {machine}")

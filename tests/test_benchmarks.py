@@ -30,7 +30,7 @@ from official_style import OfficialStyleMAE  # noqa: E402
 
 
 def run(args: list[str], timeout: int = 120, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
-    full_env = {**os.environ, "OMP_NUM_THREADS": "2", **(env or {})}
+    full_env = {**os.environ, "OMP_NUM_THREADS": "1", **(env or {})}  # steadier than 2 on a shared machine
     proc = subprocess.run(args, cwd=REPO, capture_output=True, text=True, timeout=timeout, env=full_env)
     assert proc.returncode == 0, f"{args} exited {proc.returncode}\n{proc.stdout[-4000:]}\n{proc.stderr[-4000:]}"
     return proc
