@@ -44,9 +44,11 @@ def test_benchmark_modules_shadow_nothing() -> None:
         for f in BENCH.glob("*.py"):
             name = f.stem
             assert name not in sys.stdlib_module_names, name
-            if name not in sys.modules:
-                spec = importlib.util.find_spec(name)
-                assert spec is None, f"benchmarks/{f.name} shadows {spec.origin}"
+            spec = None if name in sys.modules else importlib.util.find_spec(name)
+            # `python -m pytest` puts the repository root on sys.path, where kernels/ and data/ live:
+            # those are the package's own sources, not installed modules
+            installed = spec is not None and REPO not in Path(spec.origin or "").resolve().parents
+            assert not installed, f"benchmarks/{f.name} shadows {spec.origin}"
     finally:
         sys.path[:] = saved
 
@@ -155,10 +157,10 @@ def test_profile_step_writes_report(tmp_path: Path) -> None:
         assert {"fastmae/encoder", "fastmae/decoder", "fastmae/masking", "fastmae/optimizer"} <= names
 
 
-@pytest.mark.slow
 def test_gpu_check_cpu_rehearsal(tmp_path: Path) -> None:
-    """The whole gpu_check.sh with tiny sizes on CPU (about 10 Python start-ups: 1-2 minutes on 2 cores,
-    hence slow). Every stage must pass and the packed results must hold the JSON files."""
+    """The whole gpu_check.sh with tiny sizes on CPU: about 35 s on an idle 2-core machine (ten Python
+    start-ups), up to ~2 minutes while other processes load it. Every stage must pass and the packed
+    results must hold the JSON files."""
     out = tmp_path / "out"
     proc = run(["bash", "benchmarks/gpu_check.sh", "--cpu-rehearsal"], timeout=400,
                env={"OUT": str(out), "PYTHON": sys.executable})
