@@ -293,7 +293,7 @@ def _load(path: Path) -> Any:
 def gpu_check_summary(res: Path) -> str:
     """``summary.md`` of a gpu_check.sh run from the files it left in ``res``."""
     lines = [f"# gpu_check: {res.name}", ""]
-    stages = (res / "stages.tsv").read_text().splitlines() if (res / "stages.tsv").exists() else []
+    stages = (res / "stages.tsv").read_text().splitlines()[1:] if (res / "stages.tsv").exists() else []
     lines += ["| stage | exit | seconds | note |", "|---|---|---|---|"]
     for s in stages:
         parts = (s.split("\t") + ["", "", "", ""])[:4]

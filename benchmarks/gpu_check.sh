@@ -196,7 +196,11 @@ else
     FLOPS=(); MEM_REPEATS=3
 fi
 
-stage correctness 120 "$PY" benchmarks/throughput.py --check --presets "$P_ALL" --out "$RES" --name correctness
+# (the rehearsal runs the masking-kernel comparison under the Triton interpreter, on one small shape)
+INTERP=()
+[ "$REHEARSAL" = 1 ] && INTERP=(env TRITON_INTERPRET=1)
+stage correctness 120 "${INTERP[@]}" "$PY" benchmarks/throughput.py --check --presets "$P_ALL" --out "$RES" \
+    --name correctness
 
 stage throughput 170 "$PY" benchmarks/throughput.py --presets "$P_ALL" "${QUICK[@]}" "${FLOPS[@]}" --out "$RES" \
     --name throughput
