@@ -57,6 +57,22 @@ class PatchEmbed(nn.Module):
         return self.proj(x).flatten(2).transpose(1, 2)  # (B, N, D)
 
 
+def init_vit_weights(module: nn.Module) -> None:
+    """The official MAE/ViT initialisation: xavier_uniform linears with zero bias, LayerNorm (1, 0), and the
+    patch-embedding conv initialised as a linear layer (xavier_uniform on its (D, C*p*p) view)."""
+    for m in module.modules():
+        if isinstance(m, PatchEmbed):
+            w = m.proj.weight.data
+            nn.init.xavier_uniform_(w.view(w.shape[0], -1))
+        elif isinstance(m, nn.Linear):
+            nn.init.xavier_uniform_(m.weight)
+            if m.bias is not None:
+                nn.init.zeros_(m.bias)
+        elif isinstance(m, nn.LayerNorm):
+            nn.init.ones_(m.weight)
+            nn.init.zeros_(m.bias)
+
+
 def sincos_1d(dim: int, pos: torch.Tensor) -> torch.Tensor:
     """1-D sin-cos embedding (M,) -> (M, dim): first half sin, second half cos (official MAE)."""
     omega = torch.arange(dim // 2, dtype=torch.float64) / (dim / 2.0)

@@ -13,7 +13,7 @@ from torch import nn
 
 from .config import MaskConfig, ModelConfig, validate_mask, validate_model
 from .kernels import num_kept, random_masking_ref, triton_available
-from .layers import Block, PatchEmbed, sincos_2d
+from .layers import Block, PatchEmbed, init_vit_weights, sincos_2d
 
 
 def resolve_masking_backend(backend: str, device: torch.device | str) -> str:
@@ -78,23 +78,11 @@ class MaskedAutoencoderViT(nn.Module):
         grid = self.patch_embed.grid_size
         self.pos_embed.data.copy_(sincos_2d(self.pos_embed.shape[-1], grid).unsqueeze(0))
         self.decoder_pos_embed.data.copy_(sincos_2d(self.decoder_pos_embed.shape[-1], grid).unsqueeze(0))
-        w = self.patch_embed.proj.weight.data
-        nn.init.xavier_uniform_(w.view(w.shape[0], -1))  # as a linear layer, not a conv
         nn.init.normal_(self.cls_token, std=0.02)
         nn.init.normal_(self.mask_token, std=0.02)
         if self.encoder_mask_tokens:
             nn.init.normal_(self.encoder_mask_token, std=0.02)
-        self.apply(self._init_weights)
-
-    @staticmethod
-    def _init_weights(m: nn.Module) -> None:
-        if isinstance(m, nn.Linear):
-            nn.init.xavier_uniform_(m.weight)
-            if m.bias is not None:
-                nn.init.zeros_(m.bias)
-        elif isinstance(m, nn.LayerNorm):
-            nn.init.ones_(m.weight)
-            nn.init.zeros_(m.bias)
+        init_vit_weights(self)
 
     # ------------------------------------------------------------------ patches
     @property

@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .config import ModelConfig
-from .layers import Block, PatchEmbed, sincos_2d
+from .layers import Block, PatchEmbed, init_vit_weights, sincos_2d
 
 # keys of an MAE state dict that belong to the decoder (or the masking) and never to the classifier
 DECODER_PREFIXES = ("decoder_", "mask_token", "encoder_mask_token")
@@ -113,16 +113,7 @@ class VisionTransformer(nn.Module):
     # ------------------------------------------------------------------ init
     def _init_weights(self) -> None:
         nn.init.normal_(self.cls_token, std=0.02)
-        w = self.patch_embed.proj.weight.data
-        nn.init.xavier_uniform_(w.view(w.shape[0], -1))
-        for m in self.modules():
-            if isinstance(m, nn.Linear):
-                nn.init.xavier_uniform_(m.weight)
-                if m.bias is not None:
-                    nn.init.zeros_(m.bias)
-            elif isinstance(m, nn.LayerNorm):
-                nn.init.ones_(m.weight)
-                nn.init.zeros_(m.bias)
+        init_vit_weights(self)
 
     @property
     def head_linear(self) -> nn.Module:

@@ -5,14 +5,13 @@ programs through DeepSpeed (gloo, 1 rank) on the bundled sample with the debug p
 from __future__ import annotations
 
 import math
-import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import torch
+from dsutil import deepspeed_env, free_port
 
 from fastmae.config import ConfigError, ModelConfig, get_preset
 from fastmae.evaluation import PAD_LABEL, evaluate, load_classifier
@@ -239,22 +238,12 @@ def test_two_class_synthetic_set_reaches_high_accuracy() -> None:
 
 @pytest.fixture(scope="module")
 def env() -> dict[str, str]:
-    cache = Path(os.environ.get("TORCH_EXTENSIONS_DIR", REPO / ".cache" / "torch_extensions"))
-    cache.mkdir(parents=True, exist_ok=True)
-    for lock in cache.rglob("lock"):  # a stray lock from a killed build makes the next build hang forever
-        lock.unlink()
-    return dict(os.environ, OMP_NUM_THREADS="1", TORCH_EXTENSIONS_DIR=str(cache), PYTHONUNBUFFERED="1")
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    return deepspeed_env()
 
 
 def run_program(script: str, args: list[str], env: dict[str, str]) -> str:
     """``python fastmae/<script>`` (1 rank, no launcher) in a subprocess, as a user would."""
-    e = dict(env, MASTER_PORT=str(_free_port()))
+    e = dict(env, MASTER_PORT=str(free_port()))
     proc = subprocess.run([sys.executable, f"fastmae/{script}", *args], cwd=REPO, env=e, capture_output=True,
                           text=True, timeout=240)
     out = proc.stdout + proc.stderr

@@ -15,13 +15,13 @@ from pathlib import Path
 
 import pytest
 import torch
+from dsutil import REPO, deepspeed_env, free_port
 
 import fastmae
 from fastmae import checkpoint as ckpt
 from fastmae.config import get_preset
 from fastmae.optim import build_scheduler, lr_factor, param_groups, scaled_lr
 
-REPO = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
 RUNNER = "tests/train_runner.py"
 # tiny synthetic runs: 8 images per micro batch, effective batch 16
@@ -31,22 +31,7 @@ SMALL = ["data.backend=synthetic", "data.synthetic_size=512", "data.batch_size=8
 
 @pytest.fixture(scope="module")
 def env() -> dict[str, str]:
-    """Environment for DeepSpeed subprocesses: fixed threads, a shared cache for its compiled comm op."""
-    cache = Path(os.environ.get("TORCH_EXTENSIONS_DIR", REPO / ".cache" / "torch_extensions"))
-    cache.mkdir(parents=True, exist_ok=True)
-    for lock in cache.rglob("lock"):  # a stray lock from a killed build makes the next build hang forever
-        lock.unlink()
-    e = dict(os.environ, OMP_NUM_THREADS="1", TORCH_EXTENSIONS_DIR=str(cache), PYTHONUNBUFFERED="1")
-    e.pop("FASTMAE_TEST_NAN_AT", None)
-    return e
-
-
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    return deepspeed_env()
 
 
 def launch(ranks: int, script: str, args: list[str]) -> list[str]:
