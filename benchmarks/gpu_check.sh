@@ -239,27 +239,25 @@ stage profile 75 "$PY" benchmarks/profile_step.py --preset "$P_L" --batch-size "
 stage ablations 150 "$PY" benchmarks/throughput.py --presets "$P_L" --variants fastmae --ablations \
     --ablate "$ABLATE" "${QUICK[@]}" --flops-presets "" --no-count --out "$RES" --name throughput_ablations
 
-# DeepSpeed: a short ZeRO-2 pre-training run of the real program on synthetic data.
-# effective batch = micro batch (no accumulation), so 20 steps are 20 micro-batches
-DS_ARGS=(--ds_config zero2.json --preset "$P_L" train.steps=20 train.log_interval=5 data.backend=synthetic
-         data.batch_size=64 train.batch_size=64
-         "train.output_dir=$RES/ds_run" train.checkpoint_interval=0 train.progress=false)
+# DeepSpeed: a short ZeRO-2 pre-training run of the real program on synthetic data, through the launcher.
+# Effective batch = micro batch (no accumulation); its checkpoint goes to /tmp, not into the results.
+if [ "$REHEARSAL" = 1 ]; then DS_STEPS=3; DS_BATCH=16; else DS_STEPS=20; DS_BATCH=64; fi
+DS_ARGS=(--ds_config zero2.json --preset "$P_L" "train.steps=$DS_STEPS" train.log_interval=5 data.backend=synthetic
+         "data.batch_size=$DS_BATCH" "train.batch_size=$DS_BATCH" "train.output_dir=/tmp/fastmae-ds-run-$STAMP"
+         train.checkpoint_interval=0 train.progress=false)
+ds_run() {
+    if command -v deepspeed > /dev/null; then
+        deepspeed --num_gpus 1 fastmae/train.py "$@"
+    else
+        "$PY" -c 'import sys; from deepspeed.launcher.runner import main; sys.argv[0] = "deepspeed"; main()' \
+            --num_gpus 1 fastmae/train.py "$@"
+    fi
+}
 if [ ! -f fastmae/train.py ]; then
     skip deepspeed "fastmae/train.py does not exist yet"
 elif ! "$PY" -c "import deepspeed" 2>/dev/null; then
     skip deepspeed "deepspeed not importable (place its wheels in wheels/)"
-elif [ "$REHEARSAL" = 1 ]; then
-    # the same arguments, checked by the program's own parser (no DeepSpeed start-up on CPU here)
-    stage deepspeed 60 "$PY" fastmae/train.py "${DS_ARGS[@]}" --print-config
 else
-    ds_run() {
-        if command -v deepspeed > /dev/null; then
-            deepspeed --num_gpus 1 fastmae/train.py "$@"
-        else
-            "$PY" -c 'import sys; from deepspeed.launcher.runner import main; sys.argv[0] = "deepspeed"; main()' \
-                --num_gpus 1 fastmae/train.py "$@"
-        fi
-    }
     stage deepspeed 120 ds_run "${DS_ARGS[@]}"
 fi
 
