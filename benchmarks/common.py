@@ -84,7 +84,10 @@ def device_name(device: torch.device) -> str:
 
 
 def git_commit() -> str:
-    """The repository's HEAD commit (with ``-dirty`` when tracked files changed), or ``unknown``."""
+    """The repository's HEAD commit (with ``-dirty`` when tracked files changed); ``$FASTMAE_COMMIT`` where
+    the copy has no git history (the device machine gets a working tree, not the repository)."""
+    if os.environ.get("FASTMAE_COMMIT"):
+        return os.environ["FASTMAE_COMMIT"]
     try:
         sha = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO, capture_output=True, text=True,
                              timeout=10).stdout.strip()
