@@ -109,6 +109,20 @@ def load(engine: Any, ckpt_dir: str | Path, tag: str, world_size: int) -> dict[s
     return state
 
 
+def find_resume(resume: str, ckpt_dir: str | Path) -> tuple[Path, str] | None:
+    """Where ``train.resume`` points: ``auto`` = the newest complete checkpoint in ``ckpt_dir`` (or None),
+    ``""`` = none, a path = that checkpoint (which must be complete)."""
+    if resume == "auto":
+        tag = latest_complete(ckpt_dir)
+        return (Path(ckpt_dir), tag) if tag else None
+    if not resume:
+        return None
+    p = Path(resume)
+    if not (p / STATE_FILE).is_file():
+        raise FileNotFoundError(f"train.resume={resume}: not a complete fastmae checkpoint (no {STATE_FILE})")
+    return p.parent, p.name
+
+
 def consolidate(ckpt_path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
     """fp32 model weights (official MAE names) and run state from a checkpoint directory (any ZeRO stage),
     on the CPU, without GPUs or the original number of ranks."""

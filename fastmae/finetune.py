@@ -57,7 +57,7 @@ from fastmae.config import (
 from fastmae.evaluation import PAD_LABEL, evaluate
 from fastmae.flops import block_flops
 from fastmae.metrics import MetricsLogger, peak_tflops
-from fastmae.optim import build_adamw, build_scheduler, param_groups, scaled_lr
+from fastmae.optim import build_adamw, build_scheduler, param_groups, plan_steps, scaled_lr
 from fastmae.runtime import (
     DistInfo,
     fill_ds_config,
@@ -516,16 +516,9 @@ def _run(cfg: Config, cls: ClassifierConfig, ds_config_name: str, loaded: Any, p
     # ---- data
     loader, val_loader, val_shards = make_loaders(cfg, cls, dist)
     micro = cfg.data.batch_size
-    per_step = micro * dist.world_size
-    if t_cfg.batch_size % per_step:
-        raise ConfigError(f"train.batch_size={t_cfg.batch_size} (effective) is not a multiple of data.batch_size "
-                          f"x ranks = {micro} x {dist.world_size}")
-    grad_accum = t_cfg.batch_size // per_step
-    micro_per_epoch = len(loader)
-    steps_per_epoch = micro_per_epoch / grad_accum
-    total_steps = max(1, math.floor(t_cfg.epochs * steps_per_epoch))
-    budget = min(total_steps, t_cfg.steps) if t_cfg.steps else total_steps
-    warmup_steps = round(o_cfg.warmup_epochs * steps_per_epoch)
+    plan = plan_steps(t_cfg, o_cfg, micro, dist.world_size, len(loader))
+    grad_accum, micro_per_epoch, budget = plan.grad_accum, plan.micro_per_epoch, plan.budget
+    total_steps, warmup_steps = plan.total_steps, plan.warmup_steps
 
     # ---- model, optimizer, engine
     model, source = build_model(cfg, cls, loaded, probe)
@@ -579,19 +572,15 @@ def _run(cfg: Config, cls: ClassifierConfig, ds_config_name: str, loaded: Any, p
 
     # ---- resume
     step, best, history = 0, -1.0, []
-    tag = ckpt.latest_complete(ckpt_dir) if t_cfg.resume == "auto" else None
-    if t_cfg.resume not in ("auto", ""):
-        p = Path(t_cfg.resume)
-        ckpt_dir, tag = p.parent, p.name
-    if tag is not None:
-        state = ckpt.load(engine, ckpt_dir, tag, dist.world_size)
+    found = ckpt.find_resume(t_cfg.resume, ckpt_dir)
+    if found is not None:
+        state = ckpt.load(engine, *found, dist.world_size)
         step, best = int(state["step"]), float(state.get("best_acc1", -1.0))
         history = list(state.get("history", []))
         loader.load_state_dict(state["data"])
-        log0(dist, f"resumed from {ckpt_dir / tag} at step {step} (best top-1 so far {best:.2f}%)")
+        log0(dist, f"resumed from {found[0] / found[1]} at step {step} (best top-1 so far {best:.2f}%)")
     else:
         loader.set_epoch(0)
-    ckpt_dir = out_dir / "checkpoints"
 
     logger = MetricsLogger(out_dir, enabled=dist.is_main)
     dev = dist.device

@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Iterable
+from dataclasses import dataclass
 
 import torch
 from torch import nn
 
-from .config import OptimConfig
+from .config import ConfigError, OptimConfig, TrainConfig
 
 
 def scaled_lr(cfg: OptimConfig, effective_batch: int) -> float:
@@ -68,3 +69,32 @@ def build_scheduler(optimizer: torch.optim.Optimizer, total_steps: int, warmup_s
     return torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda s: lr_factor(s, total_steps, warmup_steps, min_ratio)
     )
+
+
+@dataclass(frozen=True)
+class StepPlan:
+    """How a run's epochs map to optimizer steps (shared by pre-training, fine-tuning and probing)."""
+
+    grad_accum: int  # micro batches per optimizer step on each rank
+    micro_per_epoch: int  # micro batches per epoch on each rank (the loader's length)
+    steps_per_epoch: float
+    total_steps: int  # the schedule's length: train.epochs at full length
+    budget: int  # steps this run takes (train.steps bounds it without changing the schedule)
+    warmup_steps: int
+
+
+def plan_steps(t_cfg: TrainConfig, o_cfg: OptimConfig, micro_batch: int, world_size: int,
+               micro_per_epoch: int) -> StepPlan:
+    """Effective batch = micro batch x accumulation x ranks; refuse an effective batch that does not divide."""
+    per_step = micro_batch * world_size
+    if t_cfg.batch_size % per_step:
+        raise ConfigError(
+            f"train.batch_size={t_cfg.batch_size} (effective) is not a multiple of data.batch_size x ranks "
+            f"= {micro_batch} x {world_size}; choose an effective batch divisible by {per_step}"
+        )
+    grad_accum = t_cfg.batch_size // per_step
+    steps_per_epoch = micro_per_epoch / grad_accum
+    total = max(1, math.floor(t_cfg.epochs * steps_per_epoch))
+    budget = min(total, t_cfg.steps) if t_cfg.steps else total
+    return StepPlan(grad_accum, micro_per_epoch, steps_per_epoch, total, budget,
+                    round(o_cfg.warmup_epochs * steps_per_epoch))

@@ -8,7 +8,6 @@ with metrics and checkpoints. Overrides are ``section.key=value`` or ``--section
 from __future__ import annotations
 
 import argparse
-import math
 import sys
 import time
 from pathlib import Path
@@ -22,7 +21,7 @@ from fastmae.flops import train_flops
 from fastmae.memory import MemoryEstimate, estimate_memory
 from fastmae.metrics import MetricsLogger, format_line, peak_tflops
 from fastmae.model import MaskedAutoencoderViT, resolve_masking_backend
-from fastmae.optim import build_adamw, build_scheduler, param_groups, scaled_lr
+from fastmae.optim import build_adamw, build_scheduler, param_groups, plan_steps, scaled_lr
 from fastmae.parallelize import apply_performance_toggles
 from fastmae.runtime import (
     DistInfo,
@@ -118,18 +117,9 @@ def _train(cfg: Config, ds_config_name: str, dist: DistInfo, deepspeed: Any) -> 
     # ---- data
     loader = make_loader(cfg, dist)
     micro = cfg.data.batch_size
-    per_step = micro * dist.world_size
-    if t_cfg.batch_size % per_step:
-        raise ConfigError(
-            f"train.batch_size={t_cfg.batch_size} (effective) is not a multiple of data.batch_size x ranks "
-            f"= {micro} x {dist.world_size}; choose an effective batch divisible by {per_step}"
-        )
-    grad_accum = t_cfg.batch_size // per_step
-    micro_per_epoch = len(loader)
-    steps_per_epoch = micro_per_epoch / grad_accum
-    total_steps = max(1, math.floor(t_cfg.epochs * steps_per_epoch))
-    budget = min(total_steps, t_cfg.steps) if t_cfg.steps else total_steps
-    warmup_steps = round(o_cfg.warmup_epochs * steps_per_epoch)
+    plan = plan_steps(t_cfg, o_cfg, micro, dist.world_size, len(loader))
+    grad_accum, micro_per_epoch, budget = plan.grad_accum, plan.micro_per_epoch, plan.budget
+    total_steps, warmup_steps = plan.total_steps, plan.warmup_steps
 
     # ---- model, toggles, optimizer, engine
     stage = int(load_ds_config(ds_config_name).get("zero_optimization", {}).get("stage", 0))
@@ -163,24 +153,15 @@ def _train(cfg: Config, ds_config_name: str, dist: DistInfo, deepspeed: Any) -> 
 
     # ---- resume
     step = 0
-    tag = None
-    if t_cfg.resume == "auto":
-        tag = ckpt.latest_complete(ckpt_dir)
-    elif t_cfg.resume:
-        p = Path(t_cfg.resume)
-        ckpt_dir, tag = p.parent, p.name
-        if not (p / ckpt.STATE_FILE).is_file():
-            raise FileNotFoundError(f"train.resume={t_cfg.resume}: not a complete fastmae checkpoint "
-                                    f"(no {ckpt.STATE_FILE})")
-    if tag is not None:
-        state = ckpt.load(engine, ckpt_dir, tag, dist.world_size)
+    found = ckpt.find_resume(t_cfg.resume, ckpt_dir)
+    if found is not None:
+        state = ckpt.load(engine, *found, dist.world_size)
         step = int(state["step"])
         loader.load_state_dict(state["data"])
-        log0(dist, f"resumed from {ckpt_dir / tag} at step {step} (epoch {loader.epoch}, "
+        log0(dist, f"resumed from {found[0] / found[1]} at step {step} (epoch {loader.epoch}, "
                    f"batch {loader.batch_in_epoch})")
     else:
         loader.set_epoch(0)
-    ckpt_dir = out_dir / "checkpoints"  # new checkpoints always go to this run's folder
 
     logger = MetricsLogger(out_dir, enabled=dist.is_main)
     bar = None
