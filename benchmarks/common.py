@@ -26,28 +26,15 @@ from torch import nn
 REPO = Path(__file__).resolve().parent.parent
 CPU_MACHINE = "2-core x86_64 CPU, no GPU"
 
-# Dense bf16 tensor-core peaks (TFLOP/s, no sparsity) by vendor datasheet, matched on the device name.
-# Order matters: the first substring found wins.
-PEAK_BF16_TFLOPS: tuple[tuple[str, float], ...] = (
-    ("H100 PCIE", 756.0),
-    ("H100 NVL", 835.0),
-    ("H100", 989.0),  # SXM5 ("NVIDIA H100 80GB HBM3")
-    ("H200", 989.0),
-    ("H800", 989.0),
-    ("GH200", 989.0),
-    ("A100", 312.0),
-    ("A800", 312.0),
-    ("L40S", 362.0),
-    ("A10G", 70.0),
-    ("RTX 4090", 165.0),
-)
+# dense bf16 tensor-core peaks by device name: one table, the package's (fastmae.metrics)
+from fastmae.metrics import PEAK_BF16_TFLOPS  # noqa: E402
 
 
 def leave_sys_path() -> None:
     """Drop benchmarks/ from ``sys.path`` once the scripts' own modules are imported.
 
-    Running ``python benchmarks/x.py`` puts benchmarks/ first on the path, where ``kernels.py`` would
-    pass for Hugging Face's ``kernels`` package: transformers probes for that package by importing it.
+    Running ``python benchmarks/x.py`` puts benchmarks/ first on the path, where any module could pass for an
+    installed package of the same name (transformers probes for Hugging Face's ``kernels`` by importing it).
     """
     import sys
 
@@ -59,9 +46,8 @@ def lookup_peak_tflops(device_name: str, override: float | None = None) -> tuple
     """Peak dense bf16 TFLOP/s of a card from its name (or ``override``) and where the number came from."""
     if override:
         return float(override), "--peak-tflops"
-    upper = device_name.upper()
     for key, value in PEAK_BF16_TFLOPS:
-        if key in upper:
+        if key.lower() in device_name.lower():
             return value, f"datasheet dense bf16 ({key})"
     return None, "unknown device: pass --peak-tflops for MFU"
 
@@ -323,7 +309,7 @@ def gpu_check_summary(res: Path) -> str:
             lines += ["", f"## {name}", "", md.read_text()]
     kern = res / "kernels.json"
     if kern.exists():
-        lines += ["", "## kernels.py", "", f"See [kernels.json](kernels.json) ({kern.stat().st_size} bytes)."]
+        lines += ["", "## masking_kernel.py", "", f"See [kernels.json](kernels.json) ({kern.stat().st_size} bytes)."]
     if (res / "profile" / "report.md").exists():
         lines += ["", "## Step profile", "", "See [profile/report.md](profile/report.md)."]
     return "\n".join(lines) + "\n"

@@ -15,7 +15,7 @@
 #                params), attention backends vs fp32 math, Triton masking kernel vs torch reference,
 #                official-style baseline == fastmae on shared weights
 #   throughput   ViT-B/L/H: fastmae, fastmae w/ [M], official-style, HF ViTMAE; SDPA backend probe
-#   kernels      benchmarks/kernels.py (fused masking kernel vs reference, GB/s vs copy bandwidth)
+#   kernels      benchmarks/masking_kernel.py (fused masking kernel vs reference, GB/s vs copy bandwidth)
 #   pytest_gpu   pytest -m gpu (every GPU-marked test of the repository)
 #   memory_vit_h ViT-H/14 at micro batch 256 without and with activation checkpointing, vs the estimate
 #   profile      profile_step.py on ViT-L (time split w/ [M] vs w/o [M], top kernels, traces)
@@ -206,9 +206,9 @@ stage throughput 170 "$PY" benchmarks/throughput.py --presets "$P_ALL" "${QUICK[
     --name throughput
 
 if [ "$REHEARSAL" = 1 ]; then
-    stage kernels 30 "$PY" benchmarks/kernels.py --help
+    stage kernels 30 "$PY" benchmarks/masking_kernel.py --help
 else
-    stage kernels 75 "$PY" benchmarks/kernels.py --out "$RES"
+    stage kernels 75 "$PY" benchmarks/masking_kernel.py --out "$RES"
 fi
 
 # GPU-marked tests and the device-aware kernel tests (they run on CUDA when it is there);

@@ -43,7 +43,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import common  # noqa: E402
 from official_style import OfficialStyleMAE  # noqa: E402
 
-common.leave_sys_path()  # keep benchmarks/kernels.py from passing for HF's `kernels` package
+common.leave_sys_path()  # keep benchmarks/masking_kernel.py from passing for HF's `kernels` package
 
 import fastmae  # noqa: E402
 from fastmae.attention import resolve_attention_backend  # noqa: E402

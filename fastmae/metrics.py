@@ -29,6 +29,7 @@ PEAK_BF16_TFLOPS: list[tuple[str, float]] = [
     ("A800", 312.0),
     ("A10G", 70.0),
     ("L4", 121.0),
+    ("RTX 4090", 165.0),
     ("V100", 125.0),  # fp16 tensor cores; V100 has no bf16
 ]
 

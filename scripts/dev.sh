@@ -25,19 +25,19 @@ setup() {
 setup_timm() {
     [ -x "$TIMM_VENV/bin/python" ] || python3 -m venv "$TIMM_VENV"
     "$TIMM_VENV/bin/python" -c 'import timm, torchvision' 2>/dev/null || "$TIMM_VENV/bin/python" -m pip install -q \
-        torch==2.14.1 torchvision==0.29.1 timm==1.0.31 'numpy<2.4' pytest pytest-timeout deepspeed webdataset pillow tqdm
+        torch==2.14.1 torchvision==0.29.1 timm==1.0.31 'numpy<2.4' pytest pytest-timeout deepspeed pillow tqdm
     "$TIMM_VENV/bin/python" -m pip install -q --no-deps -e .
 }
 
 test_timm() {
     setup_timm
-    "$TIMM_VENV/bin/python" -m pytest -q -m timm
+    "$TIMM_VENV/bin/pytest" -q -m timm
 }
 
 case "${1:-}" in
     setup) setup ;;
     train) setup; shift; exec "$VENV/bin/deepspeed" fastmae/train.py --ds_config zero2.json "$@" ;;
-    test) setup; shift; "$VENV/bin/ruff" check . && "$PY" -m pytest -q "$@" && test_timm ;;
+    test) setup; shift; "$VENV/bin/ruff" check . && "$VENV/bin/pytest" -q "$@" && test_timm ;;
     test-timm) test_timm ;;
     *) echo "usage: bash scripts/dev.sh setup|train|test|test-timm [args...]" >&2; exit 2 ;;
 esac

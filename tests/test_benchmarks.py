@@ -55,7 +55,7 @@ def test_benchmark_modules_shadow_nothing() -> None:
 
 def test_scripts_leave_sys_path_for_transformers() -> None:
     """After import, throughput.py has dropped benchmarks/ from sys.path, so transformers' probe for HF's
-    `kernels` package cannot import benchmarks/kernels.py."""
+    `kernels` package cannot import benchmarks/masking_kernel.py."""
     assert all(Path(p or ".").resolve() != BENCH for p in sys.path)
 
 

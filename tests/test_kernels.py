@@ -378,10 +378,10 @@ def test_model_trains_with_triton_masking() -> None:
 
 
 def _load_benchmark() -> ModuleType:
-    """benchmarks/kernels.py as a module (under another name: ``kernels`` is a PyPI package's)."""
+    """benchmarks/masking_kernel.py as a module (under another name: ``kernels`` is a PyPI package's)."""
     import importlib.util
 
-    path = Path(__file__).resolve().parent.parent / "benchmarks" / "kernels.py"
+    path = Path(__file__).resolve().parent.parent / "benchmarks" / "masking_kernel.py"
     spec = importlib.util.spec_from_file_location("fastmae_benchmark_kernels", path)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)

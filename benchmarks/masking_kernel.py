@@ -1,6 +1,6 @@
 """Benchmark of the fused Triton masking kernel (CUDA only).
 
-    python benchmarks/kernels.py [--out DIR] [--shapes vit_l,vit_b,vit_h] [--batch 256] [--no-compile]
+    python benchmarks/masking_kernel.py [--out DIR] [--shapes vit_l,vit_b,vit_h] [--batch 256] [--no-compile]
 
 For the ViT-B/L/H shapes (B=256, N=196/196/256, D=768/1024/1280, bf16 tokens and bf16 pos_embed) it
 first checks the kernel against the reference on the GPU (exit 1 on any mismatch), then times, forward
@@ -331,7 +331,7 @@ def main(argv: list[str] | None = None) -> int:
         args.no_compile, args.batch, args.block_d = True, min(args.batch, 2), "8,16"
         args.warmup, args.repeats, args.inner = 1, 1, 1
     elif not torch.cuda.is_available():
-        print("benchmarks/kernels.py needs CUDA: the fused masking kernel is timed on a GPU only "
+        print("benchmarks/masking_kernel.py needs CUDA: the fused masking kernel is timed on a GPU only "
               "(its CPU correctness tests are tests/test_kernels.py under the Triton interpreter).",
               file=sys.stderr)
         return 2
@@ -368,7 +368,7 @@ def main(argv: list[str] | None = None) -> int:
     compiled = None if args.no_compile else torch.compile(ref_fn, dynamic=False)
     path = None if args.cpu_smoke and not args.out else output_path(args.out, card, date)
     head = dict(
-        benchmark="fused random masking kernel (benchmarks/kernels.py)",
+        benchmark="fused random masking kernel (benchmarks/masking_kernel.py)",
         device=card, date=date, torch=torch.__version__, triton=triton.__version__,
         batch=B, mask_ratio=MASK_RATIO, dtype="bfloat16", pos_embed_dtype="bfloat16",
         keys="philox in the kernel, int seed (the training path)", default_strategy=masking.DEFAULT_STRATEGY,
