@@ -197,3 +197,16 @@ def test_readme_command_trains_on_bundled_sample(env: dict[str, str], tmp_path: 
     sd = torch.load(export, weights_only=True)["model"]
     model = fastmae.create_model("debug")
     model.load_state_dict(sd)  # strict: official names, nothing missing
+
+
+def test_bf16_zero3_two_ranks_trains_and_exports(env: dict[str, str], tmp_path: Path) -> None:
+    """bf16 DeepSpeed (fp32 master weights) with ZeRO-3 partitioned parameters, fixed pos embeds included."""
+    run(launch(2, RUNNER, ["--ds_config", "zero3.json", *SMALL, "train.precision=bf16", "train.steps=6",
+                           f"train.output_dir={tmp_path}"]), env)
+    got = losses(tmp_path)
+    assert all(math.isfinite(v) for v in got.values()) and got[6] < got[1]
+    export = tmp_path / "mae.pth"
+    run([sys.executable, "-m", "fastmae.checkpoint", "export", str(tmp_path / "checkpoints"), str(export)], env)
+    sd = torch.load(export, weights_only=True)["model"]
+    assert all(v.dtype == torch.float32 for v in sd.values())
+    fastmae.create_model("debug").load_state_dict(sd)
