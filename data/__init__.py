@@ -1,6 +1,6 @@
 """fastmae.data: shard writing/verification, the DALI pipeline, the torch fallback and synthetic loaders.
 
-``build_loader(cfg, img_size=..., rank=..., world_size=..., seed=..., device=..., mode=...)`` returns the
+``build_loader(cfg, img_size=..., rank=..., world_size=..., seed=..., device=..., mode=..., randaug=...)`` returns the
 loader of ``cfg.backend`` (``auto`` -> DALI when it imports, else torch); see :mod:`fastmae.data.sampling`
 for the exact epoch layout and :data:`PAD_LABEL`.
 """

@@ -1,6 +1,7 @@
 """The DALI loader: one ``@pipeline_def`` that decodes only the crop window (nvJPEG on GPU with
 ``device="mixed"``, the same graph with CPU operators and ``device_id=None`` elsewhere), resizes it
-bicubically, flips and normalises to CHW in the output dtype.
+bicubically, optionally applies RandAugment (fine-tuning; DALI's ``auto_aug`` operations, see
+:mod:`fastmae.data.randaug`), flips and normalises to CHW in the output dtype.
 
 Samples enter through ``fn.external_source`` from :class:`~fastmae.data.index.ShardIndex` (the DALI
 ``wds2idx`` index gives every sample's byte range), rather than through ``fn.readers.webdataset``: the
@@ -13,6 +14,7 @@ from __future__ import annotations
 
 import queue
 import threading
+import warnings
 import weakref
 from collections.abc import Iterator
 from typing import Any
@@ -24,25 +26,35 @@ from nvidia.dali.plugin.pytorch import DALIGenericIterator
 
 from .index import ShardError, ShardIndex
 from .loader import IMAGENET_MEAN, IMAGENET_STD, ShardLoader
+from .randaug import RandAugmentPolicy, dali_apply, dali_params, dali_suite
 from .sampling import PAD_LABEL, image_size, sample_crop
 
 _DALI_DTYPE = {torch.float32: types.FLOAT, torch.float16: types.FLOAT16, torch.bfloat16: types.FLOAT16}
 
 
-@pipeline_def(enable_conditionals=False)
+@pipeline_def(enable_conditionals=True)  # conditionals: RandAugment routes each sample to its op
 def mae_pipeline(
-    source: Any, img_size: int, decode_device: str, out_dtype: Any, interp: Any = types.INTERP_CUBIC
+    source: Any, img_size: int, decode_device: str, out_dtype: Any, interp: Any = types.INTERP_CUBIC,
+    randaug: RandAugmentPolicy | None = None, suite: Any = None,
 ) -> tuple[Any, Any]:
-    """Encoded JPEG + crop box + flip + label -> normalised (3, S, S) image and int64 label."""
-    jpegs, anchors, shapes, flips, labels = fn.external_source(
-        source=source, num_outputs=5, batch=True, cycle="raise", no_copy=False
-    )
+    """Encoded JPEG + crop box + flip + label (+ RandAugment op, magnitude bin and sign per layer)
+    -> normalised (3, S, S) image and int64 label."""
+    if randaug is None:
+        jpegs, anchors, shapes, flips, labels = fn.external_source(
+            source=source, num_outputs=5, batch=True, cycle="raise", no_copy=False
+        )
+    else:
+        jpegs, anchors, shapes, flips, labels, ra_ops, ra_bins, ra_signs = fn.external_source(
+            source=source, num_outputs=8, batch=True, cycle="raise", no_copy=False
+        )
     # decode only the window (x, y, w, h): cheaper than decoding the whole image and cropping
     images = fn.decoders.image_slice(
         jpegs, anchors, shapes, device=decode_device, output_type=types.RGB,
         normalized_anchor=False, normalized_shape=False, axis_names="WH",
     )
     images = fn.resize(images, size=[img_size, img_size], interp_type=interp, antialias=True)
+    if randaug is not None:  # on the HWC uint8 crop, before flip and normalisation
+        images = dali_apply(images, randaug, suite, ra_ops, ra_bins, ra_signs, img_size)
     images = fn.crop_mirror_normalize(
         images, mirror=flips, dtype=out_dtype, output_layout="CHW",
         mean=[255 * m for m in IMAGENET_MEAN], std=[255 * s for s in IMAGENET_STD],
@@ -53,7 +65,9 @@ def mae_pipeline(
 
 
 _END = object()
-Batch = tuple[Any, ...]  # jpegs (list of uint8 arrays), anchors (B,2), shapes (B,2), flips (B,), labels (B,)
+# jpegs (list of uint8 arrays), anchors (B,2), shapes (B,2), flips (B,), labels (B,)
+# [, RandAugment op index, magnitude bin, negate flag: (B, n) int32 each]
+Batch = tuple[Any, ...]
 
 
 class _Feed:
@@ -122,6 +136,7 @@ class _Feed:
         idx: ShardIndex = ld.index
         plan = ld.layout().batches(epoch, start)
         img_size, scale = ld.img_size, ld.crop_scale
+        randaug, num_ops, identity = ld._randaug, ld._num_ops, ld._identity
         del ld  # hold no strong reference: the thread must not keep the loader alive
         for b in plan:
             jpegs, boxes, labels = [], [], []
@@ -132,8 +147,12 @@ class _Feed:
                 jpegs.append(np.frombuffer(data, dtype=np.uint8))
                 labels.append(PAD_LABEL if b.pad else idx.read_label(int(i)))
             box = np.asarray(boxes, dtype=np.float32)  # (B, 5): x, y, w, h, flip
-            yield (jpegs, np.ascontiguousarray(box[:, 0:2]), np.ascontiguousarray(box[:, 2:4]),
+            out = (jpegs, np.ascontiguousarray(box[:, 0:2]), np.ascontiguousarray(box[:, 2:4]),
                    box[:, 4].astype(np.int32), np.asarray(labels, dtype=np.int64))
+            if randaug is not None:
+                assert b.randaug is not None
+                out += dali_params(randaug, b.randaug, num_ops, identity)
+            yield out
 
 
 class DaliLoader(ShardLoader):
@@ -148,6 +167,14 @@ class DaliLoader(ShardLoader):
         self._feed: _Feed | None = None
         self._ready_for: tuple[int, int] | None = None  # position the built pipeline will produce next
         self._needs_reset = False
+        # RandAugment: DALI's operation suite; the feed draws each sample's op, magnitude and sign
+        self._randaug = self.randaug if self.randaug is not None and self.randaug.n > 0 else None
+        self._suite: list[Any] | None = None
+        self._num_ops = self._identity = 0
+        if self._randaug is not None:
+            self._suite = dali_suite(self._randaug)
+            names = [a.name for a in self._suite]
+            self._num_ops, self._identity = len(names), names.index("identity")
         gpu = self.device.type == "cuda"
         if gpu:
             self._device_id: int | None = (
@@ -160,14 +187,21 @@ class DaliLoader(ShardLoader):
         self.close()
         gpu = self._device_id is not None
         self._feed = _Feed(self, epoch, start)
-        self._pipe = mae_pipeline(
-            source=self._feed, img_size=self.img_size,
-            decode_device="mixed" if gpu else "cpu", out_dtype=_DALI_DTYPE[self.dtype],
-            interp=types.INTERP_CUBIC if self.interpolation == "bicubic" else types.INTERP_LINEAR,
-            batch_size=self.batch_size, num_threads=max(1, self.num_workers), device_id=self._device_id,
-            seed=self.seed + 1, prefetch_queue_depth=2, exec_dynamic=True,
-        )
-        self._pipe.build()
+        # DALI's auto_aug calls its own deprecated fn.experimental aliases, and DALI shows those warnings
+        # whatever the filters say: record them and pass on every other warning
+        with warnings.catch_warnings(record=True) as caught:
+            self._pipe = mae_pipeline(
+                source=self._feed, img_size=self.img_size,
+                decode_device="mixed" if gpu else "cpu", out_dtype=_DALI_DTYPE[self.dtype],
+                interp=types.INTERP_CUBIC if self.interpolation == "bicubic" else types.INTERP_LINEAR,
+                randaug=self._randaug, suite=self._suite,
+                batch_size=self.batch_size, num_threads=max(1, self.num_workers), device_id=self._device_id,
+                seed=self.seed + 1, prefetch_queue_depth=2, exec_dynamic=True,
+            )
+            self._pipe.build()
+        for w in caught:
+            if not (issubclass(w.category, DeprecationWarning) and "nvidia.dali.fn.experimental" in str(w.message)):
+                warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
         self._iter = DALIGenericIterator(self._pipe, ["images", "labels"], auto_reset=False)
         self._needs_reset = False
 

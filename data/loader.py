@@ -11,10 +11,12 @@ import numpy as np
 import torch
 
 from .index import ShardError, ShardIndex, expand_shards
+from .randaug import RandAugmentPolicy, describe, parse_policy, unavailable_reason
 from .sampling import (
     PAD_LABEL,
     batch_uniforms,
     epoch_order,
+    randaug_uniforms,
     rank_batch,
     sample_crop,
     steps_per_epoch,
@@ -29,12 +31,14 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 
 @dataclass
 class BatchPlan:
-    """One rank's batch at one step: global sample indices, padding flag, augmentation uniforms."""
+    """One rank's batch at one step: global sample indices, padding flag, augmentation uniforms (crop + flip;
+    RandAugment when it is on)."""
 
     step: int
     indices: np.ndarray
     pad: bool
     uniforms: np.ndarray | None
+    randaug: np.ndarray | None = None
 
 
 @dataclass(frozen=True)
@@ -47,6 +51,7 @@ class EpochLayout:
     batch_size: int
     seed: int
     shuffle: bool
+    randaug_layers: int = 0
 
     def batches(self, epoch: int, start: int) -> Iterator[BatchPlan]:
         """This rank's batches of ``epoch`` from batch ``start`` on."""
@@ -54,7 +59,9 @@ class EpochLayout:
         for step in range(start, steps_per_epoch(self.num_samples, self.world_size, self.batch_size)):
             idx, pad = rank_batch(order, step, self.rank, self.world_size, self.batch_size)
             u = batch_uniforms(self.seed, epoch, step, self.rank, len(idx)) if self.shuffle else None
-            yield BatchPlan(step, idx, pad, u)
+            ra = (randaug_uniforms(self.seed, epoch, step, self.rank, len(idx), self.randaug_layers)
+                  if self.shuffle and self.randaug_layers else None)
+            yield BatchPlan(step, idx, pad, u, ra)
 
 
 class ShardLoader:
@@ -82,6 +89,7 @@ class ShardLoader:
         dtype: str = "float32",
         num_workers: int = 2,
         interpolation: str = "bicubic",
+        randaug: str = "",
     ) -> None:
         if mode not in MODES:
             raise ValueError(f"mode={mode!r} is not valid; valid modes: {', '.join(MODES)}")
@@ -93,6 +101,10 @@ class ShardLoader:
             raise ValueError(f"interpolation={interpolation!r} is not valid; valid: {', '.join(INTERPOLATIONS)}")
         if batch_size <= 0 or img_size <= 0:
             raise ValueError(f"batch_size={batch_size} and img_size={img_size} must be > 0")
+        if randaug and mode != "train":
+            raise ValueError(f"randaug={randaug!r} applies to mode='train' only (evaluation is a centre crop)")
+        # RandAugment (a timm policy string, "" = off): see fastmae.data.randaug
+        self.randaug: RandAugmentPolicy | None = parse_policy(randaug) if randaug else None
         self.index = index
         self.batch_size = batch_size
         self.img_size = img_size
@@ -148,7 +160,13 @@ class ShardLoader:
 
     def layout(self) -> EpochLayout:
         """This rank's epoch layout, detached from the loader (safe to hand to a feed thread)."""
-        return EpochLayout(self.num_samples, self.world_size, self.rank, self.batch_size, self.seed, self.shuffle)
+        return EpochLayout(self.num_samples, self.world_size, self.rank, self.batch_size, self.seed, self.shuffle,
+                           self.randaug.n if self.randaug else 0)
+
+    @property
+    def randaug_info(self) -> str:
+        """Which RandAugment this loader runs, for the start-up log ("off" when none)."""
+        return describe(self.backend, self.randaug) if self.randaug else "off"
 
     def plan(self, epoch: int, start: int) -> Iterator[BatchPlan]:
         """This rank's batches of ``epoch`` from batch ``start`` on."""
@@ -211,13 +229,25 @@ def build_loader(
     seed: int = 0,
     device: torch.device | str = "cpu",
     mode: str = "train",
+    randaug: str = "",
 ) -> Any:
     """The loader ``cfg`` (a :class:`fastmae.config.DataConfig`) asks for, for this rank.
 
     ``cfg.shards == ""`` reads the bundled sample; otherwise a directory, brace pattern or glob of shards.
     Resampling is bicubic (the paper's recipe) unless ``cfg`` has ``interpolation = "bilinear"``.
+    ``randaug`` (fine-tuning only; MAE pre-training is crop + flip): a timm RandAugment policy such as
+    ``"rand-m9-mstd0.5-inc1"`` applied per training sample after the crop (:mod:`fastmae.data.randaug`); the
+    torch backend needs timm for it (ImportError otherwise), the synthetic backend refuses it.
     """
     backend = resolve_backend(cfg.backend)
+    if randaug:
+        parse_policy(randaug)  # fail on a malformed policy or mode before anything is built
+        if mode != "train":
+            raise ValueError(f"randaug={randaug!r} applies to mode='train' only (evaluation is a centre crop)")
+        reason = unavailable_reason(backend)
+        if reason is not None:
+            err = ValueError if backend == "synthetic" else ImportError
+            raise err(f"randaug={randaug!r} cannot run: {reason}")
     if backend == "synthetic":
         from .synthetic import SyntheticLoader
 
@@ -237,7 +267,7 @@ def build_loader(
     kwargs = dict(
         batch_size=cfg.batch_size, img_size=img_size, rank=rank, world_size=world_size, seed=seed,
         device=device, mode=mode, crop_scale=(cfg.crop_scale_min, cfg.crop_scale_max), dtype=cfg.dtype,
-        num_workers=cfg.num_workers, interpolation=getattr(cfg, "interpolation", "bicubic"),
+        num_workers=cfg.num_workers, interpolation=getattr(cfg, "interpolation", "bicubic"), randaug=randaug,
     )
     if backend == "dali":
         from .dali_pipeline import DaliLoader

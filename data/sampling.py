@@ -63,6 +63,12 @@ def batch_uniforms(seed: int, epoch: int, step: int, rank: int, size: int) -> np
     return np.random.default_rng([seed, epoch, step, rank, 0xA06]).random((size, UNIFORMS_PER_SAMPLE))
 
 
+def randaug_uniforms(seed: int, epoch: int, step: int, rank: int, size: int, layers: int) -> np.ndarray:
+    """Uniform numbers in [0, 1) that fix the RandAugment ops of one batch: shape (size, 4 * layers), a
+    stream of its own (the crops and flips do not change when RandAugment is switched on)."""
+    return np.random.default_rng([seed, epoch, step, rank, 0x7A4D]).random((size, 4 * layers))
+
+
 def random_resized_crop_box(
     u: np.ndarray, width: int, height: int, scale: tuple[float, float], ratio: tuple[float, float] = RATIO
 ) -> tuple[int, int, int, int]:

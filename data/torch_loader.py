@@ -1,4 +1,5 @@
-"""The fallback loader: PIL decoding in torch DataLoader workers, the same samples and crops as DALI.
+"""The fallback loader: PIL decoding in torch DataLoader workers, the same samples and crops as DALI
+(RandAugment, when on, is timm's on the PIL crop: see :mod:`fastmae.data.randaug`).
 
 Workers decode, crop and resize to uint8 (4x less to move between processes and to the GPU than float);
 normalisation happens once per batch on the training device.
@@ -17,9 +18,11 @@ from PIL import Image
 
 from .index import ShardError, ShardIndex
 from .loader import ShardLoader, normalize_uint8
+from .randaug import TimmRandAugment
 from .sampling import PAD_LABEL, sample_crop
 
-Item = tuple[int, Any, bool]  # (global sample index, augmentation uniforms or None, padding flag)
+# (global sample index, crop/flip uniforms or None, padding flag, RandAugment uniforms or None)
+Item = tuple[int, Any, bool, Any]
 
 
 def _open_rgb(data: bytes) -> Image.Image:
@@ -37,12 +40,14 @@ class _Samples(torch.utils.data.Dataset):
         self.resample = (
             Image.Resampling.BICUBIC if loader.interpolation == "bicubic" else Image.Resampling.BILINEAR
         )
+        ra = loader.randaug
+        self.randaug = TimmRandAugment(ra, loader.img_size) if ra is not None and ra.n > 0 else None
 
     def __len__(self) -> int:
         return len(self.index)
 
     def __getitem__(self, item: Item) -> tuple[torch.Tensor, int]:
-        i, u, pad = item
+        i, u, pad, ra = item
         try:
             img = _open_rgb(self.index.read_image(i))
             img.load()
@@ -56,6 +61,8 @@ class _Samples(torch.utils.data.Dataset):
         img = img.resize((self.size, self.size), self.resample, box=(x, y, x + w, y + h))
         if flip:
             img = img.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
+        if self.randaug is not None and ra is not None:  # after crop + flip, as timm's create_transform
+            img = self.randaug(img, ra)
         arr = torch.from_numpy(np.asarray(img).copy()).permute(2, 0, 1)
         return arr, (PAD_LABEL if pad else self.index.read_label(i))
 
@@ -76,8 +83,9 @@ class _PlanSampler:
 
     def __iter__(self) -> Iterator[list[Item]]:
         for b in self.loader.plan(*self.start):
-            u = b.uniforms
-            yield [(int(i), None if u is None else u[j], b.pad) for j, i in enumerate(b.indices)]
+            u, ra = b.uniforms, b.randaug
+            yield [(int(i), None if u is None else u[j], b.pad, None if ra is None else ra[j])
+                   for j, i in enumerate(b.indices)]
 
     def __len__(self) -> int:
         return len(self.loader) - self.start[1]

@@ -14,16 +14,17 @@ Overrides are ``section.key=value``: the sections of :mod:`fastmae.config` plus 
 
 Augmentations on the batch (on the training device, so DALI and torch loaders get the same): timm's
 ``Mixup`` and ``RandomErasing`` when timm imports (``cls.augment_impl=auto|timm``), else fastmae's
-small re-implementations of the same behaviour (``fastmae``). RandAugment works on PIL images and is
-applied only by a loader that offers a per-sample hook (``set_sample_transform``); otherwise it is skipped
-and the start-up log says so.
+small re-implementations of the same behaviour (``fastmae``). RandAugment (``cls.randaug``, a timm policy
+string) runs per sample in the training loader, after the crop (:mod:`fastmae.data.randaug`): DALI's
+``auto_aug`` operations on the DALI backend, timm's ``rand_augment_transform`` on the torch backend (skipped,
+and logged as such, where timm does not import); the start-up log says which.
 
 Where this differs from the official ``main_finetune.py``: DeepSpeed (bf16/fp32, ZeRO) instead of DDP +
 fp16 AMP; erasing and mixup run on the device batch (same distributions); with timm's mixup an odd
 (last, short) batch is only label-smoothed; padding samples that even out ranks' last batches get loss
 weight 0 and are not counted in validation (the official distributed eval counts duplicates); the
-augmentation random streams are not restored on resume (weights, optimizer, schedule and data position
-are); ``best.pth`` holds the fp32 master weights.
+mixup/cutmix/erasing random streams are not restored on resume (weights, optimizer, schedule, data position,
+crops, flips and RandAugment are); ``best.pth`` holds the fp32 master weights.
 """
 
 from __future__ import annotations
@@ -88,7 +89,7 @@ class ClassifierConfig:
     mixup_switch_prob: float = 0.5
     # random erasing probability (timm "pixel" mode, one box)
     reprob: float = 0.25
-    # timm RandAugment policy; "" = off (applied only by loaders with a per-sample hook, see module doc)
+    # timm RandAugment policy, run by the training loader (DALI's or timm's ops, see module doc); "" = off
     randaug: str = "rand-m9-mstd0.5-inc1"
     # auto | timm | fastmae: which implementation of mixup/cutmix/random erasing
     augment_impl: str = "auto"
@@ -176,6 +177,13 @@ def validate_cls(cls: ClassifierConfig) -> None:
         raise ConfigError(f"cls.eval_interval={cls.eval_interval} must be >= 1")
     if cls.augment_impl not in AUGMENT_IMPLS:
         raise ConfigError(f"cls.augment_impl={cls.augment_impl!r} is not valid; valid: {', '.join(AUGMENT_IMPLS)}")
+    if cls.randaug:
+        from fastmae.data.randaug import parse_policy
+
+        try:
+            parse_policy(cls.randaug)
+        except ValueError as e:
+            raise ConfigError(f"cls.{e}") from None
 
 
 def auto_preset(sd: dict[str, torch.Tensor] | None, meta: dict[str, Any]) -> str:
@@ -397,15 +405,22 @@ class BatchAugment:
 
 
 def randaugment_hook(policy: str, img_size: int) -> Callable[[Any], Any]:
-    """timm's RandAugment for PIL images, with the hyper-parameters of timm ``create_transform``."""
-    try:
-        from timm.data.auto_augment import rand_augment_transform
-    except Exception as e:
-        raise ImportError(f"cls.randaug={policy!r} needs timm ({e}); set cls.randaug='' to train without") from e
-    from fastmae.data.loader import IMAGENET_MEAN
+    """timm's RandAugment for PIL images as the torch loader builds it (hyper-parameters of timm
+    ``create_transform``), drawing from the global RNGs; needs timm."""
+    from fastmae.data.randaug import TimmRandAugment, parse_policy
 
-    hp = dict(translate_const=int(img_size * 0.45), img_mean=tuple(round(255 * m) for m in IMAGENET_MEAN))
-    return rand_augment_transform(policy, hp)
+    return TimmRandAugment(parse_policy(policy), img_size).transform
+
+
+def randaug_plan(cfg: Config, cls: ClassifierConfig) -> tuple[str, str]:
+    """(policy to hand the training loader, "" or why RandAugment is skipped on this backend)."""
+    if not cls.randaug:
+        return "", ""
+    from fastmae.data import resolve_backend
+    from fastmae.data.randaug import unavailable_reason
+
+    reason = unavailable_reason(resolve_backend(cfg.data.backend))
+    return ("", f"SKIPPED ({cls.randaug}): {reason}") if reason else (cls.randaug, "")
 
 
 # ----------------------------------------------------------------------------- the program
@@ -456,7 +471,7 @@ def make_loaders(cfg: Config, cls: ClassifierConfig, dist: DistInfo) -> tuple[An
     from fastmae.data import build_loader
 
     train = build_loader(cfg.data, img_size=cfg.model.img_size, rank=dist.rank, world_size=dist.world_size,
-                         seed=cfg.train.seed, device=dist.device, mode="train")
+                         seed=cfg.train.seed, device=dist.device, mode="train", randaug=randaug_plan(cfg, cls)[0])
     val_shards = cls.val_shards
     if not val_shards and not cfg.data.shards and cfg.data.backend != "synthetic":
         from fastmae.data.sample import bundled_sample_dir
@@ -545,15 +560,7 @@ def _run(cfg: Config, cls: ClassifierConfig, ds_config_name: str, loaded: Any, p
                                            config=ds_config,
                                            model_parameters=[p for p in model.parameters() if p.requires_grad])
     augment = BatchAugment(cls, dist.device, seed=t_cfg.seed * 1000 + dist.rank)
-    randaug = "off"
-    if cls.randaug:
-        if not hasattr(loader, "set_sample_transform"):
-            randaug = f"SKIPPED: the {loader.backend} loader has no per-sample (PIL) hook"
-        elif augment.impl != "timm":
-            randaug = "SKIPPED: timm's RandAugment needs timm (not importable here)"
-        else:
-            loader.set_sample_transform(randaugment_hook(cls.randaug, cfg.model.img_size))
-            randaug = cls.randaug
+    randaug = randaug_plan(cfg, cls)[1] or getattr(loader, "randaug_info", "off")
     flops_per_img = classifier_flops(model, trainable_encoder=not probe)
     peak = peak_tflops(override=t_cfg.peak_tflops) if dist.device.type == "cuda" else None
     n_train = sum(p.numel() for p in model.parameters() if p.requires_grad)

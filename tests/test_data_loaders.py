@@ -1,5 +1,5 @@
 """The DALI (CPU twin) and torch loaders: shapes, labels, normalisation, crops and flips, exact epochs with
-1 and 2 ranks, resume, determinism, and agreement between the two backends."""
+1 and 2 ranks, resume, determinism, agreement between the two backends, and RandAugment (fine-tuning)."""
 
 from __future__ import annotations
 
@@ -19,6 +19,7 @@ from fastmae.data import (
     dali_available,
 )
 from fastmae.data.loader import IMAGENET_MEAN, IMAGENET_STD
+from fastmae.data.randaug import parse_policy, timm_available
 from fastmae.data.shards import write_shards
 from PIL import Image
 
@@ -264,3 +265,74 @@ def test_undecodable_image_error_names_the_key(backend: str, tmp_path: Path) -> 
     with pytest.raises(ShardError, match="broken") as info:
         list(loader)
     assert "fastmae.data.shards verify" in str(info.value)
+
+
+# ----------------------------------------------------------------------------- RandAugment (fine-tuning)
+
+RANDAUG = "rand-m9-mstd0.5-inc1"
+
+
+def _check_randaug(plain: list, aug: list) -> int:
+    """Same samples, shapes, dtype and value range as without RandAugment; returns how many images changed."""
+    changed = 0
+    for (xp, yp), (xa, ya) in zip(plain, aug, strict=True):
+        assert torch.equal(yp, ya)  # the same samples in the same order
+        assert xa.shape == xp.shape and xa.dtype == torch.float32
+        pix = xa * STD + MEAN  # RandAugment works on uint8: still ImageNet-normalised [0, 255]
+        assert float(pix.min()) > -0.01 and float(pix.max()) < 1.01
+        changed += int(((xa - xp).abs().flatten(1).amax(1) > 1e-3).sum())
+    return changed
+
+
+@pytest.mark.skipif(not dali_available(), reason="nvidia.dali not installed")
+def test_dali_randaugment_augments_deterministically_and_resumes(ids_shards: Path) -> None:
+    cfg = _cfg("dali", ids_shards, batch=8)
+    plain = _epoch(build_loader(cfg, img_size=32, seed=4))
+    full = build_loader(cfg, img_size=32, seed=4, randaug=RANDAUG)
+    assert full.randaug_info.startswith(f"{RANDAUG} via DALI auto_aug")
+    ref = [_epoch(full), _epoch(full)]  # epochs 0 and 1 on one pipeline
+    changed = _check_randaug(plain, ref[0])
+    # p=0.5 per op and an identity op in the suite: most images change, a few draw no op twice
+    assert 23 // 3 <= changed < 23, changed
+    # the same seed gives the same augmented batches; a resumed loader (a rebuilt pipeline) continues exactly
+    again = build_loader(cfg, img_size=32, seed=4, randaug=RANDAUG)
+    assert all(torch.equal(a[0], b[0]) for a, b in zip(ref[0], _epoch(again), strict=True))
+    again.load_state_dict({"epoch": 1, "batch_in_epoch": 1})
+    rest = _epoch(again)
+    assert len(rest) == 2 and all(torch.equal(a[0], b[0]) for a, b in zip(ref[1][1:], rest, strict=True))
+    # with op probability 0 every sample takes the identity path: exactly the images without RandAugment
+    never = _epoch(build_loader(cfg, img_size=32, seed=4, randaug="rand-m9-n2-p0"))
+    assert all(torch.equal(a[0], b[0]) for a, b in zip(plain, never, strict=True))
+
+
+@pytest.mark.skipif(timm_available(), reason="timm imports here: the next test runs timm's RandAugment")
+def test_torch_randaugment_without_timm_is_a_clear_error(ids_shards: Path) -> None:
+    with pytest.raises(ImportError, match="timm"):
+        build_loader(_cfg("torch", ids_shards), img_size=32, randaug=RANDAUG)
+
+
+@pytest.mark.timm
+@pytest.mark.skipif(not timm_available(), reason="timm (with a matching torchvision) does not import here")
+def test_torch_randaugment_with_timm(ids_shards: Path) -> None:
+    cfg = _cfg("torch", ids_shards, batch=8)
+    plain = _epoch(build_loader(cfg, img_size=32, seed=4))
+    ld = build_loader(cfg, img_size=32, seed=4, randaug=RANDAUG)
+    assert ld.randaug_info.startswith(f"{RANDAUG} via timm")
+    aug = _epoch(ld)
+    assert 23 // 3 <= _check_randaug(plain, aug) < 23
+    again = build_loader(cfg, img_size=32, seed=4, randaug=RANDAUG)
+    again.load_state_dict({"epoch": 0, "batch_in_epoch": 1})  # per-sample seeds: resumes exactly too
+    assert all(torch.equal(a[0], b[0]) for a, b in zip(aug[1:], _epoch(again), strict=True))
+
+
+def test_randaug_policy_and_errors(ids_shards: Path) -> None:
+    p = parse_policy(RANDAUG)
+    assert (p.n, p.m, p.mstd, p.increasing, p.prob) == (2, 9.0, 0.5, True, 0.5)
+    assert parse_policy("rand-n3-m7-mstd101").mstd == float("inf")
+    for bad in ("auto-m9", "rand-m11", "rand-q2", "rand-mx"):
+        with pytest.raises(ValueError, match="randaug"):
+            parse_policy(bad)
+    with pytest.raises(ValueError, match="mode='train' only"):
+        build_loader(_cfg("torch", ids_shards), img_size=32, mode="eval", randaug=RANDAUG)
+    with pytest.raises(ValueError, match="synthetic"):
+        build_loader(_cfg("synthetic", ""), img_size=32, randaug=RANDAUG)

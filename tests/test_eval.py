@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 from dsutil import deepspeed_env, free_port
+from fastmae.data import dali_available
 
 from fastmae.config import ConfigError, ModelConfig, get_preset
 from fastmae.evaluation import PAD_LABEL, evaluate, load_classifier
@@ -186,6 +187,8 @@ def test_recipes_and_overrides() -> None:
         parse_program_args("x", "x", finetune_recipe, ["--preset", "debug", "cls.mixups=0"])
     with pytest.raises(ConfigError, match="augment_impl"):
         parse_program_args("x", "x", finetune_recipe, ["--preset", "debug", "cls.augment_impl=dali"])
+    with pytest.raises(ConfigError, match="cls.randaug"):
+        parse_program_args("x", "x", finetune_recipe, ["--preset", "debug", "cls.randaug=rand-m12"])
 
 
 # ----------------------------------------------------------------------------- a real learning signal
@@ -270,7 +273,12 @@ def test_finetune_runs_on_bundled_sample(env: dict[str, str], pretrained: Path, 
     out = run_program("finetune.py", [*COMMON, "--checkpoint", str(pretrained), f"train.output_dir={tmp_path}"],
                       env)
     assert "fine-tuning | preset debug" in out and "val top-1" in out
-    assert "mixup/cutmix" in out and "random erasing" in out and "RandAugment: " in out
+    assert "mixup/cutmix" in out and "random erasing" in out
+    # the recipe's RandAugment runs in the training loader: DALI's auto_aug ops on the default backend
+    if dali_available():
+        assert "RandAugment: rand-m9-mstd0.5-inc1 via DALI auto_aug" in out
+    else:
+        assert "RandAugment: rand-m9-mstd0.5-inc1 via timm" in out or "RandAugment: SKIPPED (" in out
     best = torch.load(tmp_path / "best.pth", weights_only=True)
     assert best["classifier"] == {"num_classes": 10, "global_pool": True, "head_bn": False}
     assert best["step"] <= 3 and 0.0 <= best["acc1"] <= 100.0
@@ -286,7 +294,7 @@ def test_finetune_runs_on_bundled_sample(env: dict[str, str], pretrained: Path, 
 def test_linprobe_keeps_encoder_frozen(env: dict[str, str], pretrained: Path, tmp_path: Path) -> None:
     out = run_program("linprobe.py", [*COMMON, "--checkpoint", str(pretrained), f"train.output_dir={tmp_path}"],
                       env)
-    assert "linear probing" in out and "optimizer LARS" in out
+    assert "linear probing" in out and "optimizer LARS" in out and "RandAugment: off" in out
     src = torch.load(pretrained, weights_only=True)["model"]
     last = torch.load(tmp_path / "last.pth", weights_only=True)
     sd = last["model"]
