@@ -12,6 +12,7 @@ in Python (any digit count) and the same samples, crop boxes and flips as the to
 
 from __future__ import annotations
 
+import dataclasses
 import queue
 import threading
 import warnings
@@ -25,7 +26,7 @@ from nvidia.dali import fn, pipeline_def, types
 from nvidia.dali.plugin.pytorch import DALIGenericIterator
 
 from .index import ShardError, ShardIndex
-from .loader import IMAGENET_MEAN, IMAGENET_STD, ShardLoader
+from .loader import IMAGENET_MEAN, IMAGENET_STD, EpochLayout, ShardLoader
 from .randaug import RandAugmentPolicy, dali_apply, dali_params, dali_suite
 from .sampling import PAD_LABEL, image_size, sample_crop
 
@@ -78,9 +79,9 @@ class _Feed:
     reads (which release the GIL) overlap the training step instead of running inside ``next(loader)``.
     """
 
-    def __init__(self, loader: DaliLoader, epoch: int, start: int, prefetch: int = 4) -> None:
+    def __init__(self, loader: DaliLoader, layout: EpochLayout, epoch: int, start: int, prefetch: int = 4) -> None:
         self._loader = weakref.ref(loader)  # no cycle: dropping the loader frees the pipeline at once
-        self.next_pos = (epoch, start)
+        self.next_pos = (layout, epoch, start)
         self.prefetch = prefetch
         self._queue: queue.Queue[Any] | None = None
         self._stop: threading.Event | None = None
@@ -119,22 +120,24 @@ class _Feed:
                 continue
         return False
 
-    def _produce(self, epoch: int, start: int, q: queue.Queue[Any], stop: threading.Event) -> None:
+    def _produce(self, layout: EpochLayout, epoch: int, start: int, q: queue.Queue[Any],
+                 stop: threading.Event) -> None:
         try:
-            for batch in self._epoch(epoch, start):
+            for batch in self._epoch(layout, epoch, start):
                 if not self._put(q, batch, stop):
                     return
-            self.next_pos = (epoch + 1, 0)  # before _END: DALI calls iter() again right after StopIteration
+            # before _END: DALI calls iter() again right after StopIteration; the next epoch starts afresh
+            self.next_pos = (dataclasses.replace(layout, start_sample=0), epoch + 1, 0)
             self._put(q, _END, stop)
         except BaseException as e:  # surfaced in the training process by __next__
             self._put(q, e, stop)
 
-    def _epoch(self, epoch: int, start: int) -> Iterator[Batch]:
+    def _epoch(self, layout: EpochLayout, epoch: int, start: int) -> Iterator[Batch]:
         ld = self._loader()
         if ld is None:
             return
         idx: ShardIndex = ld.index
-        plan = ld.layout().batches(epoch, start)
+        plan = layout.batches(epoch, start)
         img_size, scale = ld.img_size, ld.crop_scale
         randaug, num_ops, identity = ld._randaug, ld._num_ops, ld._identity
         del ld  # hold no strong reference: the thread must not keep the loader alive
@@ -165,7 +168,8 @@ class DaliLoader(ShardLoader):
         self._iter: DALIGenericIterator | None = None
         self._pipe: Any = None
         self._feed: _Feed | None = None
-        self._ready_for: tuple[int, int] | None = None  # position the built pipeline will produce next
+        # position (epoch, start sample of its layout, batch) the built pipeline will produce next
+        self._ready_for: tuple[int, int, int] | None = None
         self._needs_reset = False
         # RandAugment: DALI's operation suite; the feed draws each sample's op, magnitude and sign
         self._randaug = self.randaug if self.randaug is not None and self.randaug.n > 0 else None
@@ -186,7 +190,7 @@ class DaliLoader(ShardLoader):
     def _build(self, epoch: int, start: int) -> None:
         self.close()
         gpu = self._device_id is not None
-        self._feed = _Feed(self, epoch, start)
+        self._feed = _Feed(self, self.layout(), epoch, start)
         # DALI's auto_aug calls its own deprecated fn.experimental aliases, and DALI shows those warnings
         # whatever the filters say: record them and pass on every other warning
         with warnings.catch_warnings(record=True) as caught:
@@ -215,9 +219,9 @@ class DaliLoader(ShardLoader):
         self._ready_for = None
 
     def _batches(self, epoch: int, start: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        if start >= len(self):
+        if start >= self.layout().steps():
             return
-        if self._iter is None or self._ready_for != (epoch, start):
+        if self._iter is None or self._ready_for != (epoch, self.start_sample, start):
             self._build(epoch, start)
         elif self._needs_reset:
             self._iter.reset()
@@ -242,7 +246,7 @@ class DaliLoader(ShardLoader):
                 imgs = imgs.to(self.dtype)
             yield imgs.to(self.device), labels.to(self.device).view(-1)
         self._needs_reset = True
-        self._ready_for = (epoch + 1, 0)
+        self._ready_for = (epoch + 1, 0, 0)
 
     def _failure(self, epoch: int, step: int, err: BaseException) -> str:
         """An error message naming the samples of the batches DALI may have been working on."""

@@ -19,6 +19,7 @@ from .sampling import (
     randaug_uniforms,
     rank_batch,
     sample_crop,
+    steps_from,
     steps_per_epoch,
 )
 
@@ -43,7 +44,11 @@ class BatchPlan:
 
 @dataclass(frozen=True)
 class EpochLayout:
-    """What decides one rank's batches: see :mod:`fastmae.data.sampling`."""
+    """What decides one rank's batches: see :mod:`fastmae.data.sampling`.
+
+    ``start_sample`` > 0 lays the epoch out from that position of its order on: a run resumed on another
+    number of ranks or micro batch continues the interrupted epoch with exactly the samples not yet consumed.
+    """
 
     num_samples: int
     world_size: int
@@ -52,14 +57,27 @@ class EpochLayout:
     seed: int
     shuffle: bool
     randaug_layers: int = 0
+    start_sample: int = 0
+
+    def steps(self) -> int:
+        """Batches per rank of this layout (a whole epoch when ``start_sample`` is 0)."""
+        if self.start_sample == 0:
+            return steps_per_epoch(self.num_samples, self.world_size, self.batch_size)
+        return steps_from(self.num_samples, self.start_sample, self.world_size, self.batch_size)
+
+    def consumed(self, batches: int) -> int:
+        """Position in the epoch order after ``batches`` batches of this layout (all ranks together)."""
+        left = self.num_samples - self.start_sample
+        return self.start_sample + min(left, batches * self.world_size * self.batch_size)
 
     def batches(self, epoch: int, start: int) -> Iterator[BatchPlan]:
         """This rank's batches of ``epoch`` from batch ``start`` on."""
-        order = epoch_order(self.num_samples, epoch, self.seed, self.shuffle)
-        for step in range(start, steps_per_epoch(self.num_samples, self.world_size, self.batch_size)):
+        order = epoch_order(self.num_samples, epoch, self.seed, self.shuffle)[self.start_sample:]
+        seg = self.start_sample
+        for step in range(start, self.steps()):
             idx, pad = rank_batch(order, step, self.rank, self.world_size, self.batch_size)
-            u = batch_uniforms(self.seed, epoch, step, self.rank, len(idx)) if self.shuffle else None
-            ra = (randaug_uniforms(self.seed, epoch, step, self.rank, len(idx), self.randaug_layers)
+            u = batch_uniforms(self.seed, epoch, step, self.rank, len(idx), seg) if self.shuffle else None
+            ra = (randaug_uniforms(self.seed, epoch, step, self.rank, len(idx), self.randaug_layers, seg)
                   if self.shuffle and self.randaug_layers else None)
             yield BatchPlan(step, idx, pad, u, ra)
 
@@ -69,7 +87,8 @@ class ShardLoader:
 
     ``for imgs, labels in loader`` yields the remaining batches of the current epoch, then advances to the
     next epoch (like :class:`~fastmae.data.SyntheticLoader`). ``batch_in_epoch`` counts the batches handed
-    out; ``state_dict()`` taken after training on a batch resumes at the next one.
+    out (since ``start_sample``, the position where this epoch's layout began); ``state_dict()`` taken after
+    training on a batch resumes at the next one.
     """
 
     backend = "base"
@@ -122,6 +141,7 @@ class ShardLoader:
         self.num_samples = len(index)
         self.epoch = 0
         self.batch_in_epoch = 0
+        self.start_sample = 0
 
     # ------------------------------------------------------------------ position and state
     def __len__(self) -> int:
@@ -131,11 +151,19 @@ class ShardLoader:
         """Start ``epoch`` at its first batch (order and augmentations depend only on seed and epoch)."""
         self.epoch = int(epoch)
         self.batch_in_epoch = 0
+        self.start_sample = 0
+
+    @property
+    def samples_in_epoch(self) -> int:
+        """Samples of the current epoch consumed by all ranks together (the resume position)."""
+        return self.layout().consumed(self.batch_in_epoch)
 
     def state_dict(self) -> dict[str, Any]:
         return {
             "epoch": self.epoch,
             "batch_in_epoch": self.batch_in_epoch,
+            "start_sample": self.start_sample,
+            "samples_in_epoch": self.samples_in_epoch,
             "num_samples": self.num_samples,
             "world_size": self.world_size,
             "batch_size": self.batch_size,
@@ -143,15 +171,32 @@ class ShardLoader:
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        """Continue at ``state``'s position: the next batches are exactly the ones not yet handed out."""
-        for key in ("num_samples", "world_size", "batch_size", "seed"):
+        """Continue at ``state``'s position: the next batches hold exactly the samples not yet handed out.
+
+        With the same world size and micro batch the batches are bit-identical to an uninterrupted run. With
+        others the rest of the interrupted epoch is laid out from the consumed position (every sample still
+        exactly once; its crops and flips are drawn anew); the epochs after it are as usual.
+        """
+        for key in ("num_samples", "seed"):
             if key in state and int(state[key]) != getattr(self, key):
                 raise ValueError(
                     f"loader state has {key}={state[key]} but this loader has {key}={getattr(self, key)}: "
-                    "an exact mid-epoch resume needs the same dataset, world size, micro batch and seed"
+                    "a resume needs the same dataset and seed"
                 )
         self.epoch = int(state["epoch"])
-        self.batch_in_epoch = int(state["batch_in_epoch"])
+        same = all(int(state.get(k, getattr(self, k))) == getattr(self, k) for k in ("world_size", "batch_size"))
+        if same:
+            self.start_sample = int(state.get("start_sample", 0))
+            self.batch_in_epoch = int(state["batch_in_epoch"])
+            return
+        consumed = state.get("samples_in_epoch")
+        if consumed is None:  # a state from a version without it: whole steps of the old layout
+            consumed = int(state["batch_in_epoch"]) * int(state["world_size"]) * int(state["batch_size"])
+        consumed = min(int(consumed), self.num_samples)
+        self.batch_in_epoch = 0
+        self.start_sample = consumed
+        if consumed >= self.num_samples:  # the epoch was complete: the next one starts afresh
+            self.set_epoch(self.epoch + 1)
 
     # ------------------------------------------------------------------ the plan
     @property
@@ -161,7 +206,7 @@ class ShardLoader:
     def layout(self) -> EpochLayout:
         """This rank's epoch layout, detached from the loader (safe to hand to a feed thread)."""
         return EpochLayout(self.num_samples, self.world_size, self.rank, self.batch_size, self.seed, self.shuffle,
-                           self.randaug.n if self.randaug else 0)
+                           self.randaug.n if self.randaug else 0, self.start_sample)
 
     @property
     def randaug_info(self) -> str:
@@ -185,8 +230,7 @@ class ShardLoader:
         for imgs, labels in self._batches(epoch, start):
             self.batch_in_epoch += 1
             yield imgs, labels
-        self.epoch = epoch + 1
-        self.batch_in_epoch = 0
+        self.set_epoch(epoch + 1)
 
 
 def normalize_uint8(imgs: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:

@@ -33,6 +33,11 @@ def steps_per_epoch(num_samples: int, world_size: int, batch_size: int) -> int:
     return max(1, math.ceil(num_samples / (world_size * batch_size)))
 
 
+def steps_from(num_samples: int, start_sample: int, world_size: int, batch_size: int) -> int:
+    """Batches per rank that cover the epoch order from ``start_sample`` on (0 when nothing is left)."""
+    return math.ceil(max(0, num_samples - start_sample) / (world_size * batch_size))
+
+
 def epoch_order(num_samples: int, epoch: int, seed: int, shuffle: bool) -> np.ndarray:
     """The order in which an epoch visits samples (a permutation; identity without shuffle)."""
     if not shuffle:
@@ -58,15 +63,24 @@ def rank_batch(
     return order[lo:lo + size], False
 
 
-def batch_uniforms(seed: int, epoch: int, step: int, rank: int, size: int) -> np.ndarray:
-    """Uniform numbers in [0, 1) that fix the crops and flips of one batch: shape (size, 41)."""
-    return np.random.default_rng([seed, epoch, step, rank, 0xA06]).random((size, UNIFORMS_PER_SAMPLE))
+def _stream(seed: int, epoch: int, step: int, rank: int, tag: int, segment: int) -> np.random.Generator:
+    # segment 0 (an epoch laid out from its first sample) keeps the key of runs that never changed layout
+    key = [seed, epoch, step, rank, tag] + ([segment] if segment else [])
+    return np.random.default_rng(key)
 
 
-def randaug_uniforms(seed: int, epoch: int, step: int, rank: int, size: int, layers: int) -> np.ndarray:
+def batch_uniforms(seed: int, epoch: int, step: int, rank: int, size: int, segment: int = 0) -> np.ndarray:
+    """Uniform numbers in [0, 1) that fix the crops and flips of one batch: shape (size, 41). ``segment`` is
+    the sample offset where the batch layout of this epoch began (non-zero after a resume on another
+    number of ranks or micro batch)."""
+    return _stream(seed, epoch, step, rank, 0xA06, segment).random((size, UNIFORMS_PER_SAMPLE))
+
+
+def randaug_uniforms(seed: int, epoch: int, step: int, rank: int, size: int, layers: int,
+                     segment: int = 0) -> np.ndarray:
     """Uniform numbers in [0, 1) that fix the RandAugment ops of one batch: shape (size, 4 * layers), a
     stream of its own (the crops and flips do not change when RandAugment is switched on)."""
-    return np.random.default_rng([seed, epoch, step, rank, 0x7A4D]).random((size, 4 * layers))
+    return _stream(seed, epoch, step, rank, 0x7A4D, segment).random((size, 4 * layers))
 
 
 def random_resized_crop_box(

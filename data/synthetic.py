@@ -45,11 +45,19 @@ class SyntheticLoader:
         return self.batches_per_epoch
 
     def state_dict(self) -> dict[str, int]:
-        return {"epoch": self.epoch, "batch_in_epoch": self.batch_in_epoch}
+        return {"epoch": self.epoch, "batch_in_epoch": self.batch_in_epoch, "world_size": self.world_size,
+                "batch_size": self.batch_size}
 
     def load_state_dict(self, state: dict[str, int]) -> None:
+        """Continue at ``state``'s position; with another world size or micro batch, at the batch that covers
+        the same share of the epoch (synthetic images have no identity to keep exact)."""
         self.epoch = int(state["epoch"])
-        self.batch_in_epoch = int(state["batch_in_epoch"])
+        batches = int(state["batch_in_epoch"])
+        old = int(state.get("world_size", self.world_size)) * int(state.get("batch_size", self.batch_size))
+        new = self.world_size * self.batch_size
+        self.batch_in_epoch = batches if old == new else -(-batches * old // new)
+        if self.batch_in_epoch >= self.batches_per_epoch:
+            self.set_epoch(self.epoch + 1)
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch

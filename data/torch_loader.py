@@ -8,6 +8,7 @@ normalisation happens once per batch on the training device.
 from __future__ import annotations
 
 import io
+import signal
 import weakref
 from collections.abc import Iterator
 from typing import Any
@@ -88,7 +89,14 @@ class _PlanSampler:
                    for j, i in enumerate(b.indices)]
 
     def __len__(self) -> int:
-        return len(self.loader) - self.start[1]
+        return self.loader.layout().steps() - self.start[1]
+
+
+def _ignore_stop_signals(_worker_id: int) -> None:
+    """Workers leave SIGTERM/SIGUSR1 to the training process: a scheduler that signals every process of a job
+    must not kill the workers before the training process has saved its checkpoint (it stops them itself)."""
+    for sig in (signal.SIGTERM, signal.SIGUSR1):
+        signal.signal(sig, signal.SIG_IGN)
 
 
 class TorchLoader(ShardLoader):
@@ -113,6 +121,7 @@ class TorchLoader(ShardLoader):
             pin_memory=self.device.type == "cuda",
             persistent_workers=workers > 0,
             prefetch_factor=4 if workers > 0 else None,
+            worker_init_fn=_ignore_stop_signals,
         )
 
     def close(self) -> None:
@@ -123,7 +132,7 @@ class TorchLoader(ShardLoader):
         self._dl._iterator = None
 
     def _batches(self, epoch: int, start: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        if start >= len(self):
+        if start >= self.layout().steps():
             return
         self._sampler.start = (epoch, start)
         for imgs, labels in self._dl:

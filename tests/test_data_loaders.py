@@ -179,8 +179,43 @@ def test_resume_continues_with_the_remaining_samples(backend: str, ids_shards: P
         assert torch.equal(ya, yb) and torch.equal(xa, xb)
     part_rest = _epoch(part)  # the interrupted loader itself also continues where it stopped
     assert [y.tolist() for _, y in part_rest] == [y.tolist() for _, y in ref[2:len(part)]]
-    with pytest.raises(ValueError, match="world_size"):
-        build_loader(cfg, img_size=16).load_state_dict(state)
+    with pytest.raises(ValueError, match="seed"):
+        build_loader(cfg, img_size=16, seed=8).load_state_dict(state)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("new_world,new_batch", [(1, 5), (3, 2)])
+def test_resume_on_another_layout_sees_every_sample_once(backend: str, ids_shards: Path, new_world: int,
+                                                         new_batch: int) -> None:
+    """2 ranks x micro 3 stop after 2 batches; 1 rank x 5 or 3 ranks x 2 finish the epoch with exactly the
+    samples not yet consumed, then run the next epoch whole."""
+    old = [build_loader(_cfg(backend, ids_shards, batch=3), img_size=16, rank=r, world_size=2, seed=7)
+           for r in range(2)]
+    seen: list[int] = []
+    states = []
+    for ld in old:
+        ld.set_epoch(4)
+        for i, (_, y) in enumerate(ld):
+            seen += y.tolist()
+            if i == 1:
+                break
+        states.append(ld.state_dict())
+    assert states[0]["samples_in_epoch"] == states[1]["samples_in_epoch"] == 12
+    new = [build_loader(_cfg(backend, ids_shards, batch=new_batch), img_size=16, rank=r, world_size=new_world,
+                        seed=7) for r in range(new_world)]
+    rest, nxt = [], []
+    for ld in new:
+        ld.load_state_dict(states[0])
+        assert ld.epoch == 4 and ld.start_sample == 12
+        rest += [v for _, y in ld for v in y.tolist()]
+        assert ld.epoch == 5 and ld.start_sample == 0 and ld.batch_in_epoch == 0
+        nxt += [v for _, y in ld for v in y.tolist()]
+    rest = [v for v in rest if v != PAD_LABEL]
+    assert sorted(seen + rest) == sorted(IDS)  # the interrupted epoch: every sample exactly once
+    assert sorted(v for v in nxt if v != PAD_LABEL) == sorted(IDS)
+    done = build_loader(_cfg(backend, ids_shards, batch=new_batch), img_size=16, world_size=new_world, seed=7)
+    done.load_state_dict({**states[0], "samples_in_epoch": 23})  # a finished epoch resumes at the next one
+    assert (done.epoch, done.start_sample) == (5, 0)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
