@@ -11,6 +11,7 @@ import dataclasses
 import json
 import types
 import typing
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, Optional, Union, get_args, get_origin
 
@@ -19,6 +20,10 @@ MASKING_BACKENDS = ("auto", "triton", "torch")
 DATA_BACKENDS = ("auto", "dali", "torch", "synthetic")
 PRECISIONS = ("bf16", "fp16", "fp32")
 ON_NONFINITE = ("stop", "skip")
+AUGMENT_IMPLS = ("auto", "timm", "fastmae")
+# schedule settings a resumed run must share with its checkpoint (train.resume_allow_changes lifts the check)
+SCHEDULE_KEYS = ("train.batch_size", "train.epochs", "optim.warmup_epochs", "optim.base_lr", "optim.lr",
+                 "optim.min_lr", "train.seed", "mask.ratio")
 
 
 class ConfigError(ValueError):
@@ -117,10 +122,46 @@ class TrainConfig:
     # GPU's memory: prefer the largest batch that fits without recompute) | on | off
     activation_checkpointing: str = "auto"
     compile: bool = False
+    # a NaN/inf loss: stop (every rank, naming the step) | skip (the micro batch, on every rank)
     on_nonfinite: str = "stop"
     # peak bf16 TFLOP/s of the card for MFU; 0 = look it up from the device name
     peak_tflops: float = 0.0
     progress: bool = True
+    # timeout of every process group (gloo and NCCL, DeepSpeed's included): a rank that waits longer fails
+    dist_timeout_s: float = 600.0
+    # experiment trackers besides metrics.jsonl: comma-separated, any of tensorboard, csv, wandb, mlflow ("" = none)
+    trackers: str = "tensorboard"
+    # schedule settings allowed to differ from the checkpoint on resume (comma-separated keys, e.g. train.epochs)
+    resume_allow_changes: str = ""
+
+
+@dataclass
+class ClassifierConfig:
+    """The ``cls`` section: the classifier and its fine-tuning / linear-probing recipe (unused in pre-training)."""
+
+    num_classes: int = 1000
+    # True: mean of patch tokens + fc_norm (official fine-tuning default); False: cls token after norm
+    global_pool: bool = True
+    drop_path: float = 0.1
+    # layer-wise lr decay (1.0 = off)
+    layer_decay: float = 0.75
+    smoothing: float = 0.1
+    mixup: float = 0.8
+    cutmix: float = 1.0
+    mixup_prob: float = 1.0
+    mixup_switch_prob: float = 0.5
+    # random erasing probability (timm "pixel" mode, one box)
+    reprob: float = 0.25
+    # timm RandAugment policy, run by the training loader (DALI's or timm's ops); "" = off
+    randaug: str = "rand-m9-mstd0.5-inc1"
+    # auto | timm | fastmae: which implementation of mixup/cutmix/random erasing
+    augment_impl: str = "auto"
+    # validation shards; "" = the bundled sample's val split when data.shards is "", else no validation
+    val_shards: str = ""
+    # re-initialisation std of the head weights after loading (official: 2e-5 fine-tune, 0.01 probe)
+    head_init_std: float = 2e-5
+    # evaluate every this many epochs (and at the end)
+    eval_interval: int = 1
 
 
 @dataclass
@@ -132,6 +173,7 @@ class Config:
     data: DataConfig = field(default_factory=DataConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    cls: ClassifierConfig = field(default_factory=ClassifierConfig)
     preset: str = "custom"
 
     def to_dict(self) -> dict[str, Any]:
@@ -141,7 +183,7 @@ class Config:
         return json.dumps(self.to_dict(), indent=2, sort_keys=True)
 
 
-SECTIONS = ("model", "mask", "data", "optim", "train")
+SECTIONS = ("model", "mask", "data", "optim", "train", "cls")
 
 # ----------------------------------------------------------------------------- presets
 
@@ -252,8 +294,9 @@ def _is_instance(value: Any, tp: Any) -> bool:
     return isinstance(value, tp)
 
 
-def apply_overrides(cfg: Config, args: list[str]) -> Config:
-    """Apply ``section.key=value`` and ``--section.key value`` overrides (in order) and validate."""
+def parse_overrides(args: list[str]) -> list[tuple[str, str]]:
+    """``section.key=value`` and ``--section.key value`` tokens -> [(key, value), ...] in order."""
+    pairs: list[tuple[str, str]] = []
     i = 0
     while i < len(args):
         tok = args[i]
@@ -267,8 +310,28 @@ def apply_overrides(cfg: Config, args: list[str]) -> Config:
         if "=" not in tok:
             raise ConfigError(f"cannot read override {tok!r}: write section.key=value (e.g. train.steps=100)")
         key, value = tok.split("=", 1)
-        set_value(cfg, key.strip(), value.strip())
+        pairs.append((key.strip(), value.strip()))
         i += 1
+    return pairs
+
+
+def refuse_ignored(keys: list[str], ignored: Mapping[str, str], program: str) -> None:
+    """Refuse a key the running program would ignore. ``ignored`` maps a section (``mask``) or a key
+    (``model.decoder_depth``) to the reason."""
+    for key in keys:
+        for what in (key, key.split(".", 1)[0]):
+            if what in ignored:
+                raise ConfigError(f"{key} is not used by {program} ({ignored[what]}); remove it")
+
+
+def apply_overrides(cfg: Config, args: list[str], ignored: Mapping[str, str] | None = None,
+                    program: str = "this program") -> Config:
+    """Apply ``section.key=value`` and ``--section.key value`` overrides (in order) and validate; a key in
+    ``ignored`` (see :func:`refuse_ignored`) is refused."""
+    pairs = parse_overrides(args)
+    refuse_ignored([k for k, _ in pairs], ignored or {}, program)
+    for key, value in pairs:
+        set_value(cfg, key, value)
     validate(cfg)
     return cfg
 
@@ -355,16 +418,52 @@ def validate(cfg: Config) -> None:
     _choice("train.precision", t.precision, PRECISIONS)
     _choice("train.on_nonfinite", t.on_nonfinite, ON_NONFINITE)
     _choice("train.activation_checkpointing", t.activation_checkpointing, ("auto", "on", "off"))
-    if t.batch_size % d.batch_size:
-        raise ConfigError(
-            f"train.batch_size={t.batch_size} (effective) is not a multiple of data.batch_size={d.batch_size} (micro)"
-        )
+    _positive("train.dist_timeout_s", t.dist_timeout_s)
+    from .trackers import validate_trackers
+
+    try:
+        validate_trackers(t.trackers)
+    except ValueError as e:
+        raise ConfigError(f"train.trackers={t.trackers!r}: {e}") from None
+    for key in filter(None, (k.strip() for k in t.resume_allow_changes.split(","))):
+        if key not in SCHEDULE_KEYS:
+            raise ConfigError(f"train.resume_allow_changes: {key!r} is not a schedule setting; valid: "
+                              f"{', '.join(SCHEDULE_KEYS)}")
+    validate_cls(cfg.cls)
 
 
-def build_config(preset: str, overrides: list[str] | None = None) -> Config:
-    """Preset + overrides, validated."""
+def validate_cls(c: ClassifierConfig) -> None:
+    """Impossible values of the ``cls`` section."""
+    if c.num_classes < 1:
+        raise ConfigError(f"cls.num_classes={c.num_classes} must be >= 1")
+    for k in ("drop_path", "smoothing"):
+        if not 0.0 <= getattr(c, k) < 1.0:
+            raise ConfigError(f"cls.{k}={getattr(c, k)} must lie in [0, 1)")
+    for k in ("mixup_prob", "mixup_switch_prob", "reprob"):
+        if not 0.0 <= getattr(c, k) <= 1.0:
+            raise ConfigError(f"cls.{k}={getattr(c, k)} must lie in [0, 1]")
+    for k in ("mixup", "cutmix", "head_init_std"):
+        if getattr(c, k) < 0:
+            raise ConfigError(f"cls.{k}={getattr(c, k)} must be >= 0")
+    if not 0.0 < c.layer_decay <= 1.0:
+        raise ConfigError(f"cls.layer_decay={c.layer_decay} must lie in (0, 1]")
+    if c.eval_interval < 1:
+        raise ConfigError(f"cls.eval_interval={c.eval_interval} must be >= 1")
+    _choice("cls.augment_impl", c.augment_impl, AUGMENT_IMPLS)
+    if c.randaug:
+        from .data.randaug import parse_policy
+
+        try:
+            parse_policy(c.randaug)
+        except ValueError as e:
+            raise ConfigError(f"cls.{e}") from None
+
+
+def build_config(preset: str, overrides: list[str] | None = None, ignored: Mapping[str, str] | None = None,
+                 program: str = "this program") -> Config:
+    """Preset + overrides, validated (keys in ``ignored`` refused, see :func:`refuse_ignored`)."""
     cfg = get_preset(preset)
-    return apply_overrides(cfg, list(overrides or []))
+    return apply_overrides(cfg, list(overrides or []), ignored, program)
 
 
 def config_from_dict(d: dict[str, Any]) -> Config:

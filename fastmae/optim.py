@@ -9,7 +9,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from .config import ConfigError, OptimConfig, TrainConfig
+from .config import OptimConfig, TrainConfig
 
 
 def scaled_lr(cfg: OptimConfig, effective_batch: int) -> float:
@@ -65,10 +65,13 @@ def lr_factor(step: int, total_steps: int, warmup_steps: int, min_ratio: float =
 
 def build_scheduler(optimizer: torch.optim.Optimizer, total_steps: int, warmup_steps: int,
                     min_ratio: float = 0.0) -> torch.optim.lr_scheduler.LambdaLR:
-    """Per-step schedule; each group keeps its own ``lr_scale`` because LambdaLR multiplies its initial lr."""
-    return torch.optim.lr_scheduler.LambdaLR(
+    """Per-step schedule; each group keeps its own ``lr_scale`` because LambdaLR multiplies its initial lr.
+    ``fastmae_schedule`` records (total steps, warm-up steps) for checkpoints."""
+    sched = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda s: lr_factor(s, total_steps, warmup_steps, min_ratio)
     )
+    sched.fastmae_schedule = (total_steps, warmup_steps)
+    return sched
 
 
 @dataclass(frozen=True)
@@ -81,20 +84,47 @@ class StepPlan:
     total_steps: int  # the schedule's length: train.epochs at full length
     budget: int  # steps this run takes (train.steps bounds it without changing the schedule)
     warmup_steps: int
+    effective_batch: int  # micro batch x accumulation x ranks: what one optimizer step sees
+    requested_batch: int  # train.batch_size
+
+    @property
+    def adjusted(self) -> bool:
+        """Whether the effective batch differs from train.batch_size (not reachable with these ranks)."""
+        return self.effective_batch != self.requested_batch
+
+    def describe_adjustment(self, micro_batch: int, world_size: int) -> str:
+        """One start-up line saying what was chosen instead of train.batch_size, and why."""
+        per_step = micro_batch * world_size
+        return (f"train.batch_size={self.requested_batch} is not reachable with micro batch {micro_batch} x "
+                f"{world_size} rank(s) (steps of {per_step}): using the nearest reachable effective batch "
+                f"{self.effective_batch} (accumulation {self.grad_accum}); the lr follows the linear scaling rule. "
+                f"For exactly {self.requested_batch}, choose data.batch_size so that data.batch_size x ranks "
+                f"divides it")
+
+
+def reachable_batch(requested: int, micro_batch: int, world_size: int) -> tuple[int, int]:
+    """(effective batch, accumulation): the multiple of micro batch x ranks nearest to ``requested`` (at
+    least one micro batch per rank; ties go to the larger batch)."""
+    per_step = micro_batch * world_size
+    accum = max(1, math.floor(requested / per_step + 0.5))
+    return accum * per_step, accum
 
 
 def plan_steps(t_cfg: TrainConfig, o_cfg: OptimConfig, micro_batch: int, world_size: int,
                micro_per_epoch: int) -> StepPlan:
-    """Effective batch = micro batch x accumulation x ranks; refuse an effective batch that does not divide."""
-    per_step = micro_batch * world_size
-    if t_cfg.batch_size % per_step:
-        raise ConfigError(
-            f"train.batch_size={t_cfg.batch_size} (effective) is not a multiple of data.batch_size x ranks "
-            f"= {micro_batch} x {world_size}; choose an effective batch divisible by {per_step}"
-        )
-    grad_accum = t_cfg.batch_size // per_step
+    """Effective batch = micro batch x accumulation x ranks: train.batch_size when reachable, else the nearest
+    reachable one (see :func:`reachable_batch`; the caller logs :meth:`StepPlan.describe_adjustment`)."""
+    effective, grad_accum = reachable_batch(t_cfg.batch_size, micro_batch, world_size)
     steps_per_epoch = micro_per_epoch / grad_accum
     total = max(1, math.floor(t_cfg.epochs * steps_per_epoch))
     budget = min(total, t_cfg.steps) if t_cfg.steps else total
     return StepPlan(grad_accum, micro_per_epoch, steps_per_epoch, total, budget,
-                    round(o_cfg.warmup_epochs * steps_per_epoch))
+                    round(o_cfg.warmup_epochs * steps_per_epoch), effective, t_cfg.batch_size)
+
+
+def peak_lr(o_cfg: OptimConfig, plan: StepPlan) -> float:
+    """The peak lr of a run: ``base_lr x effective batch / 256``, or ``optim.lr`` rescaled by the same linear
+    rule when the effective batch had to differ from train.batch_size."""
+    if o_cfg.lr is None:
+        return o_cfg.base_lr * plan.effective_batch / 256
+    return o_cfg.lr * plan.effective_batch / plan.requested_batch
