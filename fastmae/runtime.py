@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import dataclasses
 import datetime
 import json
 import os
 import random
+import sys
+import threading
+import time
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
@@ -25,39 +29,81 @@ class DistInfo:
     local_rank: int
     world_size: int
     device: torch.device
+    launcher: str = "single process"
 
     @property
     def is_main(self) -> bool:
         return self.rank == 0
 
 
-def init_distributed(timeout_minutes: float = 10.0) -> DistInfo:
-    """Start torch.distributed through DeepSpeed (NCCL on CUDA, gloo on CPU) and pick this rank's device.
+def set_default_timeouts(timeout: datetime.timedelta) -> None:
+    """Make ``timeout`` the default of every process group created from now on, gloo and NCCL alike
+    (torch reads separate module defaults per backend; DeepSpeed's groups are made without a timeout)."""
+    from torch.distributed import distributed_c10d
 
-    ZeRO's collectives ignore the ``timeout`` given to ``init_distributed``; torch's module default is
-    what they use, so it is lowered here first: a hung rank fails within ``timeout_minutes``.
-    """
-    import deepspeed
+    distributed_c10d.default_pg_timeout = timeout
+    if isinstance(getattr(distributed_c10d, "default_pg_nccl_timeout", None), datetime.timedelta):
+        distributed_c10d.default_pg_nccl_timeout = timeout
+
+
+def group_timeouts() -> list[float]:
+    """Timeout in seconds of every process group of this process (for the start-up log and the tests)."""
     import torch.distributed as dist
     from torch.distributed import distributed_c10d
 
-    timeout = datetime.timedelta(minutes=timeout_minutes)
-    distributed_c10d.default_pg_timeout = timeout
-    if "RANK" not in os.environ:  # plain `python fastmae/train.py`: a world of one, no launcher, no MPI
-        os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1")
-        os.environ.setdefault("MASTER_PORT", str(_free_port()))
-    cuda = torch.cuda.is_available()
-    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-    if cuda:
-        torch.cuda.set_device(local_rank)
     if not dist.is_initialized():
-        deepspeed.init_distributed(dist_backend="nccl" if cuda else "gloo", timeout=timeout)
-    device = torch.device("cuda", local_rank) if cuda else torch.device("cpu")
-    return DistInfo(dist.get_rank(), local_rank, dist.get_world_size(), device)
+        return []
+    out = []
+    for pg in list(distributed_c10d._world.pg_map):
+        for dev in (torch.device("cpu"), torch.device("cuda")):
+            try:
+                backend = pg._get_backend(dev)
+            except Exception:  # no backend for this device type in this group
+                continue
+            timeout = getattr(getattr(backend, "options", None), "_timeout", None)
+            if timeout is not None:
+                out.append(timeout.total_seconds())
+    return out
+
+
+def init_distributed(timeout_s: float = 600.0) -> DistInfo:
+    """Start torch.distributed through DeepSpeed (NCCL on CUDA, gloo on CPU) and pick this rank's device.
+
+    The rank and world size come from whichever launcher started the process (deepspeed, torchrun, srun,
+    mpirun: :mod:`fastmae.launch_env`); an inconsistent environment is an error, a process started by hand is
+    a world of one. Every process group gets ``timeout_s``: ZeRO's collectives ignore the timeout given to
+    ``init_distributed`` and NCCL groups read their own default, so both module defaults are set first.
+    """
+    import deepspeed
+    import torch.distributed as dist
+
+    from .launch_env import discover, export
+
+    env = discover()
+    if env.world_size == 1 and "MASTER_PORT" not in os.environ:  # alone: any free port will do
+        env = dataclasses.replace(env, master_port=_free_port())
+    export(env)
+    timeout = datetime.timedelta(seconds=timeout_s)
+    set_default_timeouts(timeout)
+    cuda = torch.cuda.is_available()
+    if cuda:
+        if env.local_rank >= torch.cuda.device_count():
+            raise RuntimeError(f"local rank {env.local_rank} ({env.source}) has no GPU: this node shows "
+                               f"{torch.cuda.device_count()}; start at most that many processes per node")
+        torch.cuda.set_device(env.local_rank)
+    if not dist.is_initialized():
+        deepspeed.init_distributed(dist_backend="nccl" if cuda else "gloo", timeout=timeout,
+                                   auto_mpi_discovery=False, verbose=False)
+    if dist.get_world_size() != env.world_size or dist.get_rank() != env.rank:
+        raise RuntimeError(f"torch.distributed started as rank {dist.get_rank()} of {dist.get_world_size()} but "
+                           f"the launcher ({env.source}) said rank {env.rank} of {env.world_size}")
+    device = torch.device("cuda", env.local_rank) if cuda else torch.device("cpu")
+    return DistInfo(env.rank, env.local_rank, env.world_size, device, env.source)
 
 
 def shutdown_distributed() -> None:
-    """Barrier and destroy the process group (gloo can abort at interpreter exit otherwise)."""
+    """Barrier and destroy the process group (gloo can abort at interpreter exit otherwise). Only on the
+    success path: after an error, :meth:`FailFast.fail` tears the groups down without waiting for anyone."""
     import torch.distributed as dist
 
     if dist.is_initialized():
@@ -67,12 +113,188 @@ def shutdown_distributed() -> None:
             dist.destroy_process_group()
 
 
+def abort_process_groups(wait_s: float = 5.0) -> None:
+    """Tear the process groups down without a collective (NCCL: abort; gloo: destroy), giving up after
+    ``wait_s``: the error path must never wait for peers that may be stuck or gone."""
+    import torch.distributed as dist
+
+    if not dist.is_initialized():
+        return
+
+    def tear() -> None:
+        try:
+            if dist.get_backend() == "nccl":
+                from torch.distributed.distributed_c10d import _abort_process_group
+
+                _abort_process_group()
+            else:
+                dist.destroy_process_group()
+        except Exception:
+            pass
+
+    t = threading.Thread(target=tear, name="fastmae-teardown", daemon=True)
+    t.start()
+    t.join(wait_s)
+
+
 def _free_port() -> int:
     import socket
 
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+# ----------------------------------------------------------------------------- one rank's failure ends the job
+
+
+class FailFast:
+    """Ends every rank of the job within seconds when one rank fails, whatever the others are blocked in.
+
+    A rank that fails writes its error into the job's rendezvous store (the c10d store every rank already
+    shares); a watcher thread on every rank polls the store and, on seeing it, prints which rank failed first
+    and ends its process at once (``os._exit``: a collective waiting for the dead rank cannot be interrupted
+    otherwise). The failing rank waits a few seconds for the others to acknowledge, tears its process groups
+    down without a barrier and exits with status 1. A store that stops answering means its host (rank 0 or
+    the launcher) is gone: the watcher ends its rank too.
+    """
+
+    def __init__(self, rank: int, world_size: int, poll_s: float = 1.0, ack_wait_s: float = 5.0) -> None:
+        self.rank, self.world_size = rank, world_size
+        self.poll_s, self.ack_wait_s = poll_s, ack_wait_s
+        self._store: Any = None
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def start(self) -> FailFast:
+        import torch.distributed as dist
+
+        if self.world_size > 1 and dist.is_initialized():
+            from torch.distributed.distributed_c10d import PrefixStore, _get_default_store
+
+            self._store = PrefixStore("fastmae_failfast/", _get_default_store())
+            self._thread = threading.Thread(target=self._watch, name="fastmae-failfast", daemon=True)
+            self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        """Stop watching (before the process groups are torn down on the success path)."""
+        self._stop.set()
+        if self._thread is not None and self._thread is not threading.current_thread():
+            self._thread.join(timeout=10)
+        self._thread = None
+
+    def _watch(self) -> None:
+        while not self._stop.wait(self.poll_s):
+            try:
+                failed = self._store.check(["failed"])
+            except Exception as e:  # the store's host is gone
+                if self._stop.is_set():
+                    return
+                _say(f"rank {self.rank}: lost the job's rendezvous store ({type(e).__name__}); rank 0 or the "
+                     "launcher has died: stopping")
+                os._exit(1)
+            if failed and not self._stop.is_set():
+                try:
+                    first = self._store.get("message").decode()
+                    self._store.add("acked", 1)
+                except Exception:
+                    first = "(its message is unavailable)"
+                _say(f"rank {self.rank}: stopping because {first}")
+                os._exit(1)
+
+    def fail(self, err: BaseException, detail: str) -> None:
+        """Report ``err`` (``detail``: what to print), make every other rank stop, tear down. Returns only in a
+        world of one (the caller then exits with status 1); otherwise ends the process with status 1."""
+        self._stop.set()
+        first = True
+        if self._store is not None:
+            try:
+                first = int(self._store.add("count", 1)) == 1
+                if first:
+                    self._store.set("message", f"rank {self.rank} failed first: {type(err).__name__}: "
+                                               f"{str(err).splitlines()[0] if str(err) else ''}"[:2000])
+                    self._store.set("failed", "1")
+            except Exception:  # the store is gone too: still report and exit
+                pass
+        if first:
+            _say(f"rank {self.rank}: {detail}", stream=sys.stderr)
+        else:
+            _say(f"rank {self.rank}: stopping after another rank's failure (here: {type(err).__name__}: "
+                 f"{str(err).splitlines()[0] if str(err) else ''})", stream=sys.stderr)
+        if self._store is not None and first:
+            deadline = time.monotonic() + self.ack_wait_s
+            while time.monotonic() < deadline:
+                try:
+                    if int(self._store.add("acked", 0)) >= self.world_size - 1:
+                        break
+                except Exception:
+                    break
+                time.sleep(0.1)
+        abort_process_groups()
+        if self.world_size > 1:
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os._exit(1)
+
+
+def _say(msg: str, stream: Any = None) -> None:
+    print(f"[fastmae] {msg}", file=stream or sys.stderr, flush=True)
+
+
+# ----------------------------------------------------------------------------- agreement across ranks
+
+
+class StepAgreement:
+    """Agree across ranks on a per-step flag without stalling the step: each step's local flags are all-reduced
+    (max) asynchronously on a CPU (gloo) group and the agreed value is read one step later, when that
+    reduction is long finished. Every rank calls :meth:`post` at the same steps, so all read the same value
+    at the same step. In a world of one the value is immediate."""
+
+    def __init__(self, world_size: int) -> None:
+        self.world_size = world_size
+        self._group: Any = None
+        self._pending: tuple[Any, torch.Tensor] | None = None
+        if world_size > 1:
+            import torch.distributed as dist
+
+            self._group = dist.new_group(backend="gloo")  # collective: every rank creates it at start
+
+    def post(self, flag: int) -> int:
+        """Post this step's flag; returns the agreed (max over ranks) flag of the previous post (0 at first)."""
+        if self._group is None:
+            return int(flag)
+        import torch.distributed as dist
+
+        agreed = self.drain()
+        t = torch.tensor([int(flag)], dtype=torch.int64)
+        self._pending = (dist.all_reduce(t, op=dist.ReduceOp.MAX, group=self._group, async_op=True), t)
+        return agreed
+
+    def drain(self) -> int:
+        """Wait for the outstanding reduction (if any) and return its agreed value."""
+        if self._pending is None:
+            return 0
+        work, t = self._pending
+        self._pending = None
+        work.wait()
+        return int(t.item())
+
+    def now(self, values: list[float], op: str = "max") -> list[float]:
+        """A blocking agreement on a few numbers (max or min over ranks), for decisions needed at once."""
+        if self._group is None:
+            return list(values)
+        import torch.distributed as dist
+
+        self.drain_keep()
+        t = torch.tensor(values, dtype=torch.float64)
+        dist.all_reduce(t, op=dist.ReduceOp.MAX if op == "max" else dist.ReduceOp.MIN, group=self._group)
+        return t.tolist()
+
+    def drain_keep(self) -> None:
+        """Let the outstanding per-step reduction finish first, keeping its result for the next :meth:`post`."""
+        if self._pending is not None:
+            self._pending[0].wait()
 
 
 def seed_everything(seed: int, rank: int = 0) -> None:
