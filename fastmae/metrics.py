@@ -1,7 +1,8 @@
 """Metrics from one place: throughput, TFLOP/s and MFU from the analytic FLOPs, peak memory, data wait.
 
 Every log interval the training program hands the accumulated numbers to :class:`MetricsLogger`, which
-prints one line, appends one JSONL record and writes TensorBoard scalars when tensorboard is installed.
+prints one line, appends one JSONL record and feeds the experiment trackers of ``train.trackers``
+(TensorBoard, CSV, Weights & Biases, MLflow; see :mod:`fastmae.trackers`).
 """
 
 from __future__ import annotations
@@ -13,6 +14,8 @@ from pathlib import Path
 from typing import Any
 
 import torch
+
+from .trackers import Tracker, open_trackers, validate_trackers
 
 # dense (no sparsity) bf16 tensor-core peaks in TFLOP/s, matched against torch.cuda.get_device_name()
 PEAK_BF16_TFLOPS: list[tuple[str, float]] = [
@@ -49,39 +52,74 @@ def peak_tflops(device_name: str | None = None, override: float = 0.0) -> float 
 
 
 class MetricsLogger:
-    """One console line + one JSONL record per log interval (rank 0 only), TensorBoard when available."""
+    """One console line + one JSONL record per log interval, plus the trackers of ``train.trackers`` (rank 0 only).
 
-    def __init__(self, out_dir: str | Path, enabled: bool = True, tensorboard: bool = True) -> None:
+    ``metrics.jsonl`` is always written; ``trackers`` (comma-separated: tensorboard, csv, wandb, mlflow) adds
+    experiment trackers, each failing at start with the package to install when its library is missing. The
+    default (None) keeps the behaviour of callers that predate tracker selection: TensorBoard when installed,
+    JSONL only otherwise. A disabled logger (every rank but 0) validates the names and writes nothing.
+    """
+
+    def __init__(self, out_dir: str | Path, enabled: bool = True, trackers: str | None = None,
+                 config: dict[str, Any] | None = None, run_name: str | None = None) -> None:
         self.enabled = enabled
-        self.path = Path(out_dir) / "metrics.jsonl"
-        self.tb = None
-        if enabled:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
-            if tensorboard:
-                try:
-                    from torch.utils.tensorboard import SummaryWriter
+        self.out_dir = Path(out_dir)
+        self.path = self.out_dir / "metrics.jsonl"
+        self.trackers: list[Tracker] = []
+        self._failed: set[str] = set()
+        names = validate_trackers("tensorboard" if trackers is None else trackers)
+        if not enabled:
+            return
+        self.out_dir.mkdir(parents=True, exist_ok=True)
+        if trackers is None:
+            try:
+                self.trackers = open_trackers(names, self.out_dir, config, run_name)
+            except Exception:  # tensorboard not installed: JSONL only, as before tracker selection existed
+                self.trackers = []
+        else:
+            self.trackers = open_trackers(names, self.out_dir, config, run_name)
 
-                    self.tb = SummaryWriter(str(Path(out_dir) / "tb"))
-                except Exception:  # tensorboard not installed: JSONL only
-                    self.tb = None
+    @property
+    def tracker_names(self) -> list[str]:
+        """Names of the trackers this logger writes to (empty when disabled)."""
+        return [t.name for t in self.trackers]
 
     def log(self, record: dict[str, Any], line: str | None = None) -> None:
+        """Append one record (flat: "step" plus numeric or None values) everywhere; print ``line`` if given.
+
+        A tracker that fails while logging is reported once and skipped for that record, so a dashboard outage
+        never stops training; metrics.jsonl still has every record.
+        """
         if not self.enabled:
             return
         record = {"time": time.time(), **record}
         with self.path.open("a") as f:
             f.write(json.dumps(record) + "\n")
-        if self.tb is not None:
-            step = int(record.get("step", 0))
-            for k, v in record.items():
-                if isinstance(v, (int, float)) and k not in ("step", "time"):
-                    self.tb.add_scalar(k, v, step)
+        for tracker in self.trackers:
+            try:
+                tracker.log(record)
+            except Exception as e:
+                if tracker.name not in self._failed:
+                    self._failed.add(tracker.name)
+                    print(f"fastmae: tracker {tracker.name} failed to log step {record.get('step')} ({e!r}); "
+                          "training continues, metrics.jsonl has every record", file=sys.stderr, flush=True)
         if line is not None:
             print(line, file=sys.stdout, flush=True)
 
     def close(self) -> None:
-        if self.tb is not None:
-            self.tb.close()
+        """Finish every tracker (W&B run, MLflow run status, TensorBoard files); safe to call twice."""
+        trackers, self.trackers = self.trackers, []
+        for tracker in trackers:
+            try:
+                tracker.close()
+            except Exception as e:
+                print(f"fastmae: tracker {tracker.name} failed to close ({e!r})", file=sys.stderr, flush=True)
+
+    def __enter__(self) -> MetricsLogger:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
 
 
 def format_line(rec: dict[str, Any]) -> str:
