@@ -8,7 +8,8 @@ Layout of ``output_dir/checkpoints``::
     latest                  tag of the newest complete checkpoint (replaced atomically)
 
 ``latest`` only ever names a directory that has its ``fastmae_state.json``; resume also double-checks and
-falls back to the newest complete directory, so a save killed half-way is simply ignored.
+falls back to the newest complete directory, so a save killed half-way is simply ignored. A run on another
+number of ranks loads a universal conversion made next to it (:mod:`fastmae.checkpoint_universal`).
 """
 
 from __future__ import annotations
@@ -21,6 +22,8 @@ from pathlib import Path
 from typing import Any
 
 import torch
+
+from . import checkpoint_universal as universal
 
 STATE_FILE = "fastmae_state.json"
 LATEST = "latest"
@@ -87,26 +90,10 @@ def save(engine: Any, ckpt_dir: str | Path, step: int, state: dict[str, Any], ke
         _atomic_write(d / LATEST, tag)
         for old in complete_tags(d)[:-keep_last]:
             shutil.rmtree(d / old, ignore_errors=True)
+            universal.remove(d, old)
     if dist.is_initialized():
         dist.barrier()
     return tag
-
-
-def load(engine: Any, ckpt_dir: str | Path, tag: str, world_size: int) -> dict[str, Any]:
-    """Load DeepSpeed states of ``tag`` into ``engine``; returns the fastmae run state."""
-    state = read_state(ckpt_dir, tag)
-    saved_world = int(state.get("world_size", world_size))
-    if saved_world != world_size:
-        raise RuntimeError(
-            f"checkpoint {Path(ckpt_dir) / tag} was written by {saved_world} ranks and this run has "
-            f"{world_size}: a ZeRO checkpoint resumes only with the same number of ranks. Export it with "
-            f"`python -m fastmae.checkpoint export {Path(ckpt_dir) / tag} OUT.pth` to start a new run from its weights"
-        )
-    path, _ = engine.load_checkpoint(str(ckpt_dir), tag=tag, load_optimizer_states=True,
-                                     load_lr_scheduler_states=True)
-    if path is None:
-        raise RuntimeError(f"DeepSpeed could not load the checkpoint {Path(ckpt_dir) / tag}")
-    return state
 
 
 def find_resume(resume: str, ckpt_dir: str | Path) -> tuple[Path, str] | None:

@@ -9,8 +9,10 @@ smoothing 0.1, mixup 0.8 / cutmix 1.0 (switch 0.5), random erasing 0.25, global 
 Validation (resize 256 -> centre crop 224, top-1/top-5) runs after every epoch; ``best.pth`` keeps the
 best model, DeepSpeed checkpoints (``train.resume=auto``) the latest state.
 
-Overrides are ``section.key=value``: the sections of :mod:`fastmae.config` plus ``cls`` (this program's
-:class:`ClassifierConfig`). :mod:`fastmae.linprobe` runs the same loop with a frozen encoder.
+Overrides are ``section.key=value`` for the sections of :mod:`fastmae.config` (``cls`` holds the classifier
+recipe); keys fine-tuning does not use (``mask``, the decoder) are refused. The loop is the shared
+:class:`~fastmae.trainer.Trainer` (resume, checkpoints, signals, non-finite policy, compile, activation
+checkpointing); :mod:`fastmae.linprobe` runs the same task with a frozen encoder.
 
 Augmentations on the batch (on the training device, so DALI and torch loaders get the same): timm's
 ``Mixup`` and ``RandomErasing`` when timm imports (``cls.augment_impl=auto|timm``), else fastmae's
@@ -34,22 +36,19 @@ import dataclasses
 import json
 import math
 import sys
-import time
 from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 import torch.nn.functional as F
+from torch import nn
 
-from fastmae import checkpoint as ckpt
 from fastmae.config import (
+    ClassifierConfig,
     Config,
     ConfigError,
-    _field_types,
-    _parse_value,
     apply_overrides,
     config_from_dict,
     get_preset,
@@ -57,48 +56,26 @@ from fastmae.config import (
 )
 from fastmae.evaluation import PAD_LABEL, evaluate
 from fastmae.flops import block_flops
-from fastmae.metrics import MetricsLogger, peak_tflops
-from fastmae.optim import build_adamw, build_scheduler, param_groups, plan_steps, scaled_lr
-from fastmae.runtime import (
-    DistInfo,
-    fill_ds_config,
-    init_distributed,
-    load_ds_config,
-    seed_everything,
-    shutdown_distributed,
-)
+from fastmae.memory import MemoryEstimate, estimate_memory
+from fastmae.optim import build_adamw, param_groups
+from fastmae.trainer import EXIT_CONFIG, Task, Trainer
 from fastmae.vit import VisionTransformer, build_classifier, layer_decay_scale
 
-AUGMENT_IMPLS = ("auto", "timm", "fastmae")
-
-
-@dataclass
-class ClassifierConfig:
-    """The ``cls`` section: the classifier and its fine-tuning / probing recipe."""
-
-    num_classes: int = 1000
-    # True: mean of patch tokens + fc_norm (official fine-tuning default); False: cls token after norm
-    global_pool: bool = True
-    drop_path: float = 0.1
-    # layer-wise lr decay (1.0 = off)
-    layer_decay: float = 0.75
-    smoothing: float = 0.1
-    mixup: float = 0.8
-    cutmix: float = 1.0
-    mixup_prob: float = 1.0
-    mixup_switch_prob: float = 0.5
-    # random erasing probability (timm "pixel" mode, one box)
-    reprob: float = 0.25
-    # timm RandAugment policy, run by the training loader (DALI's or timm's ops, see module doc); "" = off
-    randaug: str = "rand-m9-mstd0.5-inc1"
-    # auto | timm | fastmae: which implementation of mixup/cutmix/random erasing
-    augment_impl: str = "auto"
-    # validation shards; "" = the bundled sample's val split when data.shards is "", else no validation
-    val_shards: str = ""
-    # re-initialisation std of the head weights after loading (official: 2e-5 fine-tune, 0.01 probe)
-    head_init_std: float = 2e-5
-    # evaluate every this many epochs (and at the end)
-    eval_interval: int = 1
+# keys fine-tuning and probing do not use: refused when given
+IGNORED = {
+    "mask": "classifiers see every patch: no masking",
+    "model.decoder_embed_dim": "the classifier has no decoder",
+    "model.decoder_depth": "the classifier has no decoder",
+    "model.decoder_num_heads": "the classifier has no decoder",
+    "model.norm_pix_loss": "a pre-training loss setting",
+    "model.encoder_mask_tokens": "a pre-training benchmark variant",
+}
+PROBE_IGNORED = {
+    **IGNORED,
+    "cls.drop_path": "the encoder is frozen",
+    "cls.layer_decay": "only the head trains",
+    "train.activation_checkpointing": "the encoder is frozen: nothing is recomputed",
+}
 
 
 # ----------------------------------------------------------------------------- recipes
@@ -112,10 +89,10 @@ _FT_ARCH = {  # per architecture: (base lr, layer decay, drop path, epochs)
 }
 
 
-def finetune_recipe(preset: str) -> tuple[Config, ClassifierConfig]:
-    """Preset architecture + the paper's fine-tuning recipe (Table 9)."""
+def finetune_recipe(preset: str) -> Config:
+    """Preset architecture + the paper's fine-tuning recipe (Table 9), ``cls`` section included."""
     cfg = get_preset(preset)
-    cls = ClassifierConfig()
+    cls = cfg.cls
     o, t, d = cfg.optim, cfg.train, cfg.data
     o.beta1, o.beta2, o.weight_decay, o.min_lr, o.warmup_epochs, o.lr = 0.9, 0.999, 0.05, 1e-6, 5.0, None
     o.base_lr = 1e-3
@@ -129,61 +106,10 @@ def finetune_recipe(preset: str) -> tuple[Config, ClassifierConfig]:
         d.batch_size, t.batch_size, t.epochs = 16, 16, 3
         o.lr, o.warmup_epochs = 1e-3, 1.0
         t.log_interval, t.output_dir = 5, "runs/debug_finetune"
-    return cfg, cls
+    return cfg
 
 
 # ----------------------------------------------------------------------------- arguments
-
-
-def _set_cls(cls: ClassifierConfig, key: str, value: str) -> None:
-    types_ = _field_types(cls)
-    name = key.split(".", 1)[1]
-    if name not in types_:
-        raise ConfigError(f"unknown key {key!r}; valid keys in [cls]: {', '.join(types_)}")
-    setattr(cls, name, _parse_value(value, types_[name], key))
-
-
-def split_overrides(rest: list[str]) -> tuple[list[str], list[str]]:
-    """(``cls.*`` overrides, the others) as ``key=value`` strings."""
-    pairs: list[str] = []
-    i = 0
-    while i < len(rest):
-        tok = rest[i]
-        if tok.startswith("--"):
-            tok = tok[2:]
-            if "=" not in tok:
-                if i + 1 >= len(rest):
-                    raise ConfigError(f"override --{tok} has no value")
-                tok, i = f"{tok}={rest[i + 1]}", i + 1
-        pairs.append(tok)
-        i += 1
-    return [p for p in pairs if p.startswith("cls.")], [p for p in pairs if not p.startswith("cls.")]
-
-
-def validate_cls(cls: ClassifierConfig) -> None:
-    if cls.num_classes < 1:
-        raise ConfigError(f"cls.num_classes={cls.num_classes} must be >= 1")
-    for k in ("drop_path", "smoothing", "mixup_prob", "mixup_switch_prob", "reprob"):
-        v = getattr(cls, k)
-        if not 0.0 <= v <= 1.0 or (k in ("drop_path", "smoothing") and v == 1.0):
-            raise ConfigError(f"cls.{k}={v} must lie in [0, 1)" if k in ("drop_path", "smoothing")
-                              else f"cls.{k}={v} must lie in [0, 1]")
-    for k in ("mixup", "cutmix", "head_init_std"):
-        if getattr(cls, k) < 0:
-            raise ConfigError(f"cls.{k}={getattr(cls, k)} must be >= 0")
-    if not 0.0 < cls.layer_decay <= 1.0:
-        raise ConfigError(f"cls.layer_decay={cls.layer_decay} must lie in (0, 1]")
-    if cls.eval_interval < 1:
-        raise ConfigError(f"cls.eval_interval={cls.eval_interval} must be >= 1")
-    if cls.augment_impl not in AUGMENT_IMPLS:
-        raise ConfigError(f"cls.augment_impl={cls.augment_impl!r} is not valid; valid: {', '.join(AUGMENT_IMPLS)}")
-    if cls.randaug:
-        from fastmae.data.randaug import parse_policy
-
-        try:
-            parse_policy(cls.randaug)
-        except ValueError as e:
-            raise ConfigError(f"cls.{e}") from None
 
 
 def auto_preset(sd: dict[str, torch.Tensor] | None, meta: dict[str, Any]) -> str:
@@ -202,9 +128,9 @@ def auto_preset(sd: dict[str, torch.Tensor] | None, meta: dict[str, Any]) -> str
     return "debug"
 
 
-def parse_program_args(prog: str, description: str, recipe: Callable[[str], tuple[Config, ClassifierConfig]],
-                       argv: list[str] | None) -> tuple[argparse.Namespace, Config, ClassifierConfig, Any]:
-    """Common command line of fine-tuning and probing; returns (args, cfg, cls, (state dict, meta) or None)."""
+def parse_program_args(prog: str, description: str, recipe: Callable[[str], Config], argv: list[str] | None,
+                       ignored: dict[str, str] | None = None) -> tuple[argparse.Namespace, Config, Any]:
+    """Common command line of fine-tuning and probing; returns (args, cfg, (state dict, meta) or None)."""
     ap = argparse.ArgumentParser(prog=prog, allow_abbrev=False, description=description)
     ap.add_argument("--ds_config", default="zero2.json",
                     help="DeepSpeed JSON: a bundled name (zero1.json, zero2.json, zero3.json) or a path")
@@ -217,37 +143,25 @@ def parse_program_args(prog: str, description: str, recipe: Callable[[str], tupl
     ap.add_argument("--local_rank", type=int, default=-1, help="set by the deepspeed launcher")
     ap.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
     args, rest = ap.parse_known_args(argv)
+    ignored = IGNORED if ignored is None else ignored
     loaded = None
     if args.checkpoint:
         from fastmae.interop import load_checkpoint
 
         loaded = load_checkpoint(args.checkpoint)
-    cls_over, other = split_overrides(rest)
     if args.config:
-        saved = json.loads(Path(args.config).read_text())
-        cfg = config_from_dict({k: v for k, v in saved.items() if k != "cls"})
-        cls = ClassifierConfig(**saved.get("cls", {}))
+        cfg = config_from_dict(json.loads(Path(args.config).read_text()))
     else:
         preset = args.preset if args.preset != "auto" else auto_preset(*(loaded or (None, {})))
-        cfg, cls = recipe(preset)
+        cfg = recipe(preset)
     if loaded is not None:  # the checkpoint's architecture wins over the preset's
         from fastmae.interop import infer_model_config
 
         attention = cfg.model.attention
         cfg.model = infer_model_config(loaded[0], loaded[1], cfg.model)
         cfg.model.attention = attention
-    for kv in cls_over:
-        if "=" not in kv:
-            raise ConfigError(f"cannot read override {kv!r}: write cls.key=value")
-        k, v = kv.split("=", 1)
-        _set_cls(cls, k.strip(), v.strip())
-    apply_overrides(cfg, other)
-    validate_cls(cls)
-    return args, cfg, cls, loaded
-
-
-def full_config(cfg: Config, cls: ClassifierConfig) -> dict[str, Any]:
-    return {**cfg.to_dict(), "cls": dataclasses.asdict(cls)}
+    apply_overrides(cfg, rest, ignored, prog.split("/")[-1].removesuffix(".py"))
+    return args, cfg, loaded
 
 
 # ----------------------------------------------------------------------------- batch augmentations
@@ -352,7 +266,7 @@ class BatchAugment:
     """imgs, labels -> (augmented imgs, soft targets (B, C), sample weights (B,)): random erasing, then
     mixup/cutmix, label smoothing; padding samples (label ``PAD_LABEL``) get weight 0."""
 
-    def __init__(self, cls: ClassifierConfig, device: torch.device, seed: int) -> None:
+    def __init__(self, cls: ClassifierConfig, device: torch.device, seed: int = 0) -> None:
         impl = cls.augment_impl
         if impl == "auto":
             impl = "timm" if _timm_available() else "fastmae"
@@ -391,7 +305,18 @@ class BatchAugment:
             parts.append(f"label smoothing {self.smoothing}")
         return f"{', '.join(parts) or 'none'} ({self.impl})" if parts else "none"
 
-    def __call__(self, imgs: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def reseed(self, seed: int) -> None:
+        """Draw this batch's mixup/erasing choices from ``seed`` (fastmae's implementations; timm's draw from
+        the global generators, which the trainer seeds per micro batch)."""
+        if isinstance(self.mix, BatchMixup):
+            self.mix.rng = np.random.default_rng([seed, 1])
+        if isinstance(self.erase, BatchRandomErasing):
+            self.erase.rng = np.random.default_rng([seed, 2])
+
+    def __call__(self, imgs: torch.Tensor, labels: torch.Tensor,
+                 seed: int | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        if seed is not None:
+            self.reseed(seed)
         weight = (labels != PAD_LABEL).float()
         labels = labels.clamp(min=0)
         if self.erase is not None:
@@ -412,8 +337,9 @@ def randaugment_hook(policy: str, img_size: int) -> Callable[[Any], Any]:
     return TimmRandAugment(parse_policy(policy), img_size).transform
 
 
-def randaug_plan(cfg: Config, cls: ClassifierConfig) -> tuple[str, str]:
+def randaug_plan(cfg: Config) -> tuple[str, str]:
     """(policy to hand the training loader, "" or why RandAugment is skipped on this backend)."""
+    cls = cfg.cls
     if not cls.randaug:
         return "", ""
     from fastmae.data import resolve_backend
@@ -441,11 +367,6 @@ def classifier_flops(model: VisionTransformer, trainable_encoder: bool) -> float
     return patch + enc + 3 * head
 
 
-def log0(dist: DistInfo, *msg: Any) -> None:
-    if dist.is_main:
-        print("[fastmae]", *msg, flush=True)
-
-
 def full_fp32_state_dict(engine: Any, stage: int) -> dict[str, torch.Tensor]:
     """fp32 weights (the optimizer's master copy where there is one) and buffers of the engine's module.
     Collective under ZeRO: every rank calls it."""
@@ -466,12 +387,13 @@ def full_fp32_state_dict(engine: Any, stage: int) -> dict[str, torch.Tensor]:
     return out
 
 
-def make_loaders(cfg: Config, cls: ClassifierConfig, dist: DistInfo) -> tuple[Any, Any | None, str]:
+def make_loaders(cfg: Config, rank: int, world_size: int, device: torch.device) -> tuple[Any, Any | None, str]:
     """(train loader, validation loader or None, validation shards)."""
     from fastmae.data import build_loader
 
-    train = build_loader(cfg.data, img_size=cfg.model.img_size, rank=dist.rank, world_size=dist.world_size,
-                         seed=cfg.train.seed, device=dist.device, mode="train", randaug=randaug_plan(cfg, cls)[0])
+    cls = cfg.cls
+    train = build_loader(cfg.data, img_size=cfg.model.img_size, rank=rank, world_size=world_size,
+                         seed=cfg.train.seed, device=device, mode="train", randaug=randaug_plan(cfg)[0])
     val_shards = cls.val_shards
     if not val_shards and not cfg.data.shards and cfg.data.backend != "synthetic":
         from fastmae.data.sample import bundled_sample_dir
@@ -481,15 +403,16 @@ def make_loaders(cfg: Config, cls: ClassifierConfig, dist: DistInfo) -> tuple[An
         return train, None, ""
     val_data = dataclasses.replace(cfg.data, shards=val_shards)
     if cfg.data.backend == "synthetic":
-        val_data = dataclasses.replace(cfg.data, synthetic_size=max(cfg.data.batch_size * dist.world_size, 64))
+        val_data = dataclasses.replace(cfg.data, synthetic_size=max(cfg.data.batch_size * world_size, 64))
         val_shards = "synthetic"
-    val = build_loader(val_data, img_size=cfg.model.img_size, rank=dist.rank, world_size=dist.world_size,
-                       seed=cfg.train.seed, device=dist.device, mode="eval")
+    val = build_loader(val_data, img_size=cfg.model.img_size, rank=rank, world_size=world_size,
+                       seed=cfg.train.seed, device=device, mode="eval")
     return train, val, val_shards
 
 
-def build_model(cfg: Config, cls: ClassifierConfig, loaded: Any, probe: bool) -> tuple[VisionTransformer, str]:
+def build_model(cfg: Config, loaded: Any, probe: bool) -> tuple[VisionTransformer, str]:
     """The classifier with the pre-trained encoder loaded and a freshly initialised head."""
+    cls = cfg.cls
     model = build_classifier(cfg.model, cls.num_classes, global_pool=cls.global_pool,
                              drop_path=0.0 if probe else cls.drop_path, head_bn=probe)
     if loaded is None:
@@ -505,216 +428,148 @@ def build_model(cfg: Config, cls: ClassifierConfig, loaded: Any, probe: bool) ->
     return model, f"{kind} checkpoint (fresh: {', '.join(sorted(missing)) or 'nothing'})"
 
 
-def run(cfg: Config, cls: ClassifierConfig, ds_config_name: str, loaded: Any = None, probe: bool = False,
+class ClassifierTask(Task):
+    """Fine-tuning (``probe=False``) or linear probing of a pre-trained encoder, validated every
+    ``cls.eval_interval`` epochs; ``best.pth`` / ``last.pth`` keep fp32 weights."""
+
+    def __init__(self, loaded: Any = None, probe: bool = False, checkpoint_path: str = "") -> None:
+        self.loaded, self.probe, self.checkpoint_path = loaded, probe, checkpoint_path
+        self.name = "linear probing" if probe else "fine-tuning"
+        self.ignored = PROBE_IGNORED if probe else IGNORED
+        self.best, self.history = -1.0, []
+        self.source = ""
+        self.val_shards = ""
+        self.augment: BatchAugment | None = None
+        self.checked_labels = False
+
+    def setup(self, tr: Trainer) -> None:
+        d = tr.dist
+        tr.loader, tr.val_loader, self.val_shards = make_loaders(tr.cfg, d.rank, d.world_size, d.device)
+        self.augment = BatchAugment(tr.cfg.cls, d.device)
+
+    def build_model(self, tr: Trainer) -> nn.Module:
+        model, self.source = build_model(tr.cfg, self.loaded, self.probe)
+        if self.probe:
+            for name, p in model.named_parameters():
+                p.requires_grad = name.startswith("head.")
+        return model
+
+    def memory_estimate(self, tr: Trainer, zero_stage: int, activation_checkpointing: bool) -> MemoryEstimate:
+        """The encoder on every patch, no decoder (an approximation for the classifier)."""
+        c = tr.cfg
+        m = dataclasses.replace(c.model, encoder_mask_tokens=True, decoder_depth=0)
+        return estimate_memory(m, 0.5, c.data.batch_size, zero_stage, tr.dist.world_size, c.train.precision,
+                               activation_checkpointing, c.model.attention)
+
+    def build_optimizer(self, tr: Trainer, model: nn.Module, lr: float) -> torch.optim.Optimizer:
+        o = tr.cfg.optim
+        if self.probe:
+            from fastmae.lars import LARS
+
+            head = [p for p in model.parameters() if p.requires_grad]
+            return LARS([{"params": head, "lr": lr}], lr=lr, weight_decay=o.weight_decay, momentum=o.beta1)
+        depth, decay = len(model.blocks), tr.cfg.cls.layer_decay
+        groups = param_groups(model, o.weight_decay, model.no_weight_decay(),
+                              lr_scale=lambda n: layer_decay_scale(n, depth, decay))
+        return build_adamw(groups, o, lr, tr.dist.device)
+
+    def loss(self, tr: Trainer, imgs: torch.Tensor, labels: torch.Tensor, micro_id: int) -> torch.Tensor:
+        if not self.checked_labels:  # one host sync, once: labels must fit the head
+            top = int(labels.max())
+            if top >= tr.cfg.cls.num_classes:
+                raise ConfigError(f"label {top} does not fit cls.num_classes={tr.cfg.cls.num_classes}; set "
+                                  "cls.num_classes to the dataset's number of classes")
+            self.checked_labels = True
+        imgs, targets, weight = self.augment(imgs, labels, seed=micro_id)
+        return soft_target_cross_entropy(tr.engine(imgs), targets, weight)
+
+    def flops_per_image(self, tr: Trainer) -> float:
+        return classifier_flops(tr.engine.module, trainable_encoder=not self.probe)
+
+    def describe(self, tr: Trainer) -> list[str]:
+        c, m = tr.cfg, tr.engine.module
+        n_train = sum(p.numel() for p in m.parameters() if p.requires_grad)
+        randaug = randaug_plan(c)[1] or getattr(tr.loader, "randaug_info", "off")
+        return [
+            f"data={tr.loader.backend} | weights: {self.checkpoint_path or '(none)'} -> {self.source}",
+            f"model: img {c.model.img_size} patch {c.model.patch_size} dim {c.model.embed_dim} depth "
+            f"{c.model.depth} | {c.cls.num_classes} classes | pool {'avg+fc_norm' if c.cls.global_pool else 'cls'}"
+            f" | {n_train / 1e6:.2f} M trainable | optimizer {type(tr.optimizer).__name__}"
+            + ("" if self.probe else f" | layer decay {c.cls.layer_decay} | drop path {c.cls.drop_path}"),
+            f"augment: RandomResizedCrop({c.data.crop_scale_min}-{c.data.crop_scale_max}) + flip | "
+            f"RandAugment: {randaug} | batch: {self.augment.describe()} | validation: {self.val_shards or 'none'}",
+        ]
+
+    def on_epoch_end(self, tr: Trainer, epoch_done: int, final: bool) -> bool:
+        """Validate every ``cls.eval_interval`` epochs and at the end; keep ``best.pth`` and ``last.pth``;
+        checkpoint after every epoch."""
+        cls, d = tr.cfg.cls, tr.dist
+        if tr.val_loader is None or not (epoch_done % cls.eval_interval == 0 or final):
+            return True
+        stats = evaluate(tr.engine.module, tr.val_loader, d.device)
+        tr.engine.train()
+        stats.update(epoch=epoch_done, step=tr.step)
+        self.history.append(stats)
+        is_best = stats["acc1"] > self.best
+        self.best = max(self.best, stats["acc1"])
+        tr.log0(f"epoch {epoch_done} | val top-1 {stats['acc1']:.2f}% top-5 {stats['acc5']:.2f}% loss "
+                f"{stats['loss']:.4f} ({stats['count']} images) | best top-1 {self.best:.2f}%")
+        if tr.logger is not None:
+            tr.logger.log({"step": tr.step, "epoch": epoch_done, "val_acc1": stats["acc1"],
+                           "val_acc5": stats["acc5"], "val_loss": stats["loss"]})
+        sd = full_fp32_state_dict(tr.engine, tr.zero_stage) if (is_best or final) else None
+        if d.is_main and sd is not None:
+            out_dir = Path(tr.cfg.train.output_dir)
+            blob = {"model": sd, "config": tr.cfg.to_dict(), "cls": dataclasses.asdict(cls), "step": tr.step,
+                    "epoch": epoch_done, "acc1": stats["acc1"], "acc5": stats["acc5"],
+                    "classifier": {"num_classes": cls.num_classes, "global_pool": cls.global_pool,
+                                   "head_bn": self.probe}}
+            if is_best:
+                torch.save(blob, out_dir / "best.pth")
+            if final:
+                torch.save(blob, out_dir / "last.pth")
+        return True
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"best_acc1": self.best, "history": self.history}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.best = float(state.get("best_acc1", -1.0))
+        self.history = list(state.get("history", []))
+
+    def summary(self) -> dict[str, Any]:
+        return {"history": self.history, "best_acc1": self.best}
+
+
+def run(cfg: Config, ds_config_name: str = "zero2.json", loaded: Any = None, probe: bool = False,
         checkpoint_path: str = "") -> dict[str, Any]:
-    """Fine-tune (``probe=False``) or linear-probe; returns a summary (steps, losses, accuracies)."""
-    import deepspeed
-
-    dist = init_distributed()
-    try:
-        return _run(cfg, cls, ds_config_name, loaded, probe, checkpoint_path, dist, deepspeed)
-    finally:
-        shutdown_distributed()
+    """Fine-tune (``probe=False``) or linear-probe in this process; returns a summary (steps, losses,
+    accuracies)."""
+    return Trainer(cfg, ClassifierTask(loaded, probe, checkpoint_path), ds_config_name).fit()
 
 
-def _run(cfg: Config, cls: ClassifierConfig, ds_config_name: str, loaded: Any, probe: bool,
-         checkpoint_path: str, dist: DistInfo, deepspeed: Any) -> dict[str, Any]:
-    t_cfg, o_cfg = cfg.train, cfg.optim
-    what = "linear probing" if probe else "fine-tuning"
-    seed_everything(t_cfg.seed, dist.rank)
-    out_dir = Path(t_cfg.output_dir)
-    ckpt_dir = out_dir / "checkpoints"
-    if dist.is_main:
-        out_dir.mkdir(parents=True, exist_ok=True)
-        (out_dir / "config.json").write_text(json.dumps(full_config(cfg, cls), indent=2, sort_keys=True))
-
-    # ---- data
-    loader, val_loader, val_shards = make_loaders(cfg, cls, dist)
-    micro = cfg.data.batch_size
-    plan = plan_steps(t_cfg, o_cfg, micro, dist.world_size, len(loader))
-    grad_accum, micro_per_epoch, budget = plan.grad_accum, plan.micro_per_epoch, plan.budget
-    total_steps, warmup_steps = plan.total_steps, plan.warmup_steps
-
-    # ---- model, optimizer, engine
-    model, source = build_model(cfg, cls, loaded, probe)
-    lr = scaled_lr(o_cfg, t_cfg.batch_size)
-    if probe:
-        from fastmae.lars import LARS
-
-        for name, p in model.named_parameters():
-            p.requires_grad = name.startswith("head.")
-        head = [p for p in model.parameters() if p.requires_grad]
-        optimizer: torch.optim.Optimizer = LARS([{"params": head, "lr": lr}], lr=lr,
-                                                weight_decay=o_cfg.weight_decay, momentum=o_cfg.beta1)
-    else:
-        depth = len(model.blocks)
-        groups = param_groups(model, o_cfg.weight_decay, model.no_weight_decay(),
-                              lr_scale=lambda n: layer_decay_scale(n, depth, cls.layer_decay))
-        optimizer = build_adamw(groups, o_cfg, lr, dist.device)
-    scheduler = build_scheduler(optimizer, total_steps, warmup_steps, o_cfg.min_lr / lr)
-    ds_config = fill_ds_config(load_ds_config(ds_config_name), micro_batch=micro, grad_accum=grad_accum,
-                               world_size=dist.world_size, precision=t_cfg.precision, clip_grad=o_cfg.clip_grad)
-    ds_config["zero_allow_untested_optimizer"] = True  # LARS is a plain torch optimizer
-    stage = int(ds_config.get("zero_optimization", {}).get("stage", 0))
-    engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler,
-                                           config=ds_config,
-                                           model_parameters=[p for p in model.parameters() if p.requires_grad])
-    augment = BatchAugment(cls, dist.device, seed=t_cfg.seed * 1000 + dist.rank)
-    randaug = randaug_plan(cfg, cls)[1] or getattr(loader, "randaug_info", "off")
-    flops_per_img = classifier_flops(model, trainable_encoder=not probe)
-    peak = peak_tflops(override=t_cfg.peak_tflops) if dist.device.type == "cuda" else None
-    n_train = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    log0(dist, f"{what} | preset {cfg.preset} | {dist.world_size} rank(s) on {dist.device.type} | ZeRO stage "
-               f"{stage} | precision {t_cfg.precision} | data={loader.backend}")
-    log0(dist, f"weights: {checkpoint_path or '(none)'} -> {source}")
-    log0(dist, f"model: img {cfg.model.img_size} patch {cfg.model.patch_size} dim {cfg.model.embed_dim} depth "
-               f"{cfg.model.depth} | {cls.num_classes} classes | pool {'avg+fc_norm' if cls.global_pool else 'cls'}"
-               f" | {n_train / 1e6:.2f} M trainable | optimizer {type(optimizer).__name__}"
-               + ("" if probe else f" | layer decay {cls.layer_decay} | drop path {cls.drop_path}"))
-    log0(dist, f"augment: RandomResizedCrop({cfg.data.crop_scale_min}-{cfg.data.crop_scale_max}) + flip | "
-               f"RandAugment: {randaug} | batch: {augment.describe()}")
-    log0(dist, f"batch: micro {micro} x accum {grad_accum} x ranks {dist.world_size} = {t_cfg.batch_size} | lr "
-               f"{lr:.3e} | warmup {warmup_steps} of {total_steps} steps | this run: {budget} steps | "
-               f"validation: {val_shards or 'none'}")
-
-    # ---- resume
-    step, best, history = 0, -1.0, []
-    found = ckpt.find_resume(t_cfg.resume, ckpt_dir)
-    if found is not None:
-        state = ckpt.load(engine, *found, dist.world_size)
-        step, best = int(state["step"]), float(state.get("best_acc1", -1.0))
-        history = list(state.get("history", []))
-        loader.load_state_dict(state["data"])
-        log0(dist, f"resumed from {found[0] / found[1]} at step {step} (best top-1 so far {best:.2f}%)")
-    else:
-        loader.set_epoch(0)
-
-    logger = MetricsLogger(out_dir, enabled=dist.is_main)
-    dev = dist.device
-    loss_sum = torch.zeros((), device=dev)
-    n_loss, imgs_seen, data_wait = 0, 0, 0.0
-    t_last = time.perf_counter()
-    losses: list[float] = []
-    micro_step = step * grad_accum
-    checked_labels = False
-    engine.train()
-
-    def end_of_epoch(epoch_done: int, final: bool) -> None:
-        nonlocal best
-        stats: dict[str, Any] = {}
-        if val_loader is not None and (epoch_done % cls.eval_interval == 0 or final):
-            stats = evaluate(engine.module, val_loader, dev)
-            stats.update(epoch=epoch_done, step=step)
-            history.append(stats)
-            is_best = stats["acc1"] > best
-            best = max(best, stats["acc1"])
-            log0(dist, f"epoch {epoch_done} | val top-1 {stats['acc1']:.2f}% top-5 {stats['acc5']:.2f}% loss "
-                       f"{stats['loss']:.4f} ({stats['count']} images) | best top-1 {best:.2f}%")
-            logger.log({"step": step, "epoch": epoch_done, "val_acc1": stats["acc1"], "val_acc5": stats["acc5"],
-                        "val_loss": stats["loss"]})
-            sd = full_fp32_state_dict(engine, stage) if (is_best or final) else None
-            if dist.is_main and sd is not None:
-                blob = {"model": sd, "config": cfg.to_dict(), "cls": dataclasses.asdict(cls), "step": step,
-                        "epoch": epoch_done, "acc1": stats["acc1"], "acc5": stats["acc5"],
-                        "classifier": {"num_classes": cls.num_classes, "global_pool": cls.global_pool,
-                                       "head_bn": probe}}
-                if is_best:
-                    torch.save(blob, out_dir / "best.pth")
-                if final:
-                    torch.save(blob, out_dir / "last.pth")
-        state = {"step": step, "epoch": loader.epoch, "data": loader.state_dict(), "world_size": dist.world_size,
-                 "seed": t_cfg.seed, "micro_step": micro_step, "config": full_config(cfg, cls),
-                 "best_acc1": best, "history": history}
-        tag = ckpt.save(engine, ckpt_dir, step, state, t_cfg.keep_last, dist.is_main)
-        log0(dist, f"saved checkpoint {ckpt_dir / tag}")
-
-    done = step >= budget
-    while not done:
-        epoch = loader.epoch
-        it = iter(loader)
-        while True:
-            t0 = time.perf_counter()
-            try:
-                imgs, labels = next(it)
-            except StopIteration:
-                break
-            data_wait += time.perf_counter() - t0
-            if not checked_labels:  # one host sync, once: labels must fit the head
-                top = int(labels.max())
-                if top >= cls.num_classes:
-                    raise ConfigError(f"label {top} does not fit cls.num_classes={cls.num_classes}; set "
-                                      "cls.num_classes to the dataset's number of classes")
-                checked_labels = True
-            imgs, targets, weight = augment(imgs, labels)
-            logits = engine(imgs)
-            loss = soft_target_cross_entropy(logits, targets, weight)
-            engine.backward(loss)
-            engine.step()
-            loss_sum += loss.detach().float()
-            n_loss += 1
-            micro_step += 1
-            imgs_seen += imgs.shape[0]
-            if micro_step % grad_accum:
-                continue
-            step += 1
-            if step % t_cfg.log_interval == 0 or step == budget:
-                elapsed = time.perf_counter() - t_last
-                mean_loss = float(loss_sum) / max(1, n_loss)
-                if not math.isfinite(mean_loss):
-                    raise FloatingPointError(f"non-finite training loss at step {step}; lower the lr or set "
-                                             "optim.clip_grad")
-                img_s = imgs_seen / elapsed
-                tflops = flops_per_img * img_s / 1e12
-                rec = {"step": step, "epoch": micro_step / micro_per_epoch, "loss": mean_loss,
-                       "lr": scheduler.get_last_lr()[0] / optimizer.param_groups[0].get("lr_scale", 1.0)
-                       if not probe else scheduler.get_last_lr()[0],
-                       "img_per_s": img_s * dist.world_size, "tflops": tflops,
-                       "mfu": tflops / peak if peak else None, "data_wait": data_wait / elapsed}
-                losses.append(mean_loss)
-                line = (f"step {step} | epoch {rec['epoch']:.2f} | loss {mean_loss:.4f} | lr {rec['lr']:.3e} | "
-                        f"{rec['img_per_s']:.1f} img/s | {tflops:.2f} TFLOP/s | data {100 * rec['data_wait']:.0f}%")
-                logger.log(rec, line)
-                loss_sum.zero_()
-                n_loss = imgs_seen = 0
-                data_wait = 0.0
-                t_last = time.perf_counter()
-            if step >= budget:
-                done = True
-                break
-        if not done:  # a whole epoch ran
-            if loader.batch_in_epoch != 0:
-                loader.set_epoch(epoch + 1)
-            end_of_epoch(epoch + 1, final=False)
-    end_of_epoch(loader.epoch + (1 if loader.batch_in_epoch else 0), final=True)
-    logger.close()
-    log0(dist, f"done: {step} steps | best val top-1 {best:.2f}% | {out_dir}")
-    return {"step": step, "losses": losses, "history": history, "best_acc1": best, "output_dir": str(out_dir)}
-
-
-def main(argv: list[str] | None = None, probe: bool = False) -> int:
-    """Command-line entry of fine-tuning (and, with ``probe=True``, of linear probing)."""
+def main(argv: list[str] | None = None, probe: bool = False, hooks: list[Any] | None = None) -> int:
+    """Command-line entry of fine-tuning (and, with ``probe=True``, of linear probing); returns the exit
+    status (see :mod:`fastmae.trainer`)."""
     from fastmae.interop import UnsafeCheckpointError
 
     if probe:
         from fastmae.linprobe import DESCRIPTION, linprobe_recipe
 
-        prog, desc, recipe = "fastmae/linprobe.py", DESCRIPTION, linprobe_recipe
+        prog, desc, recipe, ignored = "fastmae/linprobe.py", DESCRIPTION, linprobe_recipe, PROBE_IGNORED
     else:
-        prog, desc, recipe = "fastmae/finetune.py", __doc__.split("\n\n")[0], finetune_recipe
+        prog, desc, recipe, ignored = "fastmae/finetune.py", __doc__.split("\n\n")[0], finetune_recipe, IGNORED
     try:
-        args, cfg, cls, loaded = parse_program_args(prog, desc, recipe, argv)
+        args, cfg, loaded = parse_program_args(prog, desc, recipe, argv, ignored)
     except (ConfigError, UnsafeCheckpointError, ValueError, FileNotFoundError) as e:
         print(f"fastmae: {type(e).__name__}: {e}", file=sys.stderr)
-        return 2
+        return EXIT_CONFIG
     if args.print_config:
-        print(json.dumps(full_config(cfg, cls), indent=2, sort_keys=True))
+        print(cfg.to_json())
         return 0
-    try:
-        run(cfg, cls, args.ds_config, loaded, probe=probe, checkpoint_path=args.checkpoint)
-    except (ConfigError, FileNotFoundError, ImportError, FloatingPointError) as e:
-        print(f"fastmae: {type(e).__name__}: {e}", file=sys.stderr)
-        return 1
-    return 0
+    trainer = Trainer(cfg, ClassifierTask(loaded, probe, args.checkpoint), args.ds_config)
+    trainer.batch_hooks.extend(hooks or [])
+    return trainer.run()
 
 
 if __name__ == "__main__":

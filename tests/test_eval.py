@@ -4,9 +4,13 @@ programs through DeepSpeed (gloo, 1 rank) on the bundled sample with the debug p
 
 from __future__ import annotations
 
+import json
 import math
+import os
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -14,13 +18,12 @@ import torch
 from dsutil import deepspeed_env, free_port
 from fastmae.data import dali_available
 
-from fastmae.config import ConfigError, ModelConfig, get_preset
+from fastmae.config import ClassifierConfig, ConfigError, ModelConfig, get_preset
 from fastmae.evaluation import PAD_LABEL, evaluate, load_classifier
 from fastmae.finetune import (
     BatchAugment,
     BatchMixup,
     BatchRandomErasing,
-    ClassifierConfig,
     finetune_recipe,
     parse_program_args,
     smooth_one_hot,
@@ -168,27 +171,39 @@ def test_evaluate_top1_top5_ignores_padding() -> None:
 
 
 def test_recipes_and_overrides() -> None:
-    cfg, cls = finetune_recipe("mae_vit_base_patch16")
+    cfg = finetune_recipe("mae_vit_base_patch16")
+    cls = cfg.cls
     assert (cfg.optim.base_lr, cls.layer_decay, cls.drop_path, cfg.train.epochs) == (5e-4, 0.65, 0.1, 100)
     assert (cfg.optim.beta2, cfg.optim.weight_decay, cfg.optim.warmup_epochs, cfg.train.batch_size) == \
         (0.999, 0.05, 5.0, 1024)
     assert (cls.smoothing, cls.mixup, cls.cutmix, cls.reprob, cls.global_pool) == (0.1, 0.8, 1.0, 0.25, True)
-    cfg, cls = finetune_recipe("mae_vit_huge_patch14")
+    cfg = finetune_recipe("mae_vit_huge_patch14")
+    cls = cfg.cls
     assert (cfg.optim.base_lr, cls.layer_decay, cls.drop_path, cfg.train.epochs) == (1e-3, 0.75, 0.2, 50)
-    cfg, cls = linprobe_recipe("mae_vit_large_patch16")
+    cfg = linprobe_recipe("mae_vit_large_patch16")
+    cls = cfg.cls
     assert (cfg.optim.base_lr, cfg.optim.weight_decay, cfg.optim.warmup_epochs, cfg.train.epochs) == \
         (0.1, 0.0, 10.0, 90)
     assert (cls.global_pool, cls.mixup, cls.cutmix, cls.reprob, cls.smoothing) == (False, 0.0, 0.0, 0.0, 0.0)
-    _, cfg, cls, _ = parse_program_args("x", "x", finetune_recipe,
-                                        ["--preset", "debug", "cls.mixup=0", "--cls.num_classes", "7",
-                                         "train.steps=3"])
-    assert (cls.mixup, cls.num_classes, cfg.train.steps) == (0.0, 7, 3)
+    _, cfg, _ = parse_program_args("x", "x", finetune_recipe,
+                                   ["--preset", "debug", "cls.mixup=0", "--cls.num_classes", "7", "train.steps=3"])
+    assert (cfg.cls.mixup, cfg.cls.num_classes, cfg.train.steps) == (0.0, 7, 3)
     with pytest.raises(ConfigError, match="valid keys in \\[cls\\]"):
         parse_program_args("x", "x", finetune_recipe, ["--preset", "debug", "cls.mixups=0"])
     with pytest.raises(ConfigError, match="augment_impl"):
         parse_program_args("x", "x", finetune_recipe, ["--preset", "debug", "cls.augment_impl=dali"])
     with pytest.raises(ConfigError, match="cls.randaug"):
         parse_program_args("x", "x", finetune_recipe, ["--preset", "debug", "cls.randaug=rand-m12"])
+    # keys the program would ignore are refused, naming them
+    with pytest.raises(ConfigError, match="mask.ratio is not used by finetune"):
+        parse_program_args("fastmae/finetune.py", "x", finetune_recipe, ["--preset", "debug", "mask.ratio=0.5"])
+    with pytest.raises(ConfigError, match="model.decoder_depth is not used"):
+        parse_program_args("fastmae/finetune.py", "x", finetune_recipe, ["--preset", "debug", "model.decoder_depth=2"])
+    from fastmae.finetune import PROBE_IGNORED
+
+    with pytest.raises(ConfigError, match="cls.layer_decay is not used by linprobe"):
+        parse_program_args("fastmae/linprobe.py", "x", linprobe_recipe, ["--preset", "debug", "cls.layer_decay=0.5"],
+                           PROBE_IGNORED)
 
 
 # ----------------------------------------------------------------------------- a real learning signal
@@ -320,3 +335,83 @@ def test_evaluate_cli_on_val_split(env: dict[str, str], pretrained: Path, tmp_pa
     bad = subprocess.run([sys.executable, "-m", "fastmae.evaluation", "--checkpoint", str(pretrained)], cwd=REPO,
                          env=env, capture_output=True, text=True, timeout=120)
     assert bad.returncode == 1 and "no classification head" in bad.stderr
+
+
+# ----------------------------------------------------------------------------- through the shared trainer
+
+
+def run_runner(program: str, args: list[str], env: dict[str, str], expect: int = 0) -> str:
+    e = dict(env, MASTER_PORT=str(free_port()), FASTMAE_TEST_PROGRAM=program)
+    proc = subprocess.run([sys.executable, "tests/train_runner.py", *args], cwd=REPO, env=e, capture_output=True,
+                          text=True, timeout=300)
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == expect, out[-4000:]
+    return out
+
+
+def train_losses(out_dir: Path) -> dict[int, float]:
+    recs = [json.loads(line) for line in (out_dir / "metrics.jsonl").read_text().splitlines()]
+    return {r["step"]: r["loss"] for r in recs if "loss" in r}
+
+
+FT = ["--ds_config", "zero2.json", "--preset", "debug", "train.log_interval=1", "data.num_workers=0",
+      "data.backend=torch", "train.progress=false", "train.checkpoint_interval=4", "train.trackers="]
+
+
+def test_finetune_kill_9_and_resume_gives_the_same_losses(env: dict[str, str], pretrained: Path,
+                                                          tmp_path: Path) -> None:
+    """Fine-tuning through the trainer: killed after a checkpoint and resumed, it logs the uninterrupted run's
+    losses exactly (mixup, erasing and drop path draw from (seed, micro batch))."""
+    args = [*FT, "--checkpoint", str(pretrained), "train.steps=10"]
+    run_runner("finetune", [*args, f"train.output_dir={tmp_path / 'full'}"], env)
+    ref = train_losses(tmp_path / "full")
+    assert sorted(ref) == list(range(1, 11))
+    killed = tmp_path / "killed"
+    e = dict(env, MASTER_PORT=str(free_port()), FASTMAE_TEST_PROGRAM="finetune")
+    proc = subprocess.Popen([sys.executable, "tests/train_runner.py", *args[:-1], "train.steps=1000",
+                             f"train.output_dir={killed}"], cwd=REPO, env=e, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL, start_new_session=True)
+    marker = killed / "checkpoints" / "step_00000004" / "fastmae_state.json"
+    deadline = time.time() + 240
+    while not marker.exists():
+        assert proc.poll() is None and time.time() < deadline, "no checkpoint at step 4"
+        time.sleep(0.05)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait(timeout=30)
+    out = run_runner("finetune", [*args, f"train.output_dir={killed}"], env)
+    assert "resumed from" in out
+    got = train_losses(killed)
+    for s in range(1, 11):
+        assert got[s] == ref[s], (s, got[s], ref[s])
+
+
+def test_finetune_nonfinite_skip_progress_bar_and_toggles(env: dict[str, str], pretrained: Path,
+                                                          tmp_path: Path) -> None:
+    """On a terminal fine-tuning shows the progress bar; a NaN batch is skipped; compile and activation
+    checkpointing apply to the classifier's blocks."""
+    import pty
+
+    e = dict(env, MASTER_PORT=str(free_port()), FASTMAE_TEST_PROGRAM="finetune", FASTMAE_TEST_NAN_AT="2")
+    args = [*FT, "--checkpoint", str(pretrained), "train.steps=4", "train.progress=true",
+            "train.on_nonfinite=skip", "train.compile=true", "train.activation_checkpointing=on",
+            f"train.output_dir={tmp_path}"]
+    master, slave = pty.openpty()
+    proc = subprocess.Popen([sys.executable, "tests/train_runner.py", *args], cwd=REPO, env=e, stdout=slave,
+                            stderr=slave, close_fds=True)
+    os.close(slave)
+    chunks = []
+    while True:
+        try:
+            data = os.read(master, 4096)
+        except OSError:
+            break
+        if not data:
+            break
+        chunks.append(data)
+    code = proc.wait(timeout=300)
+    out = b"".join(chunks).decode(errors="replace")
+    assert code == 0, out[-4000:]
+    assert "toggles: activation checkpointing (4 blocks), torch.compile (4 blocks)" in out
+    assert "skipping a micro batch with non-finite loss at step 3" in out
+    assert "4/4" in out and "step/s" in out  # tqdm's bar
+    assert all(math.isfinite(v) for v in train_losses(tmp_path).values())

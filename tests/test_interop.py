@@ -17,8 +17,8 @@ from fastmae.kernels import num_kept
 from PIL import Image
 
 from fastmae import interop, visualize
-from fastmae.config import ModelConfig, get_preset
-from fastmae.finetune import BatchAugment, ClassifierConfig, smooth_one_hot, soft_target_cross_entropy
+from fastmae.config import ClassifierConfig, ModelConfig, get_preset
+from fastmae.finetune import BatchAugment, smooth_one_hot, soft_target_cross_entropy
 from fastmae.model import MaskedAutoencoderViT
 from fastmae.vit import DropPath, build_classifier
 
