@@ -196,7 +196,11 @@ class Trainer:
 
     def log0(self, *msg: Any) -> None:
         if self.dist is None or self.dist.is_main:
-            print("[fastmae]", *msg, flush=True)
+            bar = getattr(self, "_bar", None)
+            if bar is not None:  # above the progress bar, not through it
+                bar.write(" ".join(["[fastmae]", *map(str, msg)]))
+            else:
+                print("[fastmae]", *msg, flush=True)
 
     def _close(self) -> None:
         self._restore_signals()
@@ -330,7 +334,10 @@ class Trainer:
         if dist.is_main and t.progress and sys.stdout.isatty():
             from tqdm import tqdm
 
-            bar = tqdm(total=plan.budget, initial=step, unit="step", dynamic_ncols=True)
+            sized = _terminal_columns() > 0  # a pty may report a 0 x 0 window (e.g. `script`): assume 100 x 24
+            bar = tqdm(total=plan.budget, initial=step, unit="step", dynamic_ncols=sized,
+                       ncols=None if sized else 100, nrows=None if sized else 24)
+        self._bar = bar
 
         # ---- the loop
         dev = dist.device
@@ -435,6 +442,7 @@ class Trainer:
         self.save(ckpt_dir, micro_step)
         if bar is not None:
             bar.close()
+            self._bar = None
         self._close()
         self.log0(f"done: {step} steps, last loss {losses[-1] if losses else float('nan'):.4f} | {out_dir}")
         return {"step": step, "losses": losses, "output_dir": str(out_dir), **task.summary()}
@@ -614,6 +622,15 @@ class Trainer:
         self._all_ok((ckpt_dir / uni_tag).is_dir(), f"cannot see {ckpt_dir / uni_tag}: checkpoints need a "
                                                     "filesystem that every node shares")
         return uni_tag, universal_config(ds_config)
+
+
+def _terminal_columns() -> int:
+    import os
+
+    try:
+        return os.get_terminal_size(sys.stderr.fileno()).columns
+    except OSError:
+        return 0
 
 
 def _group_settings(optimizer: Any) -> list[dict[str, Any]]:
