@@ -9,6 +9,7 @@ from torch.utils.flop_counter import FlopCounterMode
 import fastmae
 from fastmae import flops
 from fastmae.config import ConfigError, apply_overrides, build_config, config_from_dict, get_preset
+from fastmae.optim import peak_lr, plan_steps
 
 
 def test_presets_match_paper_architectures() -> None:
@@ -42,13 +43,31 @@ def test_overrides_both_syntaxes_and_types() -> None:
     ("data.backend=ffcv", "valid choices: auto, dali, torch, synthetic"),
     ("train.steps=ten", "train.steps: expected an integer, got 'ten'"),
     ("model.norm_pix_loss=maybe", "expected a boolean"),
-    ("train.batch_size=20", "train.batch_size=20 \\(effective\\) is not a multiple of data.batch_size=16"),
+        ("train.batch_size=0", "train.batch_size=0 must be > 0"),
+        ("train.resume_allow_changes=model.depth", "'model.depth' is not a schedule setting; valid: train.batch_size"),
     ("depth=3", "must be section.key"),
     ("train.precision=fp8", "valid choices: bf16, fp16, fp32"),
 ])
 def test_config_errors_name_key_and_choices(override: str, message: str) -> None:
     with pytest.raises(ConfigError, match=message):
         build_config("debug", [override])
+
+
+def test_unreachable_effective_batch_takes_the_nearest_and_rescales_lr() -> None:
+    """4096 on 3, 5, 6 or 7 nodes of 8 GPUs at micro batch 64 is not a multiple of 64 x ranks: the nearest
+    reachable effective batch is used and the lr follows it (base_lr x batch / 256)."""
+    cfg = get_preset("mae_vit_large_patch16")
+    for nodes, want in [(1, 4096), (3, 4608), (5, 5120), (6, 3072), (7, 3584)]:
+        plan = plan_steps(cfg.train, cfg.optim, 64, 8 * nodes, micro_per_epoch=1000)
+        assert plan.effective_batch == want and want % (64 * 8 * nodes) == 0, (nodes, plan)
+        assert plan.adjusted == (want != 4096)
+        assert peak_lr(cfg.optim, plan) == pytest.approx(1.5e-4 * want / 256)
+    plan = plan_steps(cfg.train, cfg.optim, 16, 2, micro_per_epoch=10)  # 4096 = 16 x 2 x 128: reachable
+    assert (plan.effective_batch, plan.grad_accum, plan.adjusted) == (4096, 128, False)
+    small = get_preset("debug")  # effective 16 at micro 16: 2 ranks step by 32, the nearest is 32
+    plan = plan_steps(small.train, small.optim, 16, 2, micro_per_epoch=4)
+    assert (plan.effective_batch, plan.grad_accum) == (32, 1)
+    assert "using the nearest reachable effective batch 32" in plan.describe_adjustment(16, 2)
 
 
 def test_unknown_preset_lists_presets() -> None:
