@@ -118,6 +118,7 @@ def discover(environ: Mapping[str, str] = os.environ) -> LaunchEnv:
             win = _fill(win, other)
     if win.source != TORCH:
         _check_stray_local_rank(environ, win.local_rank, win.source)
+    _check_rank(win)
 
     if win.local_rank is None:
         if win.world != 1:
@@ -342,12 +343,15 @@ def _fill(win: _Claim, other: _Claim) -> _Claim:
     )
 
 
-def _check_ranges(win: _Claim) -> None:
-    assert win.local_rank is not None and win.local_world is not None
+def _check_rank(win: _Claim) -> None:
     if win.world < 1:
         raise LaunchError(f"{win.desc}: the world size must be at least 1")
     if not 0 <= win.rank < win.world:
         raise LaunchError(f"{win.desc}: rank {win.rank} is outside [0, {win.world})")
+
+
+def _check_ranges(win: _Claim) -> None:
+    assert win.local_rank is not None and win.local_world is not None
     if not 1 <= win.local_world <= win.world:
         raise LaunchError(f"{win.desc}: {win.local_world} processes on this node but {win.world} in the job")
     if not 0 <= win.local_rank < win.local_world:

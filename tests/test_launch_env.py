@@ -1,0 +1,226 @@
+"""Rank and world size from every launcher: the variables each one exports (read from plain dicts), the
+inconsistent environments that must be refused, and real Open MPI jobs (``mpirun -n 2``) that start the
+process groups and the training program."""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from dsutil import REPO, deepspeed_env, free_port
+
+from fastmae.launch_env import (
+    OPENMPI,
+    SINGLE,
+    SLURM,
+    TORCH,
+    LaunchError,
+    discover,
+    expand_hostlist,
+    expand_tasks_per_node,
+    export,
+    first_host,
+    slurm_master_port,
+)
+
+# ----------------------------------------------------------------------------- what each launcher exports
+
+
+def test_plain_process_is_a_world_of_one() -> None:
+    env = discover({})
+    assert (env.rank, env.world_size, env.local_rank, env.local_world_size, env.source) == (0, 1, 0, 1, SINGLE)
+    assert (env.master_addr, env.master_port) == ("127.0.0.1", 29500)
+
+
+def test_torchrun_and_deepspeed_launcher() -> None:
+    env = discover({"RANK": "5", "WORLD_SIZE": "8", "LOCAL_RANK": "1", "LOCAL_WORLD_SIZE": "4",
+                    "MASTER_ADDR": "node01", "MASTER_PORT": "29600", "TORCHELASTIC_RUN_ID": "x"})
+    assert (env.rank, env.world_size, env.local_rank, env.local_world_size) == (5, 8, 1, 4)
+    assert (env.master_addr, env.master_port, env.source) == ("node01", 29600, TORCH)
+    # the deepspeed per-node launcher names the local world size LOCAL_SIZE
+    env = discover({"RANK": "1", "WORLD_SIZE": "2", "LOCAL_RANK": "1", "LOCAL_SIZE": "2", "CROSS_RANK": "0"})
+    assert (env.local_world_size, env.master_addr) == (2, "127.0.0.1")
+
+
+def test_openmpi_one_host_and_several() -> None:
+    ompi = {"OMPI_COMM_WORLD_RANK": "3", "OMPI_COMM_WORLD_SIZE": "4", "OMPI_COMM_WORLD_LOCAL_RANK": "1",
+            "OMPI_COMM_WORLD_LOCAL_SIZE": "2"}
+    env = discover({**ompi, "MASTER_ADDR": "10.0.0.7"})
+    assert (env.rank, env.world_size, env.local_rank, env.local_world_size, env.source) == (3, 4, 1, 2, OPENMPI)
+    assert env.master_addr == "10.0.0.7"
+    one_host = {**ompi, "OMPI_COMM_WORLD_LOCAL_SIZE": "4", "OMPI_COMM_WORLD_LOCAL_RANK": "3"}
+    assert discover(one_host).master_addr == "127.0.0.1"
+
+
+def test_openmpi_on_several_hosts_needs_rank_zeros_address() -> None:
+    ompi = {"OMPI_COMM_WORLD_RANK": "3", "OMPI_COMM_WORLD_SIZE": "4", "OMPI_COMM_WORLD_LOCAL_RANK": "1",
+            "OMPI_COMM_WORLD_LOCAL_SIZE": "2"}
+    try:
+        import mpi4py  # noqa: F401
+    except ImportError:
+        with pytest.raises(LaunchError, match="several hosts .* MASTER_ADDR is not set.*mpirun -x MASTER_ADDR"):
+            discover(ompi)
+    else:  # mpi4py present: the test process is not an MPI rank 3 of 4, so the broadcast is refused
+        with pytest.raises(LaunchError, match="mpi4py sees rank 0 of 1, the environment rank 3 of 4"):
+            discover(ompi)
+
+
+def test_mpich_and_intel_mpi() -> None:
+    env = discover({"PMI_RANK": "2", "PMI_SIZE": "4", "MPI_LOCALRANKID": "0", "MPI_LOCALNRANKS": "2",
+                    "MASTER_ADDR": "h1"})
+    assert (env.rank, env.world_size, env.local_rank, env.local_world_size) == (2, 4, 0, 2)
+    env = discover({"PMI_RANK": "1", "PMI_SIZE": "2", "PMI_LOCAL_RANK": "1", "PMI_LOCAL_SIZE": "2"})
+    assert (env.rank, env.local_rank, env.master_addr) == (1, 1, "127.0.0.1")
+
+
+SRUN = {"SLURM_PROCID": "5", "SLURM_STEP_ID": "0", "SLURM_STEP_NUM_TASKS": "8", "SLURM_LOCALID": "1",
+        "SLURM_NODEID": "2", "SLURM_STEP_TASKS_PER_NODE": "2(x4)", "SLURM_STEP_NUM_NODES": "4",
+        "SLURM_STEP_NODELIST": "gpu[07-09,11]", "SLURM_JOB_ID": "4242", "SLURM_NTASKS": "8"}
+
+
+def test_slurm_step() -> None:
+    env = discover(SRUN)
+    assert (env.rank, env.world_size, env.local_rank, env.local_world_size, env.source) == (5, 8, 1, 2, SLURM)
+    assert env.master_addr == "gpu07"
+    assert env.master_port == slurm_master_port(4242, 0)
+    # every task of the step derives the same port; the next job and the next step do not
+    other_task = discover({**SRUN, "SLURM_PROCID": "0", "SLURM_LOCALID": "0", "SLURM_NODEID": "0"})
+    assert other_task.master_port == env.master_port
+    assert slurm_master_port(4243, 0) != env.master_port and slurm_master_port(4242, 1) != env.master_port
+    assert all(15000 <= slurm_master_port(j, s) < 30000 for j in (0, 1, 10**9 + 7) for s in (0, 3))
+    # uneven nodes: this node's count, from its index in the compressed list
+    uneven = discover({**SRUN, "SLURM_STEP_TASKS_PER_NODE": "3,2(x2),1", "SLURM_NODEID": "3", "SLURM_LOCALID": "0",
+                       "SLURM_PROCID": "7"})
+    assert uneven.local_world_size == 1
+
+
+def test_slurm_batch_script_is_one_process() -> None:
+    """A batch script or salloc shell carries SLURM_PROCID=0 and the allocation's task count but no step id."""
+    env = discover({"SLURM_PROCID": "0", "SLURM_NTASKS": "16", "SLURM_JOB_ID": "7", "SLURM_JOB_NODELIST": "n[1-2]"})
+    assert (env.rank, env.world_size, env.source) == (0, 1, SINGLE)
+
+
+def test_mpirun_inside_slurm_follows_mpi() -> None:
+    """mpirun's daemons are started by srun; the ranks inherit the daemon step's variables, which describe other
+    tasks: Open MPI's own variables win and the Slurm ones are not compared."""
+    env = discover({"OMPI_COMM_WORLD_RANK": "3", "OMPI_COMM_WORLD_SIZE": "8", "OMPI_COMM_WORLD_LOCAL_RANK": "3",
+                    "OMPI_COMM_WORLD_LOCAL_SIZE": "4", "SLURM_PROCID": "0", "SLURM_STEP_ID": "1",
+                    "SLURM_STEP_NUM_TASKS": "2", "SLURM_STEP_NODELIST": "a[1-2]", "SLURM_JOB_ID": "9",
+                    "MASTER_ADDR": "a1"})
+    assert (env.rank, env.world_size, env.local_world_size, env.source) == (3, 8, 4, OPENMPI)
+    assert (env.master_addr, env.master_port) == ("a1", 29500)  # not the daemon step's derived port
+
+
+def test_export_writes_what_torch_and_deepspeed_read() -> None:
+    out: dict[str, str] = {}
+    export(discover(SRUN), out)
+    assert out == {"RANK": "5", "WORLD_SIZE": "8", "LOCAL_RANK": "1", "LOCAL_WORLD_SIZE": "2", "LOCAL_SIZE": "2",
+                   "MASTER_ADDR": "gpu07", "MASTER_PORT": str(slurm_master_port(4242, 0))}
+
+
+# ----------------------------------------------------------------------------- refused environments
+
+
+@pytest.mark.parametrize("environ,message", [
+    ({"RANK": "1"}, "RANK='1' is set but WORLD_SIZE is not; a launcher sets both"),
+    ({"WORLD_SIZE": "2"}, "WORLD_SIZE='2' is set but RANK is not"),
+    ({"RANK": "2", "WORLD_SIZE": "2", "LOCAL_RANK": "0"}, "rank 2 is outside \\[0, 2\\)"),
+    ({"RANK": "one", "WORLD_SIZE": "2"}, "RANK='one' is not an integer"),
+    ({"RANK": "0", "WORLD_SIZE": "0", "LOCAL_RANK": "0"}, "world size must be at least 1"),
+    ({"RANK": "1", "WORLD_SIZE": "4", "LOCAL_RANK": "2", "LOCAL_WORLD_SIZE": "2"},
+     "local rank 2 is outside \\[0, 2\\)"),
+    ({"RANK": "1", "WORLD_SIZE": "4", "MASTER_ADDR": "h"}, "the local rank is unknown; set LOCAL_RANK"),
+    ({"RANK": "0", "WORLD_SIZE": "2", "LOCAL_RANK": "0", "MASTER_ADDR": "h"},
+     "number of processes on this node is unknown; set LOCAL_WORLD_SIZE"),
+    ({"RANK": "0", "WORLD_SIZE": "1", **SRUN}, "torchrun/deepspeed and slurm disagree on the world size: RANK=0 "
+     "WORLD_SIZE=1 but SLURM_PROCID=5 SLURM_STEP_NUM_TASKS=8.*left exported in the job script"),
+    ({"RANK": "4", "WORLD_SIZE": "8", "LOCAL_RANK": "1", **SRUN}, "disagree on this process's rank"),
+    ({"OMPI_COMM_WORLD_RANK": "1", "OMPI_COMM_WORLD_SIZE": "2", "PMI_RANK": "0", "PMI_SIZE": "2"},
+     "openmpi and mpich/intel-mpi disagree on this process's rank"),
+    ({"OMPI_COMM_WORLD_RANK": "0", "OMPI_COMM_WORLD_SIZE": "2", "OMPI_COMM_WORLD_LOCAL_RANK": "0",
+      "OMPI_COMM_WORLD_LOCAL_SIZE": "2", "LOCAL_RANK": "1"}, "LOCAL_RANK=1 but the launcher \\(openmpi\\) says"),
+    ({**SRUN, "SLURM_STEP_NUM_TASKS": "", "SLURM_NTASKS": ""}, "a Slurm job step without its task count"),
+    ({**SRUN, "SLURM_STEP_NODELIST": "gpu[07-"}, "SLURM_STEP_NODELIST='gpu\\[07-': Slurm hostlist .* unbalanced"),
+    ({"MASTER_PORT": "70000"}, "MASTER_PORT=70000 is not a TCP port"),
+])
+def test_inconsistent_environment_is_refused(environ: dict[str, str], message: str) -> None:
+    with pytest.raises(LaunchError, match=message):
+        discover(environ)
+
+
+def test_hostlists_and_task_counts() -> None:
+    assert expand_hostlist("node[01-03,07],gpu5") == ["node01", "node02", "node03", "node07", "gpu5"]
+    assert expand_hostlist("r[1-2]n[1-2]") == ["r1n1", "r1n2", "r2n1", "r2n2"]
+    assert expand_hostlist("a[8-10]") == ["a8", "a9", "a10"]
+    assert first_host("big[000001-999999]") == "big000001"  # not expanded past the first
+    assert expand_tasks_per_node("2(x3),1") == [2, 2, 2, 1]
+    for bad in ("", "n[1-2", "n]1", "n[]", "n[3-1]", "n[1-x]", "n[[1]]", "a,,b"):
+        with pytest.raises(LaunchError):
+            expand_hostlist(bad)
+    with pytest.raises(LaunchError, match="cannot read Slurm tasks-per-node list"):
+        expand_tasks_per_node("2(x)")
+
+
+# ----------------------------------------------------------------------------- real mpirun jobs
+
+MPIRUN = shutil.which("mpirun")
+needs_mpirun = pytest.mark.skipif(MPIRUN is None, reason="Open MPI's mpirun is not installed (apt install "
+                                                         "openmpi-bin; bash .ci/run installs it)")
+
+
+def mpirun(n: int, args: list[str], env: dict[str, str], timeout: float = 300) -> str:
+    """``mpirun -n N`` on this host, output of every rank; Open MPI refuses root without the two variables."""
+    env = dict(env, OMPI_ALLOW_RUN_AS_ROOT="1", OMPI_ALLOW_RUN_AS_ROOT_CONFIRM="1",
+               OMPI_MCA_rmaps_base_oversubscribe="1")  # 2 ranks on a 2-core machine that other tests share
+    for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR"):
+        env.pop(k, None)
+    # by name, not /usr/bin/mpirun: Open MPI takes an absolute path as --prefix and puts /usr/bin first on the ranks'
+    # PATH, so they would build DeepSpeed's comm op with another ninja than the other tests (a rebuild)
+    proc = subprocess.run(["mpirun", "-n", str(n), *args], cwd=REPO, env=env, capture_output=True, text=True,
+                          timeout=timeout)
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == 0, f"mpirun exited {proc.returncode}:\n{out[-4000:]}"
+    return out
+
+
+PROBE = """
+import torch, torch.distributed as dist
+from fastmae.runtime import init_distributed, shutdown_distributed
+info = init_distributed(60)
+t = torch.tensor([float(info.rank + 1)])
+dist.all_reduce(t)
+print(f"probe rank {info.rank} of {info.world_size} local {info.local_rank} via {info.launcher}: sum {t.item():g}")
+shutdown_distributed()
+"""
+
+
+@needs_mpirun
+def test_mpirun_gives_each_process_its_rank(tmp_path: Path) -> None:
+    env = dict(deepspeed_env(), MASTER_PORT=str(free_port()))
+    out = mpirun(2, ["-x", "MASTER_PORT", sys.executable, "-c", PROBE], env)
+    for r in (0, 1):
+        assert f"probe rank {r} of 2 local {r} via openmpi: sum 3" in out, out[-3000:]
+
+
+@needs_mpirun
+def test_deepspeed_openmpi_launcher_starts_the_training_program(tmp_path: Path) -> None:
+    """``deepspeed --launcher openmpi`` with a hostfile: DeepSpeed runs mpirun, which exports no RANK; the program
+    still trains as 2 ranks. (--no_ssh_check: one host, no ssh here; --force_multi: use the launcher on one host.)"""
+    (tmp_path / "hostfile").write_text("localhost slots=2\n")
+    env = dict(deepspeed_env(), OMPI_ALLOW_RUN_AS_ROOT="1", OMPI_ALLOW_RUN_AS_ROOT_CONFIRM="1",
+               OMPI_MCA_rmaps_base_oversubscribe="1")
+    cmd = [str(Path(sys.executable).parent / "deepspeed"), "--hostfile", str(tmp_path / "hostfile"), "--no_ssh_check",
+           "--force_multi", "--launcher", "openmpi", "--master_addr", "127.0.0.1", "--master_port", str(free_port()),
+           "fastmae/train.py", "--ds_config", "zero2.json", "data.backend=synthetic", "data.synthetic_size=64",
+           "data.batch_size=8", "train.batch_size=16", "train.steps=2", "train.log_interval=1", "train.progress=false",
+           "train.trackers=", f"train.output_dir={tmp_path / 'out'}"]
+    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == 0, out[-4000:]
+    assert "cmd = mpirun -n 2" in out  # DeepSpeed's Open MPI runner, not its local launcher
+    assert "2 rank(s) on cpu (launcher: openmpi)" in out, out[-3000:]
+    assert "micro 8 x accum 1 x ranks 2 = 16" in out
+    assert (tmp_path / "out" / "checkpoints" / "step_00000002").is_dir()
