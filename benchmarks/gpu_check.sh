@@ -246,11 +246,14 @@ DS_ARGS=(--ds_config zero2.json --preset "$P_L" "train.steps=$DS_STEPS" train.lo
          "data.batch_size=$DS_BATCH" "train.batch_size=$DS_BATCH" "train.output_dir=/tmp/fastmae-ds-run-$STAMP"
          train.checkpoint_interval=0 train.progress=false)
 ds_run() {
+    # a free rendezvous port: 29500, DeepSpeed's default, may be taken by another job on the machine
+    local port
+    port=$("$PY" -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
     if command -v deepspeed > /dev/null; then
-        deepspeed --num_gpus 1 fastmae/train.py "$@"
+        deepspeed --num_gpus 1 --master_port "$port" fastmae/train.py "$@"
     else
         "$PY" -c 'import sys; from deepspeed.launcher.runner import main; sys.argv[0] = "deepspeed"; main()' \
-            --num_gpus 1 fastmae/train.py "$@"
+            --num_gpus 1 --master_port "$port" fastmae/train.py "$@"
     fi
 }
 if [ ! -f fastmae/train.py ]; then

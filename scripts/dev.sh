@@ -37,7 +37,9 @@ test_timm() {
 case "${1:-}" in
     setup) setup ;;
     train) setup; shift; exec "$VENV/bin/deepspeed" fastmae/train.py --ds_config zero2.json "$@" ;;
-    test) setup; shift; "$VENV/bin/ruff" check . && "$VENV/bin/pytest" -q "$@" && test_timm ;;
+    # two workers by default (FASTMAE_TEST_WORKERS): most tests wait on process start-up, not on the cores
+    test) setup; shift; "$VENV/bin/ruff" check . && "$VENV/bin/pytest" -q -n "${FASTMAE_TEST_WORKERS:-2}" \
+        --dist loadgroup "$@" && test_timm ;;
     test-timm) test_timm ;;
     *) echo "usage: bash scripts/dev.sh setup|train|test|test-timm [args...]" >&2; exit 2 ;;
 esac

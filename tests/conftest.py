@@ -7,8 +7,16 @@ before triton is first imported, so it is set here, at collection time.
 from __future__ import annotations
 
 import os
+import sys
 
-os.environ.setdefault("OMP_NUM_THREADS", "2")
+# The interpreter's own bin folder first on PATH, as in an activated environment: subprocesses then find its
+# deepspeed/torchrun, and DeepSpeed's comm op is always built by the same ninja (a second ninja version on PATH
+# reads the other's build log as stale and rebuilds the op, ~1 minute each time).
+_BIN = os.path.dirname(sys.executable)
+if os.environ.get("PATH", "").split(os.pathsep)[0] != _BIN:
+    os.environ["PATH"] = _BIN + os.pathsep + os.environ.get("PATH", "")
+# two threads for the in-process tests; one each when the suite runs on parallel workers (pytest -n)
+os.environ.setdefault("OMP_NUM_THREADS", "1" if "PYTEST_XDIST_WORKER" in os.environ else "2")
 
 import torch  # noqa: E402
 

@@ -2,22 +2,49 @@
 
 from __future__ import annotations
 
+import fcntl
 import os
 import socket
+import subprocess
+import sys
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
+# one cache for DeepSpeed's CPU comm op, compiled once per machine (~30-60 s)
+EXTENSIONS_DIR = Path(os.environ.get("TORCH_EXTENSIONS_DIR", REPO / ".cache" / "torch_extensions"))
+_BUILD = ("import deepspeed, deepspeed.ops, torch\n"
+          "from deepspeed.accelerator import get_accelerator\n"
+          "b = get_accelerator().create_op_builder('ShareMemCommBuilder')\n"
+          "if b is not None and deepspeed.ops.__compatible_ops__.get(b.NAME, False): b.load()\n"
+          "print(torch.__version__, deepspeed.__version__)\n")
+
+
+def build_comm_op() -> None:
+    """Compile DeepSpeed's shared-memory comm op once, before any test starts ranks, so that ranks and
+    parallel test workers never race to build it. An exclusive file lock (released by the kernel if its holder
+    dies) orders the workers; stray ``lock`` files of a killed build are removed first, since they make the
+    next build wait forever; a marker per torch/DeepSpeed version says the op is ready."""
+    EXTENSIONS_DIR.mkdir(parents=True, exist_ok=True)
+    with open(EXTENSIONS_DIR / ".fastmae-tests.lock", "w") as guard:
+        fcntl.flock(guard, fcntl.LOCK_EX)
+        import deepspeed
+        import torch
+
+        ready = EXTENSIONS_DIR / f".comm-op-ready-torch{torch.__version__}-deepspeed{deepspeed.__version__}"
+        if ready.exists():
+            return
+        for lock in EXTENSIONS_DIR.rglob("lock"):
+            lock.unlink()
+        env = dict(os.environ, TORCH_EXTENSIONS_DIR=str(EXTENSIONS_DIR))
+        proc = subprocess.run([sys.executable, "-c", _BUILD], env=env, capture_output=True, text=True, timeout=900)
+        assert proc.returncode == 0, f"building DeepSpeed's comm op failed:\n{proc.stdout[-3000:]}{proc.stderr[-3000:]}"
+        ready.write_text(proc.stdout)
 
 
 def deepspeed_env() -> dict[str, str]:
-    """Environment for DeepSpeed subprocesses: fixed threads and one cache for its compiled comm op
-    (compiled once per machine, ~30-60 s); stray ``lock`` files from a killed build are removed, since
-    they make the next build wait forever."""
-    cache = Path(os.environ.get("TORCH_EXTENSIONS_DIR", REPO / ".cache" / "torch_extensions"))
-    cache.mkdir(parents=True, exist_ok=True)
-    for lock in cache.rglob("lock"):
-        lock.unlink()
-    env = dict(os.environ, OMP_NUM_THREADS="1", TORCH_EXTENSIONS_DIR=str(cache), PYTHONUNBUFFERED="1")
+    """Environment for DeepSpeed subprocesses: one thread per rank, the built comm op's cache, unbuffered output."""
+    build_comm_op()
+    env = dict(os.environ, OMP_NUM_THREADS="1", TORCH_EXTENSIONS_DIR=str(EXTENSIONS_DIR), PYTHONUNBUFFERED="1")
     env.pop("FASTMAE_TEST_NAN_AT", None)
     return env
 

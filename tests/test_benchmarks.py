@@ -16,6 +16,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from dsutil import deepspeed_env
 
 import fastmae
 from fastmae.flops import encoder_skip_flops_ratio, train_flops
@@ -95,17 +96,54 @@ def test_counted_flops_match_analytic_for_vit_l() -> None:
         assert counted == pytest.approx(train_flops(cfg, 0.75, with_m), rel=0.02)
 
 
-def test_throughput_debug_emits_every_field(tmp_path: Path) -> None:
-    run([sys.executable, "benchmarks/throughput.py", "--presets", "debug", "--warmup", "1", "--repeats", "2",
-         "--flops-presets", "debug,mae_vit_large_patch16", "--ablations", "--ablate",
-         "attention,fused_optimizer", "--out", str(tmp_path)])
-    data = json.loads((tmp_path / "throughput.json").read_text())
-    assert (tmp_path / "throughput.md").read_text().startswith("# Throughput")
+# ----------------------------------------------------------------------------- gpu_check.sh, rehearsed on CPU
+# One run of the whole script with tiny sizes (about 100 s on an idle 2-core machine: a dozen Python start-ups);
+# the tests below read what its stages wrote, as the GPU run's results will be read.
+
+
+@pytest.fixture(scope="session")
+def rehearsal(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, str]:
+    """(the unpacked results folder, the script's output) of ``gpu_check.sh --cpu-rehearsal``."""
+    tmp = tmp_path_factory.mktemp("gpu_check")
+    out = tmp / "out"
+    ds_cache = deepspeed_env()["TORCH_EXTENSIONS_DIR"]  # its DeepSpeed stage reuses the tests' built comm op
+    proc = run(["bash", "benchmarks/gpu_check.sh", "--cpu-rehearsal"], timeout=500,
+               env={"OUT": str(out), "PYTHON": sys.executable, "TORCH_EXTENSIONS_DIR": ds_cache})
+    packs = list(out.glob("cpu-rehearsal-*.tar.gz"))
+    assert len(packs) == 1, list(out.iterdir())
+    assert (out / "summary.md").exists() and (out / "gpu_check.log").exists()
+    with tarfile.open(packs[0]) as tar:
+        tar.extractall(tmp / "unpacked", filter="data")
+    (res,) = (tmp / "unpacked").iterdir()
+    return res, proc.stdout
+
+
+@pytest.mark.xdist_group("gpu_check")
+def test_gpu_check_cpu_rehearsal(rehearsal: tuple[Path, str]) -> None:
+    """Every stage ran and passed; the packed results hold each stage's JSON, report and log."""
+    res, stdout = rehearsal
+    assert "gpu_check finished" in stdout
+    for name in ("throughput.json", "correctness.json", "memory_vit_h.json", "throughput_ablations.json",
+                 "ceilings.json", "profile/report.md", "profile/split.png", "summary.md", "gpu_check.log"):
+        assert (res / name).is_file(), name
+    stages = (res / "stages.tsv").read_text().splitlines()[1:]
+    ran = {line.split("\t")[0]: line.split("\t")[1] for line in stages}
+    assert {"setup", "env", "ceilings", "correctness", "throughput", "kernels", "pytest_gpu", "memory_vit_h",
+            "profile", "ablations", "deepspeed"} <= set(ran)
+    assert all(rc in ("0", "-") for rc in ran.values()), stages
+    assert "done: 3 steps" in (res / "logs" / "deepspeed.log").read_text()
+
+
+@pytest.mark.xdist_group("gpu_check")
+def test_throughput_emits_every_field(rehearsal: tuple[Path, str]) -> None:
+    res, _ = rehearsal
+    data = json.loads((res / "throughput.json").read_text())
+    assert (res / "throughput.md").read_text().startswith("# Throughput")
     for key in ("schema", "environment", "machine", "peak_tflops", "peak_source", "settings", "flops", "rows",
                 "summary", "goals"):
         assert key in data, key
     variants = {r["variant"] for r in data["rows"]}
-    expected = {"fastmae", "fastmae_with_m", "official", "ablate"}
+    expected = {"fastmae", "fastmae_with_m", "official"}
     if throughput.transformers_available():
         expected.add("hf")
     assert expected <= variants
@@ -118,10 +156,9 @@ def test_throughput_debug_emits_every_field(tmp_path: Path) -> None:
     by = {r["label"]: r for r in data["rows"]}
     assert by["fastmae w/ [M]"]["train_gflop_per_img"] / by["fastmae"]["train_gflop_per_img"] == pytest.approx(
         encoder_skip_flops_ratio("debug"))
-    assert {"attention=math", "fused_optimizer=on"} <= set(by)
     s = data["summary"]["debug"]
     for key in ("encoder_skip_flops_ratio_analytic", "encoder_skip_flops_ratio_counted",
-                "encoder_skip_wallclock_ratio", "speedup_vs_official", "speedup_vs_hf", "ablations", "sdpa_backend"):
+                "encoder_skip_wallclock_ratio", "speedup_vs_official", "speedup_vs_hf", "sdpa_backend"):
         assert key in s, key
     assert s["encoder_skip_wallclock_ratio"] > 0 and s["speedup_vs_official"] > 0
     # the ViT-L figure it reports is fastmae.flops's, and the count confirms it within 2%
@@ -131,50 +168,35 @@ def test_throughput_debug_emits_every_field(tmp_path: Path) -> None:
     assert vit_l["encoder_skip_ratio_counted"] == pytest.approx(vit_l["encoder_skip_ratio_analytic"], rel=0.02)
     assert vit_l["counted_over_analytic_without_m"] == pytest.approx(1.0, abs=0.02)
     assert vit_l["counted_over_analytic_with_m"] == pytest.approx(1.0, abs=0.02)
+    # the ablations: one toggle each, against the same preset's fastmae row
+    abl = json.loads((res / "throughput_ablations.json").read_text())
+    labels = {r["label"] for r in abl["rows"] if r["variant"] == "ablate"}
+    assert {"attention=math", "fused_optimizer=on"} <= labels, labels
+    for r in abl["rows"]:  # the Triton masking ablation needs CUDA: skipped with its reason on the CPU
+        assert (r["status"] == "ok" and r["step_time_ms"] > 0) or (
+            r["label"] == "masking=triton" and r["status"].startswith("skipped: fused kernel needs CUDA")), r
+    assert "ablations" in abl["summary"]["debug"]
 
 
-def test_throughput_check_mode(tmp_path: Path) -> None:
-    run([sys.executable, "benchmarks/throughput.py", "--check", "--presets", "debug", "--out", str(tmp_path),
-         "--name", "correctness"])
-    data = json.loads((tmp_path / "correctness.json").read_text())
+@pytest.mark.xdist_group("gpu_check")
+def test_throughput_check_mode(rehearsal: tuple[Path, str]) -> None:
+    res, _ = rehearsal
+    data = json.loads((res / "correctness.json").read_text())
     assert data["passed"] and any(c["name"].startswith("train step debug") for c in data["checks"])
 
 
-def test_profile_step_writes_report(tmp_path: Path) -> None:
-    run([sys.executable, "benchmarks/profile_step.py", "--preset", "debug", "--batch-size", "4", "--warmup", "1",
-         "--steps", "2", "--profile-steps", "1", "--out", str(tmp_path)])
-    report = (tmp_path / "report.md").read_text()
+@pytest.mark.xdist_group("gpu_check")
+def test_profile_step_writes_report(rehearsal: tuple[Path, str]) -> None:
+    prof = rehearsal[0] / "profile"
+    report = (prof / "report.md").read_text()
     assert "w/o [M]" in report and "optimizer" in report and "Top CPU aten ops" in report
-    assert (tmp_path / "split.png").read_bytes()[:4] == b"\x89PNG"
-    split = json.loads((tmp_path / "split.json").read_text())
+    assert (prof / "split.png").read_bytes()[:4] == b"\x89PNG"
+    split = json.loads((prof / "split.json").read_text())
     for tag in ("without_m", "with_m"):
         phases = split[tag]["split_ms"]
         assert {"data", "masking", "encoder_fwd", "encoder_bwd", "decoder_fwd", "decoder_bwd", "loss_fwd",
                 "optimizer", "total"} <= set(phases)
         assert phases["total"] > 0
-        trace = json.loads(gzip.decompress((tmp_path / f"trace_{tag}.json.gz").read_bytes()))
+        trace = json.loads(gzip.decompress((prof / f"trace_{tag}.json.gz").read_bytes()))
         names = {e.get("name") for e in trace["traceEvents"]}
         assert {"fastmae/encoder", "fastmae/decoder", "fastmae/masking", "fastmae/optimizer"} <= names
-
-
-def test_gpu_check_cpu_rehearsal(tmp_path: Path) -> None:
-    """The whole gpu_check.sh with tiny sizes on CPU: about 35 s on an idle 2-core machine (ten Python
-    start-ups), up to ~2 minutes while other processes load it. Every stage must pass and the packed
-    results must hold the JSON files."""
-    out = tmp_path / "out"
-    proc = run(["bash", "benchmarks/gpu_check.sh", "--cpu-rehearsal"], timeout=400,
-               env={"OUT": str(out), "PYTHON": sys.executable})
-    assert "gpu_check finished" in proc.stdout
-    assert (out / "summary.md").exists() and (out / "gpu_check.log").exists()
-    packs = list(out.glob("cpu-rehearsal-*.tar.gz"))
-    assert len(packs) == 1
-    with tarfile.open(packs[0]) as tar:
-        names = {Path(n).name for n in tar.getnames()}
-        stages_tsv = next(m for m in tar.getmembers() if m.name.endswith("stages.tsv"))
-        stages = tar.extractfile(stages_tsv).read().decode().splitlines()[1:]
-    assert {"throughput.json", "correctness.json", "memory_vit_h.json", "throughput_ablations.json",
-            "ceilings.json", "report.md", "split.png"} <= names
-    ran = {line.split("\t")[0]: line.split("\t")[1] for line in stages}
-    assert {"setup", "env", "ceilings", "correctness", "throughput", "kernels", "pytest_gpu", "memory_vit_h",
-            "profile", "ablations"} <= set(ran)
-    assert all(rc in ("0", "-") for rc in ran.values()), stages
