@@ -97,8 +97,33 @@ def init_distributed(timeout_s: float = 600.0) -> DistInfo:
     if dist.get_world_size() != env.world_size or dist.get_rank() != env.rank:
         raise RuntimeError(f"torch.distributed started as rank {dist.get_rank()} of {dist.get_world_size()} but "
                            f"the launcher ({env.source}) said rank {env.rank} of {env.world_size}")
+    if not cuda and os.environ.get("LOCAL_SIZE") == str(env.world_size):  # the op's own test: all ranks local
+        _unlink_cpu_comm_segment(env.rank)
     device = torch.device("cuda", env.local_rank) if cuda else torch.device("cpu")
     return DistInfo(env.rank, env.local_rank, env.world_size, device, env.source)
+
+
+SHM_DIR = "/dev/shm"
+
+
+def cpu_comm_segment(rank: int) -> str:
+    """The shared-memory segment DeepSpeed's CPU comm op maps for ``rank`` of the job at MASTER_ADDR:PORT."""
+    return os.path.join(SHM_DIR, f"deepspeed_allreduce_buffer_{os.getuid()}_{os.environ.get('MASTER_ADDR', '')}_"
+                                 f"{os.environ.get('MASTER_PORT', '')}_{rank}")
+
+
+def _unlink_cpu_comm_segment(rank: int) -> None:
+    """On CPU, DeepSpeed's start-up loads its shared-memory comm op (used only for inference all-reduce), which
+    creates one ~66 MB segment per rank when all ranks share a host and never removes it: every CPU run would
+    leave world size x 66 MB of memory behind in /dev/shm. After a barrier every rank has mapped every peer's
+    segment (the op's start-up waits for each), so each rank unlinks its own name; the mappings stay valid."""
+    import torch.distributed as dist
+
+    dist.barrier()
+    try:
+        os.unlink(cpu_comm_segment(rank))
+    except OSError:  # not created (the op did not build) or already gone
+        pass
 
 
 def shutdown_distributed() -> None:

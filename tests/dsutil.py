@@ -54,3 +54,27 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def shared_dir(tmp_path_factory) -> Path:
+    """A folder every parallel test worker of this run sees (pytest-xdist gives each worker its own base temp
+    folder, all under one parent); the run's base temp folder when tests run in one process."""
+    base = tmp_path_factory.getbasetemp()
+    return base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base
+
+
+def once_per_run(tmp_path_factory, name: str, produce) -> Path:
+    """Run ``produce(folder)`` once per test run, whichever worker asks first; every worker gets the folder.
+
+    Session fixtures are per worker process, so a costly one (a multi-process reference run, the GPU check's
+    rehearsal) would run again on every worker its tests land on. An exclusive file lock orders the workers;
+    a ``done`` marker says the folder is complete. A failed ``produce`` leaves no marker, so the next asker
+    retries and reports its own error."""
+    folder = shared_dir(tmp_path_factory) / name
+    folder.mkdir(parents=True, exist_ok=True)
+    with open(folder.with_suffix(".lock"), "w") as guard:
+        fcntl.flock(guard, fcntl.LOCK_EX)
+        if not (folder / ".done").exists():
+            produce(folder)
+            (folder / ".done").touch()
+    return folder

@@ -11,6 +11,7 @@ import importlib.util
 import json
 import struct
 import sys
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -198,8 +199,24 @@ def wandb_records(path: Path) -> Iterator[object]:
             yield rec
 
 
-def wandb_history(out: Path) -> tuple[set[str], dict[int, dict[str, float]], list[dict]]:
-    """Run ids, step -> metrics and configs of every offline run folder under ``out/wandb``."""
+def wandb_history(out: Path, steps: set[int], wait_s: float = 15.0) -> tuple[set[str], dict[int, dict[str, float]],
+                                                                             list[dict]]:
+    """Run ids, step -> metrics and configs of every offline run folder under ``out/wandb``, once ``steps`` are
+    all there: W&B's writer process may still be flushing a run's log when ``finish`` has returned."""
+    deadline = time.monotonic() + wait_s
+    while True:
+        try:
+            ids, history, configs = _wandb_history(out)
+        except Exception:  # a record cut where the writer has not flushed yet
+            if time.monotonic() > deadline:
+                raise
+        else:
+            if steps <= set(history) or time.monotonic() > deadline:
+                return ids, history, configs
+        time.sleep(0.1)
+
+
+def _wandb_history(out: Path) -> tuple[set[str], dict[int, dict[str, float]], list[dict]]:
     ids: set[str] = set()
     history: dict[int, dict[str, float]] = {}
     configs: list[dict] = []
@@ -221,18 +238,22 @@ def wandb_history(out: Path) -> tuple[set[str], dict[int, dict[str, float]], lis
 def test_wandb_offline_run_and_resume(tmp_path: Path) -> None:
     run_logger(tmp_path, "wandb", RECORDS)
     run_id = load_state(tmp_path)["wandb"]["run_id"]
-    ids, history, configs = wandb_history(tmp_path)
+    ids, history, configs = wandb_history(tmp_path, {10, 20, 30})
     assert ids == {run_id}
     assert configs[0]["model"] == {"arch": "debug", "depth": 4} and configs[0]["train"]["lr"] == 1.5e-4
     assert {s: m["loss"] for s, m in history.items()} == {10: 0.9, 20: 0.7, 30: 0.5}
     assert "grad_norm" not in history[10] and history[20]["grad_norm"] == 1.5
 
+    # W&B names an offline run's folder after the second it started and the run id: a resumed process, seconds
+    # later in real use, gets a folder of its own; here, within the same second, it would reuse the first one's
+    time.sleep(1.0 - time.time() % 1.0 + 0.01)
     run_logger(tmp_path, "wandb", MORE)  # a resumed process: same out_dir, same W&B run
     assert load_state(tmp_path)["wandb"]["run_id"] == run_id
-    ids, history, _ = wandb_history(tmp_path)
+    ids, history, _ = wandb_history(tmp_path, {10, 20, 30, 40, 50})
     assert ids == {run_id}
     assert {s: m["loss"] for s, m in history.items()} == {10: 0.9, 20: 0.7, 30: 0.5, 40: 0.4, 50: 0.3}
-    assert all(p.name.endswith(f"-{run_id}") for p in tmp_path.glob("wandb/offline-run-*"))
+    runs = list(tmp_path.glob("wandb/offline-run-*"))
+    assert len(runs) == 2 and all(p.name.endswith(f"-{run_id}") for p in runs)
 
 
 # ----------------------------------------------------------------------------- mlflow

@@ -19,12 +19,13 @@ from pathlib import Path
 import psutil
 import pytest
 import torch
-from dsutil import REPO, deepspeed_env, free_port
+from dsutil import REPO, deepspeed_env, free_port, once_per_run
 
 import fastmae
 from fastmae import checkpoint as ckpt
 from fastmae.config import get_preset
 from fastmae.optim import build_scheduler, lr_factor, param_groups, scaled_lr
+from fastmae.runtime import SHM_DIR
 
 BIN = Path(sys.executable).parent
 RUNNER = "tests/train_runner.py"
@@ -186,9 +187,12 @@ def test_config_error_exits_with_message(env: dict[str, str]) -> None:
 def test_readme_command_trains_on_any_number_of_ranks(ranks: int, env: dict[str, str], tmp_path: Path) -> None:
     """`deepspeed --num_gpus N fastmae/train.py --ds_config zero2.json` on its defaults (the debug preset on the
     bundled sample): the effective batch that 16 x N ranks reaches is chosen and said, and the loss falls."""
-    cmd = [str(BIN / "deepspeed"), "--num_gpus", str(ranks), "--master_port", str(free_port()), "fastmae/train.py",
+    port = free_port()
+    cmd = [str(BIN / "deepspeed"), "--num_gpus", str(ranks), "--master_port", str(port), "fastmae/train.py",
            "--ds_config", "zero2.json", f"train.output_dir={tmp_path}"]
     out = run(cmd, env, timeout=600)
+    # DeepSpeed's CPU comm op leaves no shared-memory segment behind
+    assert not list(Path(SHM_DIR).glob(f"deepspeed_allreduce_buffer_*_{port}_*"))
     assert f"preset debug | {ranks} rank(s)" in out and "data=" in out
     assert f"= {16 * ranks} | lr {1.5e-3 * ranks:.3e}" in out
     assert ("not reachable" in out) == (ranks > 1)
@@ -215,15 +219,14 @@ def test_torchrun_starts_two_ranks(env: dict[str, str], tmp_path: Path) -> None:
 # ----------------------------------------------------------------------------- 2 ranks = 1 rank x accumulation 2
 
 
-@pytest.fixture(scope="session")  # session: a module fixture is rebuilt when a worker interleaves other modules
+@pytest.fixture(scope="session")
 def one_rank_reference(env: dict[str, str], tmp_path_factory: pytest.TempPathFactory) -> dict[int, float]:
-    """1 rank, micro 8 x accum 2: the reference the 2-rank runs must reproduce."""
-    out = tmp_path_factory.mktemp("ref1")
-    run(launch(1, RUNNER, ["--ds_config", "zero2.json", *SMALL, "train.steps=5", f"train.output_dir={out}"]), env)
+    """1 rank, micro 8 x accum 2: the reference the 2-rank runs must reproduce (run once per test run)."""
+    out = once_per_run(tmp_path_factory, "ref1", lambda out: run(
+        launch(1, RUNNER, ["--ds_config", "zero2.json", *SMALL, "train.steps=5", f"train.output_dir={out}"]), env))
     return losses(out)
 
 
-@pytest.mark.xdist_group("one_rank_reference")  # on one worker, so that the reference runs once
 @pytest.mark.parametrize("stage", [1, 3])
 def test_zero_stage_two_ranks_matches_one_rank(stage: int, env: dict[str, str], tmp_path: Path,
                                                one_rank_reference: dict[int, float]) -> None:
