@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import fcntl
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -47,6 +48,23 @@ def deepspeed_env() -> dict[str, str]:
     env = dict(os.environ, OMP_NUM_THREADS="1", TORCH_EXTENSIONS_DIR=str(EXTENSIONS_DIR), PYTHONUNBUFFERED="1")
     env.pop("FASTMAE_TEST_NAN_AT", None)
     return env
+
+
+def run_job(cmd: list[str], env: dict[str, str] | None = None, timeout: float = 300,
+            cwd: Path = REPO) -> subprocess.CompletedProcess:
+    """``subprocess.run`` for a job that starts processes of its own (a launcher and its ranks): it runs in its
+    own session, and a timeout kills all of it, not only the launcher (orphaned ranks would spin on and slow
+    every later test)."""
+    with subprocess.Popen(cmd, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                          start_new_session=True) as proc:
+        try:
+            out, err = proc.communicate(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            out, err = proc.communicate()
+            raise AssertionError(f"{' '.join(map(str, cmd))} did not end within {timeout} s; its output:\n"
+                                 f"{(out + err)[-4000:]}") from None
+    return subprocess.CompletedProcess(cmd, proc.returncode, out, err)
 
 
 def free_port() -> int:

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from dsutil import deepspeed_env, once_per_run
+from dsutil import deepspeed_env, once_per_run, run_job
 
 import fastmae
 from fastmae.flops import encoder_skip_flops_ratio, train_flops
@@ -32,7 +32,7 @@ from official_style import OfficialStyleMAE  # noqa: E402
 
 def run(args: list[str], timeout: int = 120, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
     full_env = {**os.environ, "OMP_NUM_THREADS": "1", **(env or {})}  # steadier than 2 on a shared machine
-    proc = subprocess.run(args, cwd=REPO, capture_output=True, text=True, timeout=timeout, env=full_env)
+    proc = run_job(args, env=full_env, timeout=timeout)
     assert proc.returncode == 0, f"{args} exited {proc.returncode}\n{proc.stdout[-4000:]}\n{proc.stderr[-4000:]}"
     return proc
 

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from dsutil import deepspeed_env, free_port
+from dsutil import deepspeed_env, free_port, run_job
 from fastmae.data import dali_available
 
 from fastmae.config import ClassifierConfig, ConfigError, ModelConfig, get_preset
@@ -263,8 +263,7 @@ def env() -> dict[str, str]:
 def run_program(script: str, args: list[str], env: dict[str, str]) -> str:
     """``python fastmae/<script>`` (1 rank, no launcher) in a subprocess, as a user would."""
     e = dict(env, MASTER_PORT=str(free_port()))
-    proc = subprocess.run([sys.executable, f"fastmae/{script}", *args], cwd=REPO, env=e, capture_output=True,
-                          text=True, timeout=240)
+    proc = run_job([sys.executable, f"fastmae/{script}", *args], env=e, timeout=240)
     out = proc.stdout + proc.stderr
     assert proc.returncode == 0, out[-4000:]
     return out
@@ -343,8 +342,7 @@ def test_evaluate_cli_on_val_split(env: dict[str, str], pretrained: Path, tmp_pa
 
 def run_runner(program: str, args: list[str], env: dict[str, str], expect: int = 0) -> str:
     e = dict(env, MASTER_PORT=str(free_port()), FASTMAE_TEST_PROGRAM=program)
-    proc = subprocess.run([sys.executable, "tests/train_runner.py", *args], cwd=REPO, env=e, capture_output=True,
-                          text=True, timeout=300)
+    proc = run_job([sys.executable, "tests/train_runner.py", *args], env=e, timeout=300)
     out = proc.stdout + proc.stderr
     assert proc.returncode == expect, out[-4000:]
     return out

@@ -5,12 +5,11 @@ process groups and the training program."""
 from __future__ import annotations
 
 import shutil
-import subprocess
 import sys
 from pathlib import Path
 
 import pytest
-from dsutil import REPO, deepspeed_env, free_port
+from dsutil import deepspeed_env, free_port, run_job
 
 from fastmae.launch_env import (
     OPENMPI,
@@ -179,8 +178,7 @@ def mpirun(n: int, args: list[str], env: dict[str, str], timeout: float = 300) -
         env.pop(k, None)
     # by name, not /usr/bin/mpirun: Open MPI takes an absolute path as --prefix and puts /usr/bin first on the ranks'
     # PATH, so they would build DeepSpeed's comm op with another ninja than the other tests (a rebuild)
-    proc = subprocess.run(["mpirun", "-n", str(n), *args], cwd=REPO, env=env, capture_output=True, text=True,
-                          timeout=timeout)
+    proc = run_job(["mpirun", "-n", str(n), *args], env=env, timeout=timeout)
     out = proc.stdout + proc.stderr
     assert proc.returncode == 0, f"mpirun exited {proc.returncode}:\n{out[-4000:]}"
     return out
@@ -217,7 +215,7 @@ def test_deepspeed_openmpi_launcher_starts_the_training_program(tmp_path: Path) 
            "fastmae/train.py", "--ds_config", "zero2.json", "data.backend=synthetic", "data.synthetic_size=64",
            "data.batch_size=8", "train.batch_size=16", "train.steps=2", "train.log_interval=1", "train.progress=false",
            "train.trackers=", f"train.output_dir={tmp_path / 'out'}"]
-    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    proc = run_job(cmd, env=env, timeout=300)
     out = proc.stdout + proc.stderr
     assert proc.returncode == 0, out[-4000:]
     assert "cmd = mpirun -n 2" in out  # DeepSpeed's Open MPI runner, not its local launcher

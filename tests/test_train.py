@@ -14,12 +14,13 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import psutil
 import pytest
 import torch
-from dsutil import REPO, deepspeed_env, free_port, once_per_run
+from dsutil import REPO, deepspeed_env, free_port, once_per_run, run_job
 
 import fastmae
 from fastmae import checkpoint as ckpt
@@ -44,7 +45,7 @@ def launch(ranks: int, script: str, args: list[str]) -> list[str]:
 
 
 def run(cmd: list[str], env: dict[str, str], timeout: float = 300, expect: int = 0) -> str:
-    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
+    proc = run_job(cmd, env=env, timeout=timeout)
     out = proc.stdout + proc.stderr
     assert proc.returncode == expect, f"exit {proc.returncode} (expected {expect}):\n{out[-4000:]}"
     return out
@@ -61,10 +62,28 @@ def losses(out_dir: Path) -> dict[int, float]:
     return {s: r["loss"] for s, r in records(out_dir).items()}
 
 
+_STARTED: list[subprocess.Popen] = []
+
+
 def start(cmd: list[str], env: dict[str, str], log: Path) -> subprocess.Popen:
-    """A job in its own process group, output to ``log``."""
-    return subprocess.Popen(cmd, cwd=REPO, env=env, stdout=log.open("w"), stderr=subprocess.STDOUT,
+    """A job in its own process group, output to ``log``; killed with its ranks when the test ends."""
+    proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=log.open("w"), stderr=subprocess.STDOUT,
                             start_new_session=True)
+    _STARTED.append(proc)
+    return proc
+
+
+@pytest.fixture(autouse=True)
+def _end_started_jobs() -> Iterator[None]:
+    """A test that fails half-way leaves no job running behind it."""
+    yield
+    while _STARTED:
+        proc = _STARTED.pop()
+        try:  # the whole group: ranks can outlive their launcher
+            os.killpg(proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        proc.wait()
 
 
 def wait_for(path: Path, proc: subprocess.Popen, timeout: float = 240) -> None:
