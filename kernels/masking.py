@@ -147,7 +147,9 @@ def _shuffle_and_scatter(
     else:
         ids_shuffle = (srt & (NP - 1)).to(tl.int32)
     rank = tl.arange(0, NP)  # (NP,)
-    ok = (rank < N) & write
+    # one comparison, not ``(rank < N) & write``: Triton 3.9's interpreter stores a scalar comparison as int32
+    # data, and an int1 mask holding int32 data is refused by its masked store
+    ok = rank < tl.where(write, N, 0)
     tl.store(ids_restore_ptr + b * N + ids_shuffle, rank.to(tl.int64), mask=ok)
     is_masked = tl.where(rank >= K, 1.0, 0.0).to(mask_ptr.dtype.element_ty)  # (NP,) exact in any dtype
     tl.store(mask_ptr + b * N + ids_shuffle, is_masked, mask=ok)
@@ -351,7 +353,7 @@ def _pos_grad_kernel(
     ids_row = ids_restore_ptr + b0 * N + n  # (BLOCK_N,) pointers into sample b0, advanced per sample
     g_base = gvis_ptr + b0 * stride_gb
     for i in range(0, B_PER_SPLIT):
-        live = n_ok & (b0 + i < B)
+        live = n < tl.where(b0 + i < B, N, 0)  # n_ok while sample b0 + i exists (a tensor comparison: see _shuffle_and_scatter)
         j = tl.load(ids_row, mask=live, other=K)  # (BLOCK_N,) rank of token n in sample b0 + i
         keep = live & (j < K)
         src = g_base + j[:, None] * stride_gk + d[None, :]
