@@ -3,12 +3,15 @@
 #   bash scripts/dev.sh setup       create .venv (CPU torch 2.13.0, triton 3.6.0, DALI, DeepSpeed, trackers, dev tools)
 #   bash scripts/dev.sh train ...   setup + the main job: DeepSpeed pre-training of the debug preset
 #   bash scripts/dev.sh test ...    setup + ruff + the whole test suite in .venv, then the timm interop tests
-#                                   in .venv-timm (what CI runs); extra arguments go to the first pytest
+#                                   in .venv-timm and the kernel tests under the newest Triton in .venv-triton
+#                                   (what CI runs); extra arguments go to the first pytest
 #   bash scripts/dev.sh test-timm   only the timm interop tests (.venv-timm)
+#   bash scripts/dev.sh test-triton only the kernel tests under the newest Triton (.venv-triton)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 VENV=${FASTMAE_VENV:-.venv}
 TIMM_VENV=${FASTMAE_TIMM_VENV:-.venv-timm}
+TRITON_VENV=${FASTMAE_TRITON_VENV:-.venv-triton}
 PY="$VENV/bin/python"
 
 setup() {
@@ -34,12 +37,29 @@ test_timm() {
     "$TIMM_VENV/bin/pytest" -q -m timm
 }
 
+# the newest Triton (what an unpinned install of the newest torch brings) runs the kernel tests under its
+# interpreter, which is stricter than 3.6's; CPU torch 2.13.0 beside it
+NEWEST_TRITON=3.9.0
+setup_triton() {
+    [ -x "$TRITON_VENV/bin/python" ] || python3 -m venv "$TRITON_VENV"
+    "$TRITON_VENV/bin/python" -c "import sys, triton; sys.exit(triton.__version__ != '$NEWEST_TRITON')" 2>/dev/null ||
+        "$TRITON_VENV/bin/python" -m pip install -q torch==2.13.0 "triton==$NEWEST_TRITON" 'numpy<2.4' pytest \
+            pytest-timeout pytest-xdist psutil pillow tqdm
+    "$TRITON_VENV/bin/python" -m pip install -q --no-deps -e .
+}
+
+test_triton() {
+    setup_triton
+    "$TRITON_VENV/bin/pytest" -q -n "${FASTMAE_TEST_WORKERS:-2}" tests/test_kernels.py
+}
+
 case "${1:-}" in
     setup) setup ;;
     train) setup; shift; exec "$VENV/bin/deepspeed" fastmae/train.py --ds_config zero2.json "$@" ;;
     # two workers by default (FASTMAE_TEST_WORKERS): most tests wait on process start-up, not on the cores
     test) setup; shift; "$VENV/bin/ruff" check . && "$VENV/bin/pytest" -q -n "${FASTMAE_TEST_WORKERS:-2}" \
-        --dist loadgroup "$@" && test_timm ;;
+        --dist loadgroup "$@" && test_timm && test_triton ;;
     test-timm) test_timm ;;
-    *) echo "usage: bash scripts/dev.sh setup|train|test|test-timm [args...]" >&2; exit 2 ;;
+    test-triton) test_triton ;;
+    *) echo "usage: bash scripts/dev.sh setup|train|test|test-timm|test-triton [args...]" >&2; exit 2 ;;
 esac
