@@ -353,7 +353,8 @@ def _pos_grad_kernel(
     ids_row = ids_restore_ptr + b0 * N + n  # (BLOCK_N,) pointers into sample b0, advanced per sample
     g_base = gvis_ptr + b0 * stride_gb
     for i in range(0, B_PER_SPLIT):
-        live = n < tl.where(b0 + i < B, N, 0)  # n_ok while sample b0 + i exists (a tensor comparison: see _shuffle_and_scatter)
+        # n_ok while sample b0 + i exists, as one tensor comparison (see _shuffle_and_scatter)
+        live = n < tl.where(b0 + i < B, N, 0)
         j = tl.load(ids_row, mask=live, other=K)  # (BLOCK_N,) rank of token n in sample b0 + i
         keep = live & (j < K)
         src = g_base + j[:, None] * stride_gk + d[None, :]
