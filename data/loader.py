@@ -233,10 +233,22 @@ class ShardLoader:
         self.set_epoch(epoch + 1)
 
 
+_NORM_CACHE: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {}
+
+
+def _mean_std(device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """ImageNet mean and std x 255 as (1,3,1,1) fp32 tensors on ``device``, made once per device: building
+    them per batch would be a blocking host-to-device copy every micro step."""
+    if device not in _NORM_CACHE:
+        mean = torch.tensor(IMAGENET_MEAN).mul_(255).view(1, 3, 1, 1).to(device)
+        std = torch.tensor(IMAGENET_STD).mul_(255).view(1, 3, 1, 1).to(device)
+        _NORM_CACHE[device] = (mean, std)
+    return _NORM_CACHE[device]
+
+
 def normalize_uint8(imgs: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """(B,3,H,W) uint8 -> ImageNet-normalised ``dtype`` on the same device."""
-    mean = torch.tensor(IMAGENET_MEAN, device=imgs.device).mul_(255).view(1, 3, 1, 1)
-    std = torch.tensor(IMAGENET_STD, device=imgs.device).mul_(255).view(1, 3, 1, 1)
+    mean, std = _mean_std(imgs.device)
     return imgs.float().sub_(mean).div_(std).to(dtype)
 
 

@@ -371,3 +371,15 @@ def test_randaug_policy_and_errors(ids_shards: Path) -> None:
         build_loader(_cfg("torch", ids_shards), img_size=32, mode="eval", randaug=RANDAUG)
     with pytest.raises(ValueError, match="synthetic"):
         build_loader(_cfg("synthetic", ""), img_size=32, randaug=RANDAUG)
+
+
+def test_normalisation_constants_are_made_once_per_device() -> None:
+    """No per-batch host-to-device copy: the mean/std tensors are built once per device and reused."""
+    from fastmae.data.loader import IMAGENET_MEAN, IMAGENET_STD, _mean_std, normalize_uint8
+
+    cpu = torch.device("cpu")
+    assert _mean_std(cpu)[0] is _mean_std(cpu)[0] and _mean_std(cpu)[1] is _mean_std(cpu)[1]
+    imgs = torch.randint(0, 256, (2, 3, 4, 4), dtype=torch.uint8)
+    want = (imgs.float() / 255 - torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1)) / torch.tensor(IMAGENET_STD).view(
+        1, 3, 1, 1)
+    torch.testing.assert_close(normalize_uint8(imgs, torch.float32), want, rtol=1e-5, atol=1e-5)
