@@ -28,6 +28,7 @@ CPU_MACHINE = "2-core x86_64 CPU, no GPU"
 
 # dense bf16 tensor-core peaks by device name: one table, the package's (fastmae.metrics)
 from fastmae.metrics import PEAK_BF16_TFLOPS  # noqa: E402
+from fastmae.precision import Precision  # noqa: E402
 
 
 def leave_sys_path() -> None:
@@ -159,10 +160,12 @@ def median(xs: list[float]) -> float:
 
 
 def autocast(device: torch.device, dtype: torch.dtype) -> contextlib.AbstractContextManager[Any]:
-    """bf16/fp16 autocast on ``device``, or nothing for fp32."""
-    if dtype == torch.float32:
-        return contextlib.nullcontext()
-    return torch.autocast(device_type=device.type, dtype=dtype)
+    """The forward pass's context: for bf16 and fp32 the training programs' own (:mod:`fastmae.precision`:
+    bf16 autocast over fp32 weights), so a benchmark step is a training step; fp16 autocast for fp16 (the
+    programs run DeepSpeed's fp16 mode there instead)."""
+    if dtype == torch.float16:
+        return torch.autocast(device_type=device.type, dtype=dtype)
+    return Precision(dtype_name(dtype)).autocast(device)
 
 
 def parse_dtype(name: str, device: torch.device) -> torch.dtype:

@@ -121,7 +121,9 @@ class TrainConfig:
     # per-block activation checkpointing: auto (on only when fastmae.memory's estimate exceeds 90% of the
     # GPU's memory: prefer the largest batch that fits without recompute) | on | off
     activation_checkpointing: str = "auto"
-    compile: bool = False
+    # torch.compile of every block (fullgraph, no graph break): auto (on CUDA only: CPU compiles cost more than
+    # they save on short runs) | on | off (true/false are accepted for on/off)
+    compile: str = "auto"
     # a NaN/inf loss: stop (every rank, naming the step) | skip (the micro batch, on every rank)
     on_nonfinite: str = "stop"
     # peak bf16 TFLOP/s of the card for MFU; 0 = look it up from the device name
@@ -418,6 +420,8 @@ def validate(cfg: Config) -> None:
     _choice("train.precision", t.precision, PRECISIONS)
     _choice("train.on_nonfinite", t.on_nonfinite, ON_NONFINITE)
     _choice("train.activation_checkpointing", t.activation_checkpointing, ("auto", "on", "off"))
+    t.compile = {"true": "on", "false": "off"}.get(str(t.compile).lower(), str(t.compile).lower())
+    _choice("train.compile", t.compile, ("auto", "on", "off"))
     _positive("train.dist_timeout_s", t.dist_timeout_s)
     from .trackers import validate_trackers
 

@@ -506,7 +506,8 @@ class ClassifierTask(Task):
         cls, d = tr.cfg.cls, tr.dist
         if tr.val_loader is None or not (epoch_done % cls.eval_interval == 0 or final):
             return True
-        stats = evaluate(tr.engine.module, tr.val_loader, d.device)
+        with tr.autocast():
+            stats = evaluate(tr.engine.module, tr.val_loader, d.device)
         tr.engine.train()
         stats.update(epoch=epoch_done, step=tr.step)
         self.history.append(stats)

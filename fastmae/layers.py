@@ -51,9 +51,13 @@ class PatchEmbed(nn.Module):
         B, C, H, W = x.shape
         if H != self.img_size or W != self.img_size:
             raise ValueError(f"input images are {H}x{W}, the model expects {self.img_size}x{self.img_size}")
-        # fp32 images into a bf16 model (the loss target stays fp32); channels_last so the conv writes NHWC and
-        # the tokens come out as a contiguous (B, N, D): the masking kernel gathers rows in place, no copy first
-        x = x.to(dtype=self.proj.weight.dtype, memory_format=torch.channels_last)
+        # images in the conv's compute dtype (the autocast dtype, else the weights'; the loss target stays fp32);
+        # channels_last so the conv writes NHWC and the tokens come out as a contiguous (B, N, D): the masking
+        # kernel gathers rows in place, no copy first
+        kind, dtype = x.device.type, self.proj.weight.dtype
+        if kind in ("cuda", "cpu") and torch.is_autocast_enabled(kind):  # (no autocast state on "meta")
+            dtype = torch.get_autocast_dtype(kind)
+        x = x.to(dtype=dtype, memory_format=torch.channels_last)
         return self.proj(x).flatten(2).transpose(1, 2)  # (B, N, D)
 
 

@@ -376,16 +376,21 @@ def fill_ds_config(
     _fill(ds, "gradient_accumulation_steps", grad_accum, "")
     _fill(ds, "train_batch_size", micro_batch * grad_accum * world_size, "")
     _fill(ds, "gradient_clipping", float(clip_grad), "")
-    bf16 = ds.setdefault("bf16", {})
-    fp16 = ds.setdefault("fp16", {})
-    want_bf16, want_fp16 = precision == "bf16", precision == "fp16"
-    if bf16.get("enabled", "auto") == "auto":
-        bf16["enabled"] = want_bf16
-    if fp16.get("enabled", "auto") == "auto":
-        fp16["enabled"] = want_fp16
-    if bool(bf16["enabled"]) != want_bf16 or bool(fp16["enabled"]) != want_fp16:
+    from .precision import Precision
+
+    want = Precision(precision).deepspeed
+    for mode in ("bf16", "fp16"):
+        section = ds.setdefault(mode, {})
+        if section.get("enabled", "auto") == "auto":
+            section["enabled"] = want[mode]
+    if bool(ds["bf16"]["enabled"]) and precision == "bf16":
         raise ConfigError(
-            f"DeepSpeed config enables bf16={bf16['enabled']} fp16={fp16['enabled']} but "
+            "the DeepSpeed config enables its bf16 mode, which casts the weights to bf16 and accumulates and "
+            "reduces gradients in bf16; fastmae's train.precision=bf16 is bf16 autocast over fp32 weights with "
+            "fp32 gradients (the official MAE recipe's mixed precision): set \"bf16\": {\"enabled\": \"auto\"}")
+    if bool(ds["bf16"]["enabled"]) != want["bf16"] or bool(ds["fp16"]["enabled"]) != want["fp16"]:
+        raise ConfigError(
+            f"DeepSpeed config enables bf16={ds['bf16']['enabled']} fp16={ds['fp16']['enabled']} but "
             f"train.precision={precision!r}; make them agree"
         )
     if ds.get("optimizer") or ds.get("scheduler"):

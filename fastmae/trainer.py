@@ -37,6 +37,7 @@ from .memory import MemoryEstimate
 from .metrics import MetricsLogger, format_line, peak_tflops
 from .optim import StepPlan, build_scheduler, peak_lr, plan_steps
 from .parallelize import apply_performance_toggles
+from .precision import Precision
 from .runtime import (
     DistInfo,
     FailFast,
@@ -159,6 +160,7 @@ class Trainer:
         self._signal: int | None = None
         self._agree: StepAgreement | None = None
         self._last_saved = -1
+        self.precision = Precision(cfg.train.precision)
 
     # ------------------------------------------------------------------ program entry
     def run(self) -> int:
@@ -270,7 +272,8 @@ class Trainer:
         self.zero_stage = stage = int(ds_cfg.get("zero_optimization", {}).get("stage", 0))
         model = task.build_model(self)
         use_ac, estimate = self._decide_activation_checkpointing(stage)
-        toggles = apply_performance_toggles(model, use_ac, t.compile)
+        compile_blocks = t.compile == "on" or (t.compile == "auto" and dist.device.type == "cuda")
+        toggles = apply_performance_toggles(model, use_ac, compile_blocks)
         self.optimizer = task.build_optimizer(self, model, lr)
         self.scheduler = build_scheduler(self.optimizer, total_steps, warmup_steps, o.min_lr / lr)
         ds_config = fill_ds_config(ds_cfg, micro_batch=micro, grad_accum=plan.grad_accum,
@@ -289,7 +292,8 @@ class Trainer:
         peak = peak_tflops(override=t.peak_tflops) if dist.device.type == "cuda" else None
         timeouts = sorted(set(group_timeouts()))
         self.log0(f"{task.name} | preset {cfg.preset} | {dist.world_size} rank(s) on {dist.device.type} "
-                  f"(launcher: {dist.launcher}) | ZeRO stage {stage} | precision {t.precision}")
+                  f"(launcher: {dist.launcher}) | ZeRO stage {stage} | precision {t.precision}: "
+                  f"{self.precision.describe()}")
         for line in task.describe(self):
             self.log0(line)
         self.log0(f"toggles: {', '.join(toggles) or 'none'} | memory estimate per rank: "
@@ -374,7 +378,8 @@ class Trainer:
                 # accumulation 2 as with 2 ranks x accumulation 1, so runs of any shape draw the same randomness
                 micro_id = micro_step * dist.world_size + dist.rank
                 seed_micro_batch(t.seed, micro_id)
-                loss = task.loss(self, imgs, labels, micro_id)
+                with self.autocast():
+                    loss = task.loss(self, imgs, labels, micro_id)
                 if t.on_nonfinite == "skip":
                     loss, was_skipped = self._skip_if_nonfinite(loss, imgs, labels, micro_id, step + 1)
                     skipped += was_skipped
@@ -448,6 +453,10 @@ class Trainer:
         return {"step": step, "losses": losses, "output_dir": str(out_dir), **task.summary()}
 
     # ------------------------------------------------------------------ pieces of the loop
+    def autocast(self) -> Any:
+        """The forward pass's precision context (:mod:`fastmae.precision`): tasks evaluate under it too."""
+        return self.precision.autocast(self.dist.device)
+
     def _skip_if_nonfinite(self, loss: torch.Tensor, imgs: torch.Tensor, labels: torch.Tensor, micro_id: int,
                            step: int) -> tuple[torch.Tensor, int]:
         """train.on_nonfinite=skip: when any rank's loss is not finite, every rank replaces this micro batch by
@@ -459,7 +468,8 @@ class Trainer:
             return loss, 0
         self.log0(f"skipping a micro batch with non-finite loss at step {step} (rank {worst - 1})")
         seed_micro_batch(self.cfg.train.seed, micro_id)
-        blank = self.task.loss(self, torch.zeros_like(imgs), labels, micro_id) * 0.0
+        with self.autocast():
+            blank = self.task.loss(self, torch.zeros_like(imgs), labels, micro_id) * 0.0
         if not bool(torch.isfinite(blank.detach())):
             raise FloatingPointError(f"step {step}: even a blank batch gives a non-finite loss (the weights are "
                                      "no longer finite); cannot skip")

@@ -47,6 +47,7 @@ def test_overrides_both_syntaxes_and_types() -> None:
         ("train.resume_allow_changes=model.depth", "'model.depth' is not a schedule setting; valid: train.batch_size"),
     ("depth=3", "must be section.key"),
     ("train.precision=fp8", "valid choices: bf16, fp16, fp32"),
+    ("train.compile=maybe", "valid choices: auto, on, off"),
 ])
 def test_config_errors_name_key_and_choices(override: str, message: str) -> None:
     with pytest.raises(ConfigError, match=message):
@@ -73,6 +74,13 @@ def test_unreachable_effective_batch_takes_the_nearest_and_rescales_lr() -> None
 def test_unknown_preset_lists_presets() -> None:
     with pytest.raises(ConfigError, match="valid presets: mae_vit_base_patch16, mae_vit_large_patch16"):
         build_config("mae_vit_giant", [])
+
+
+def test_compile_defaults_to_auto_and_takes_booleans() -> None:
+    assert build_config("debug", []).train.compile == "auto"
+    assert build_config("debug", ["train.compile=true"]).train.compile == "on"
+    assert build_config("debug", ["train.compile=False"]).train.compile == "off"
+    assert config_from_dict({"train": {"compile": True}}).train.compile == "on"  # configs saved before "auto"
 
 
 def test_override_without_value() -> None:

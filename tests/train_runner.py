@@ -38,7 +38,11 @@ def hooks() -> list:
         def rec(tr, imgs, labels):
             Path(record).mkdir(parents=True, exist_ok=True)
             groups = [[g["weight_decay"], g["lr"]] for g in tr.engine.optimizer.param_groups]
-            line = {"step": tr.step + 1, "epoch": tr.loader.epoch, "labels": labels.tolist(), "groups": groups}
+            model_dtype, accum_dtype = tr.engine.get_data_types()
+            dtypes = {"weights": str(next(tr.engine.module.parameters()).dtype), "engine": str(model_dtype),
+                      "grad_accum": str(accum_dtype), "communication": str(tr.engine.communication_data_type)}
+            line = {"step": tr.step + 1, "epoch": tr.loader.epoch, "labels": labels.tolist(), "groups": groups,
+                    "dtypes": dtypes}
             with open(Path(record) / f"rank{tr.dist.rank}.jsonl", "a") as f:
                 f.write(json.dumps(line) + "\n")
 
