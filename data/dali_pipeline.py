@@ -25,8 +25,9 @@ import torch
 from nvidia.dali import fn, pipeline_def, types
 from nvidia.dali.plugin.pytorch import DALIGenericIterator
 
+from .base import EpochLayout, ShardLoader
+from .constants import IMAGENET_MEAN, IMAGENET_STD
 from .index import ShardError, ShardIndex
-from .loader import IMAGENET_MEAN, IMAGENET_STD, EpochLayout, ShardLoader
 from .randaug import RandAugmentPolicy, dali_apply, dali_params, dali_suite
 from .sampling import PAD_LABEL, image_size, sample_crop
 

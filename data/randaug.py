@@ -29,6 +29,8 @@ from typing import Any
 
 import numpy as np
 
+from .constants import IMAGENET_MEAN
+
 MAX_LEVEL = 10.0  # timm's magnitude scale: level 10 = the full range of an op
 NUM_BINS = 41  # DALI magnitude bins: level 0, 0.25, ..., 10 (each bin costs pipeline build time)
 TRANSLATE_PCT = 0.45  # timm's default largest translation, a fraction of the image side
@@ -175,8 +177,6 @@ class TimmRandAugment:
             raise ImportError(f"randaug={policy.text!r} on the torch loader needs timm ({type(e).__name__}: {e}); "
                               "install timm with a matching torchvision, use data.backend=dali, or set "
                               "cls.randaug=''") from e
-        from .loader import IMAGENET_MEAN
-
         hp = dict(translate_const=int(img_size * TRANSLATE_PCT),
                   img_mean=tuple(round(255 * m) for m in IMAGENET_MEAN))
         self.transform = rand_augment_transform(policy.text, hp)

@@ -17,8 +17,8 @@ import numpy as np
 import torch
 from PIL import Image
 
+from .base import ShardLoader, normalize_uint8
 from .index import ShardError, ShardIndex
-from .loader import ShardLoader, normalize_uint8
 from .randaug import TimmRandAugment
 from .sampling import PAD_LABEL, sample_crop
 

@@ -375,7 +375,7 @@ def test_randaug_policy_and_errors(ids_shards: Path) -> None:
 
 def test_normalisation_constants_are_made_once_per_device() -> None:
     """No per-batch host-to-device copy: the mean/std tensors are built once per device and reused."""
-    from fastmae.data.loader import IMAGENET_MEAN, IMAGENET_STD, _mean_std, normalize_uint8
+    from fastmae.data.base import IMAGENET_MEAN, IMAGENET_STD, _mean_std, normalize_uint8
 
     cpu = torch.device("cpu")
     assert _mean_std(cpu)[0] is _mean_std(cpu)[0] and _mean_std(cpu)[1] is _mean_std(cpu)[1]

@@ -1,0 +1,250 @@
+"""The loader interface every backend shares (:class:`ShardLoader`) and its epoch/resume bookkeeping.
+
+Module graph of ``fastmae.data`` (acyclic): ``constants``, ``index``, ``sampling`` at the bottom; ``randaug`` on
+``constants``; ``base`` on those; the backends (``torch_loader``, ``dali_pipeline``, ``synthetic``) on ``base``;
+the factory ``loader`` (:func:`~fastmae.data.loader.build_loader`) on top.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+
+from .constants import DTYPES, IMAGENET_MEAN, IMAGENET_STD, INTERPOLATIONS, MODES
+from .index import ShardIndex
+from .randaug import RandAugmentPolicy, describe, parse_policy
+from .sampling import (
+    batch_uniforms,
+    epoch_order,
+    randaug_uniforms,
+    rank_batch,
+    sample_crop,
+    steps_from,
+    steps_per_epoch,
+)
+
+
+@dataclass
+class BatchPlan:
+    """One rank's batch at one step: global sample indices, padding flag, augmentation uniforms (crop + flip;
+    RandAugment when it is on)."""
+
+    step: int
+    indices: np.ndarray
+    pad: bool
+    uniforms: np.ndarray | None
+    randaug: np.ndarray | None = None
+
+
+@dataclass(frozen=True)
+class EpochLayout:
+    """What decides one rank's batches: see :mod:`fastmae.data.sampling`.
+
+    ``start_sample`` > 0 lays the epoch out from that position of its order on: a run resumed on another
+    number of ranks or micro batch continues the interrupted epoch with exactly the samples not yet consumed.
+    """
+
+    num_samples: int
+    world_size: int
+    rank: int
+    batch_size: int
+    seed: int
+    shuffle: bool
+    randaug_layers: int = 0
+    start_sample: int = 0
+
+    def steps(self) -> int:
+        """Batches per rank of this layout (a whole epoch when ``start_sample`` is 0)."""
+        if self.start_sample == 0:
+            return steps_per_epoch(self.num_samples, self.world_size, self.batch_size)
+        return steps_from(self.num_samples, self.start_sample, self.world_size, self.batch_size)
+
+    def consumed(self, batches: int) -> int:
+        """Position in the epoch order after ``batches`` batches of this layout (all ranks together)."""
+        left = self.num_samples - self.start_sample
+        return self.start_sample + min(left, batches * self.world_size * self.batch_size)
+
+    def batches(self, epoch: int, start: int) -> Iterator[BatchPlan]:
+        """This rank's batches of ``epoch`` from batch ``start`` on."""
+        order = epoch_order(self.num_samples, epoch, self.seed, self.shuffle)[self.start_sample:]
+        seg = self.start_sample
+        for step in range(start, self.steps()):
+            idx, pad = rank_batch(order, step, self.rank, self.world_size, self.batch_size)
+            u = batch_uniforms(self.seed, epoch, step, self.rank, len(idx), seg) if self.shuffle else None
+            ra = (randaug_uniforms(self.seed, epoch, step, self.rank, len(idx), self.randaug_layers, seg)
+                  if self.shuffle and self.randaug_layers else None)
+            yield BatchPlan(step, idx, pad, u, ra)
+
+
+class ShardLoader:
+    """Base of the shard loaders: epoch layout, position, state and per-sample augmentation parameters.
+
+    ``for imgs, labels in loader`` yields the remaining batches of the current epoch, then advances to the
+    next epoch (like :class:`~fastmae.data.SyntheticLoader`). ``batch_in_epoch`` counts the batches handed
+    out (since ``start_sample``, the position where this epoch's layout began); ``state_dict()`` taken after
+    training on a batch resumes at the next one.
+    """
+
+    backend = "base"
+
+    def __init__(
+        self,
+        index: ShardIndex,
+        *,
+        batch_size: int,
+        img_size: int,
+        rank: int = 0,
+        world_size: int = 1,
+        seed: int = 0,
+        device: torch.device | str = "cpu",
+        mode: str = "train",
+        crop_scale: tuple[float, float] = (0.2, 1.0),
+        dtype: str = "float32",
+        num_workers: int = 2,
+        interpolation: str = "bicubic",
+        randaug: str = "",
+    ) -> None:
+        if mode not in MODES:
+            raise ValueError(f"mode={mode!r} is not valid; valid modes: {', '.join(MODES)}")
+        if not 0 <= rank < world_size:
+            raise ValueError(f"rank={rank} must lie in [0, world_size={world_size})")
+        if dtype not in DTYPES:
+            raise ValueError(f"dtype={dtype!r} is not valid; valid choices: {', '.join(DTYPES)}")
+        if interpolation not in INTERPOLATIONS:
+            raise ValueError(f"interpolation={interpolation!r} is not valid; valid: {', '.join(INTERPOLATIONS)}")
+        if batch_size <= 0 or img_size <= 0:
+            raise ValueError(f"batch_size={batch_size} and img_size={img_size} must be > 0")
+        if randaug and mode != "train":
+            raise ValueError(f"randaug={randaug!r} applies to mode='train' only (evaluation is a centre crop)")
+        # RandAugment (a timm policy string, "" = off): see fastmae.data.randaug
+        self.randaug: RandAugmentPolicy | None = parse_policy(randaug) if randaug else None
+        self.index = index
+        self.batch_size = batch_size
+        self.img_size = img_size
+        self.rank = rank
+        self.world_size = world_size
+        self.seed = seed
+        self.device = torch.device(device)
+        self.mode = mode
+        self.crop_scale = (float(crop_scale[0]), float(crop_scale[1]))
+        self.num_workers = num_workers
+        # antialiased in both backends (PIL always is; DALI with antialias=True), like torchvision on PIL
+        self.interpolation = interpolation
+        # low-precision output only on GPU: CPU runs (tests, CI) compute in float32
+        self.dtype = DTYPES[dtype] if self.device.type == "cuda" else torch.float32
+        self.num_samples = len(index)
+        self.epoch = 0
+        self.batch_in_epoch = 0
+        self.start_sample = 0
+
+    # ------------------------------------------------------------------ position and state
+    def __len__(self) -> int:
+        return steps_per_epoch(self.num_samples, self.world_size, self.batch_size)
+
+    def set_epoch(self, epoch: int) -> None:
+        """Start ``epoch`` at its first batch (order and augmentations depend only on seed and epoch)."""
+        self.epoch = int(epoch)
+        self.batch_in_epoch = 0
+        self.start_sample = 0
+
+    @property
+    def samples_in_epoch(self) -> int:
+        """Samples of the current epoch consumed by all ranks together (the resume position)."""
+        return self.layout().consumed(self.batch_in_epoch)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "epoch": self.epoch,
+            "batch_in_epoch": self.batch_in_epoch,
+            "start_sample": self.start_sample,
+            "samples_in_epoch": self.samples_in_epoch,
+            "num_samples": self.num_samples,
+            "world_size": self.world_size,
+            "batch_size": self.batch_size,
+            "seed": self.seed,
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Continue at ``state``'s position: the next batches hold exactly the samples not yet handed out.
+
+        With the same world size and micro batch the batches are bit-identical to an uninterrupted run. With
+        others the rest of the interrupted epoch is laid out from the consumed position (every sample still
+        exactly once; its crops and flips are drawn anew); the epochs after it are as usual.
+        """
+        for key in ("num_samples", "seed"):
+            if key in state and int(state[key]) != getattr(self, key):
+                raise ValueError(
+                    f"loader state has {key}={state[key]} but this loader has {key}={getattr(self, key)}: "
+                    "a resume needs the same dataset and seed"
+                )
+        self.epoch = int(state["epoch"])
+        same = all(int(state.get(k, getattr(self, k))) == getattr(self, k) for k in ("world_size", "batch_size"))
+        if same:
+            self.start_sample = int(state.get("start_sample", 0))
+            self.batch_in_epoch = int(state["batch_in_epoch"])
+            return
+        consumed = state.get("samples_in_epoch")
+        if consumed is None:  # a state from a version without it: whole steps of the old layout
+            consumed = int(state["batch_in_epoch"]) * int(state["world_size"]) * int(state["batch_size"])
+        consumed = min(int(consumed), self.num_samples)
+        self.batch_in_epoch = 0
+        self.start_sample = consumed
+        if consumed >= self.num_samples:  # the epoch was complete: the next one starts afresh
+            self.set_epoch(self.epoch + 1)
+
+    # ------------------------------------------------------------------ the plan
+    @property
+    def shuffle(self) -> bool:
+        return self.mode == "train"
+
+    def layout(self) -> EpochLayout:
+        """This rank's epoch layout, detached from the loader (safe to hand to a feed thread)."""
+        return EpochLayout(self.num_samples, self.world_size, self.rank, self.batch_size, self.seed, self.shuffle,
+                           self.randaug.n if self.randaug else 0, self.start_sample)
+
+    @property
+    def randaug_info(self) -> str:
+        """Which RandAugment this loader runs, for the start-up log ("off" when none)."""
+        return describe(self.backend, self.randaug) if self.randaug else "off"
+
+    def plan(self, epoch: int, start: int) -> Iterator[BatchPlan]:
+        """This rank's batches of ``epoch`` from batch ``start`` on."""
+        return self.layout().batches(epoch, start)
+
+    def crop(self, u: np.ndarray | None, width: int, height: int) -> tuple[int, int, int, int, bool]:
+        """(x, y, w, h, flip) of one sample: RandomResizedCrop + flip in train mode, centre crop in eval."""
+        return sample_crop(u, width, height, self.img_size, self.crop_scale)
+
+    # ------------------------------------------------------------------ iteration
+    def _batches(self, epoch: int, start: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        raise NotImplementedError
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        epoch, start = self.epoch, self.batch_in_epoch
+        for imgs, labels in self._batches(epoch, start):
+            self.batch_in_epoch += 1
+            yield imgs, labels
+        self.set_epoch(epoch + 1)
+
+
+_NORM_CACHE: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {}
+
+
+def _mean_std(device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """ImageNet mean and std x 255 as (1,3,1,1) fp32 tensors on ``device``, made once per device: building
+    them per batch would be a blocking host-to-device copy every micro step."""
+    if device not in _NORM_CACHE:
+        mean = torch.tensor(IMAGENET_MEAN).mul_(255).view(1, 3, 1, 1).to(device)
+        std = torch.tensor(IMAGENET_STD).mul_(255).view(1, 3, 1, 1).to(device)
+        _NORM_CACHE[device] = (mean, std)
+    return _NORM_CACHE[device]
+
+
+def normalize_uint8(imgs: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """(B,3,H,W) uint8 -> ImageNet-normalised ``dtype`` on the same device."""
+    mean, std = _mean_std(imgs.device)
+    return imgs.float().sub_(mean).div_(std).to(dtype)

@@ -1,0 +1,11 @@
+"""Constants the data modules share (no imports of other fastmae.data modules: the bottom of the graph)."""
+
+from __future__ import annotations
+
+import torch
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+MODES = ("train", "eval")
+INTERPOLATIONS = ("bicubic", "bilinear")
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
