@@ -155,6 +155,22 @@ def read_index(path: Path) -> list[dict[str, tuple[int, int, str]]]:
     return out
 
 
+# a tar ends with two 512-byte zero blocks, padded to a whole record (tarfile and GNU tar: 20 blocks)
+_TAR_TAIL_MAX = 512 + 2 * 512 + 20 * 512
+
+
+def _check_index_matches(shard: Path, idx: Path, samples: list[dict[str, tuple[int, int, str]]]) -> None:
+    """A stale index (the shard rewritten or truncated after indexing) would make reads return the wrong
+    bytes or fewer bytes; caught at start: the last member the index names must end where the tar ends."""
+    end = max((off + size for s in samples for off, size, _ in s.values()), default=0)
+    size = shard.stat().st_size
+    if end > size or size - end > _TAR_TAIL_MAX:
+        how = "truncated" if end > size else "rewritten"
+        raise ShardError(f"index {idx} does not match {shard}: it addresses bytes up to {end}, the shard has "
+                         f"{size} (the shard was {how} after indexing, or the index belongs to another shard); "
+                         f"rebuild it with `python -m fastmae.data.shards index {shard}`")
+
+
 _FD_BUDGET: int | None = None
 
 
@@ -191,7 +207,11 @@ class ShardIndex:
             if not shard.is_file():
                 raise ShardError(f"shard {shard} does not exist")
             idx = index_path(shard)
-            samples = read_index(idx) if idx.is_file() else scan_tar(shard)
+            if idx.is_file():
+                samples = read_index(idx)
+                _check_index_matches(shard, idx, samples)
+            else:
+                samples = scan_tar(shard)
             for s in samples:
                 img = next((s[e] for e in IMAGE_EXTS if e in s), None)
                 if img is None:
@@ -238,17 +258,26 @@ class ShardIndex:
             self._fds[shard] = fd
         return fd
 
+    def _read(self, i: int, offset: int, n: int, ext: str) -> bytes:
+        """``n`` bytes at ``offset`` of sample ``i``'s shard; a short read (the shard truncated while in use) is
+        an error naming the shard and key."""
+        raw = os.pread(self._fd(int(self.shard_of[i])), n, offset)
+        if len(raw) != n:
+            shard = self.shards[int(self.shard_of[i])]
+            raise ShardError(f"{shard}: {self.key(i)}.{ext}: short read, {len(raw)} of {n} bytes at offset "
+                             f"{offset} (the shard is truncated or its index is stale)")
+        return raw
+
     def read_image(self, i: int) -> bytes:
         """The encoded image bytes of sample ``i``."""
-        fd = self._fd(int(self.shard_of[i]))
-        return os.pread(fd, int(self.img_len[i]), int(self.img_off[i]))
+        return self._read(i, int(self.img_off[i]), int(self.img_len[i]), "jpg")
 
     def read_label(self, i: int) -> int:
         """The integer label of sample ``i`` (ASCII ``.cls`` of any digit count; 0 when absent)."""
         n = int(self.cls_len[i])
         if n == 0:
             return 0
-        raw = os.pread(self._fd(int(self.shard_of[i])), n, int(self.cls_off[i]))
+        raw = self._read(i, int(self.cls_off[i]), n, "cls")
         try:
             return int(raw.strip())
         except ValueError:

@@ -302,6 +302,58 @@ def test_undecodable_image_error_names_the_key(backend: str, tmp_path: Path) -> 
     assert "fastmae.data.shards verify" in str(info.value)
 
 
+def _hand_tar(path: Path, keys: list[str]) -> None:
+    import io
+    import tarfile
+
+    buf = io.BytesIO()
+    Image.fromarray(_gradient(40, 30)).save(buf, "JPEG")
+    with tarfile.open(path, "w") as tf:
+        for key in keys:
+            for ext, data in (("cls", b"1"), ("jpg", buf.getvalue())):
+                info = tarfile.TarInfo(f"{key}.{ext}")
+                info.size = len(data)
+                tf.addfile(info, io.BytesIO(data))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_stale_index_is_refused_at_start(backend: str, tmp_path: Path) -> None:
+    """An index that no longer matches its shard (rewritten with more samples, or cut short) stops the loader
+    at start, naming the index, the shard and the command that rebuilds it."""
+    from fastmae.data.index import make_index
+
+    shard = tmp_path / "000000.tar"
+    _hand_tar(shard, ["a", "b"])
+    make_index(shard)
+    build_loader(_cfg(backend, tmp_path, batch=2), img_size=16, mode="eval")  # a matching index is fine
+    _hand_tar(shard, ["a", "b", "c", "d", "e", "f"])  # rewritten after indexing
+    with pytest.raises(ShardError, match=r"000000.idx does not match .*000000.tar.*rewritten.*shards index"):
+        build_loader(_cfg(backend, tmp_path, batch=2), img_size=16, mode="eval")
+    make_index(shard)
+    from fastmae.data import ShardIndex
+
+    last_jpg = int(ShardIndex([shard]).img_off[-1])
+    with open(shard, "r+b") as f:  # cut short after indexing, inside the last sample
+        f.truncate(last_jpg + 10)
+    with pytest.raises(ShardError, match=r"000000.idx does not match .*truncated"):
+        build_loader(_cfg(backend, tmp_path, batch=2), img_size=16, mode="eval")
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_shard_truncated_during_the_run_names_the_key(backend: str, tmp_path: Path) -> None:
+    """A shard cut short while a run reads it: the short read is an error naming the shard and the key."""
+    from fastmae.data import ShardIndex
+
+    shard = tmp_path / "000000.tar"
+    _hand_tar(shard, ["a", "b", "c", "last"])
+    loader = build_loader(_cfg(backend, tmp_path, batch=2), img_size=16, mode="eval")
+    index = ShardIndex([shard])
+    with open(shard, "r+b") as f:
+        f.truncate(int(index.img_off[3]) + 10)  # inside the last sample's JPEG
+    with pytest.raises(ShardError, match=r"000000.tar: last.jpg: short read, 10 of \d+ bytes"):
+        list(loader)
+
+
 # ----------------------------------------------------------------------------- RandAugment (fine-tuning)
 
 RANDAUG = "rand-m9-mstd0.5-inc1"
