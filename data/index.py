@@ -238,6 +238,16 @@ class ShardIndex:
     def __len__(self) -> int:
         return len(self._keys)
 
+    def require_labels(self) -> None:
+        """For the classification programs: a sample without a ``.cls`` label is an error naming the shard
+        and key (pre-training reads such samples as label 0: unlabelled shards are fine there)."""
+        missing = np.flatnonzero(self.cls_len == 0)
+        if len(missing):
+            i = int(missing[0])
+            raise ShardError(f"{self.shards[int(self.shard_of[i])]}: {self.key(i)} has no .cls label "
+                             f"({len(missing)} of {len(self)} samples have none); classification needs a label "
+                             "per sample")
+
     def key(self, i: int) -> str:
         """The WebDataset key of sample ``i`` (its member name without extension)."""
         return self._keys[i].decode()

@@ -49,6 +49,7 @@ def build_loader(
     device: torch.device | str = "cpu",
     mode: str = "train",
     randaug: str = "",
+    labels: bool = False,
 ) -> Any:
     """The loader ``cfg`` (a :class:`fastmae.config.DataConfig`) asks for, for this rank.
 
@@ -57,6 +58,7 @@ def build_loader(
     ``randaug`` (fine-tuning only; MAE pre-training is crop + flip): a timm RandAugment policy such as
     ``"rand-m9-mstd0.5-inc1"`` applied per training sample after the crop (:mod:`fastmae.data.randaug`); the
     torch backend needs timm for it (ImportError otherwise), the synthetic backend refuses it.
+    ``labels``: every sample must carry a ``.cls`` label (classification), checked before anything is read.
     """
     backend = resolve_backend(cfg.backend)
     if randaug:
@@ -83,6 +85,8 @@ def build_loader(
 
         shards = expand_shards(bundled_sample_dir())
     index = ShardIndex(shards)
+    if labels:
+        index.require_labels()
     kwargs = dict(
         batch_size=cfg.batch_size, img_size=img_size, rank=rank, world_size=world_size, seed=seed,
         device=device, mode=mode, crop_scale=(cfg.crop_scale_min, cfg.crop_scale_max), dtype=cfg.dtype,

@@ -118,7 +118,7 @@ def main(argv: list[str] | None = None) -> int:
         data = DataConfig(backend=args.backend, shards=shards, batch_size=args.batch_size,
                           num_workers=args.num_workers)
         loader = build_loader(data, img_size=model.patch_embed.img_size, rank=rank, world_size=world,
-                              device=device, mode="eval")
+                              device=device, mode="eval", labels=True)
         stats = evaluate(model.to(device), loader, device, args.max_batches)
     except (ValueError, FileNotFoundError, ConfigError, RuntimeError) as e:
         print(f"fastmae.evaluation: {e}", file=sys.stderr)

@@ -393,7 +393,8 @@ def make_loaders(cfg: Config, rank: int, world_size: int, device: torch.device) 
 
     cls = cfg.cls
     train = build_loader(cfg.data, img_size=cfg.model.img_size, rank=rank, world_size=world_size,
-                         seed=cfg.train.seed, device=device, mode="train", randaug=randaug_plan(cfg)[0])
+                         seed=cfg.train.seed, device=device, mode="train", randaug=randaug_plan(cfg)[0],
+                         labels=True)
     val_shards = cls.val_shards
     if not val_shards and not cfg.data.shards and cfg.data.backend != "synthetic":
         from fastmae.data.sample import bundled_sample_dir
@@ -406,7 +407,7 @@ def make_loaders(cfg: Config, rank: int, world_size: int, device: torch.device) 
         val_data = dataclasses.replace(cfg.data, synthetic_size=max(cfg.data.batch_size * world_size, 64))
         val_shards = "synthetic"
     val = build_loader(val_data, img_size=cfg.model.img_size, rank=rank, world_size=world_size,
-                       seed=cfg.train.seed, device=device, mode="eval")
+                       seed=cfg.train.seed, device=device, mode="eval", labels=True)
     return train, val, val_shards
 
 

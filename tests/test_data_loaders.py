@@ -354,6 +354,26 @@ def test_shard_truncated_during_the_run_names_the_key(backend: str, tmp_path: Pa
         list(loader)
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_missing_label_is_an_error_for_classification(backend: str, tmp_path: Path) -> None:
+    """A sample without .cls: label 0 for pre-training (unlabelled shards), an error naming the shard and
+    key when the program needs labels (fine-tuning, linear probing, evaluation), before anything is read."""
+    import io
+    import tarfile
+
+    _hand_tar(tmp_path / "000000.tar", ["a", "b"])
+    with tarfile.open(tmp_path / "000000.tar", "a") as tf:
+        buf = io.BytesIO()
+        Image.fromarray(_gradient(40, 30)).save(buf, "JPEG")
+        info = tarfile.TarInfo("unlabelled.jpg")
+        info.size = len(buf.getvalue())
+        tf.addfile(info, io.BytesIO(buf.getvalue()))
+    got = torch.cat([y for _, y in build_loader(_cfg(backend, tmp_path, batch=3), img_size=16, mode="eval")])
+    assert sorted(got.tolist()) == [0, 1, 1]
+    with pytest.raises(ShardError, match=r"000000.tar: unlabelled has no .cls label \(1 of 3 samples"):
+        build_loader(_cfg(backend, tmp_path, batch=3), img_size=16, mode="eval", labels=True)
+
+
 # ----------------------------------------------------------------------------- RandAugment (fine-tuning)
 
 RANDAUG = "rand-m9-mstd0.5-inc1"
