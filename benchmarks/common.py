@@ -287,9 +287,14 @@ def gpu_check_summary(res: Path) -> str:
     lines = [f"# gpu_check: {res.name}", ""]
     stages = (res / "stages.tsv").read_text().splitlines()[1:] if (res / "stages.tsv").exists() else []
     lines += ["| stage | exit | seconds | note |", "|---|---|---|---|"]
+    not_run = []
     for s in stages:
         parts = (s.split("\t") + ["", "", "", ""])[:4]
         lines.append("| " + " | ".join(parts) + " |")
+        if parts[3] != "ok":
+            not_run.append(f"{parts[0]} ({parts[3]})")
+    if not_run:
+        lines += ["", "Not run or not passed: " + "; ".join(not_run) + "."]
     env = _load(res / "throughput.json")
     if env:
         e = env["environment"]

@@ -1,43 +1,58 @@
 #!/usr/bin/env bash
-# fastmae GPU check: the one script to run whenever a CUDA machine is available (issues 6 and 7).
+# fastmae GPU check: the one script to run on a CUDA machine, in two parts of under 8 minutes each.
 #
-#   bash benchmarks/gpu_check.sh                    # on the GPU machine (device tool: carry ["wheels"])
-#   bash benchmarks/gpu_check.sh --cpu-rehearsal    # here, tiny sizes, GPU-only stages skipped
-#   bash benchmarks/gpu_check.sh --prepare-wheels   # here, with PyPI: fill wheels/ for the GPU machine
+#   bash benchmarks/gpu_check.sh --part 1           # on the GPU machine: correctness, throughput, ablations
+#   bash benchmarks/gpu_check.sh --part 2           # then: memory, kernel, DeepSpeed, GPU tests, profile, data
+#   bash benchmarks/gpu_check.sh                    # both parts in one run (--part all)
+#   bash benchmarks/gpu_check.sh --cpu-rehearsal    # on a CPU machine: both parts, tiny sizes
+#   bash benchmarks/gpu_check.sh --prepare-wheels   # with PyPI: fill wheels/ for an offline GPU machine
 #   (FASTMAE_CPU_REHEARSAL=1 is the same as --cpu-rehearsal)
 #
-# Stages, each time-boxed with `timeout` and skipped once the whole budget (GPU_CHECK_BUDGET_S, default
-# 450 s, i.e. under 8 minutes with the start-up) is spent; a failing stage is recorded and the next runs:
+# Stages, most important first, each time-boxed with `timeout` (a part's limits add up to under its budget,
+# GPU_CHECK_BUDGET_S, default 450 s a part); a stage is skipped only when the budget is spent or what it
+# needs is missing, and the summary names it with the reason; a failing stage is recorded and the next runs.
+# Every stage writes its JSON as soon as each measurement exists, so a stage cut short keeps its numbers.
 #   setup        pip install --no-index --find-links wheels/ (when wheels/ has any) and fastmae itself
 #   env          card, driver, torch/CUDA/triton/transformers versions
+#  part 1
 #   ceilings     device copy bandwidth and bf16 matmul rate (the roofs for the numbers below)
 #   correctness  throughput.py --check: one bf16 training step each of ViT-B/L/H (finite loss, grads,
 #                params), attention backends vs fp32 math, Triton masking kernel vs torch reference,
 #                official-style baseline == fastmae on shared weights
 #   throughput   ViT-B/L/H: fastmae, fastmae w/ [M], official-style, HF ViTMAE; SDPA backend probe
-#   kernels      benchmarks/masking_kernel.py (fused masking kernel vs reference, GB/s vs copy bandwidth)
-#   pytest_gpu   pytest -m gpu (every GPU-marked test of the repository)
-#   memory_vit_h ViT-H/14 at micro batch 256 without and with activation checkpointing, vs the estimate
-#   profile      profile_step.py on ViT-L (time split w/ [M] vs w/o [M], top kernels, traces)
 #   ablations    ViT-L with each optimisation switched in turn (masking, attention, compile, fused AdamW)
+#  part 2
+#   memory_vit_h ViT-H/14 at micro batch 256 without and with activation checkpointing, vs the estimate
+#   kernels      benchmarks/masking_kernel.py (fused masking kernel vs reference, GB/s vs copy bandwidth)
 #   deepspeed    a short DeepSpeed ZeRO-2 run of fastmae/train.py (only when deepspeed imports)
-#   data         benchmarks/data_throughput.py (only when DALI imports and the script exists)
-# Results: $OUT/<card>-<date>.tar.gz + summary.md + gpu_check.log when $OUT is set (the device tool
-# brings back at most 8 files), else benchmarks/results/<card>-<date>/.
+#   pytest_gpu   pytest -m gpu (every GPU-marked test of the repository)
+#   profile      profile_step.py on ViT-L (time split w/ [M] vs w/o [M], top kernels, traces)
+#   data         benchmarks/data_throughput.py (DALI when it imports, else the torch loader)
+# Results: $OUT/<card>-<date>-part<N>.tar.gz + summary.md + gpu_check.log when $OUT is set (three files, for
+# machines that return only a few), else benchmarks/results/<card>-<date>-part<N>/.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 REPO=$(pwd)
 
 REHEARSAL=${FASTMAE_CPU_REHEARSAL:-0}
 PREPARE=0
-for a in "$@"; do
-    case "$a" in
+PART=all
+while [ $# -gt 0 ]; do
+    case "$1" in
         --cpu-rehearsal) REHEARSAL=1 ;;
         --prepare-wheels) PREPARE=1 ;;
-        -h|--help) sed -n '2,26p' "$0"; exit 0 ;;
-        *) echo "unknown argument $a (valid: --cpu-rehearsal, --prepare-wheels)" >&2; exit 2 ;;
+        --part) PART=${2:-}; shift ;;
+        --part=*) PART=${1#--part=} ;;
+        -h|--help) sed -n '2,33p' "$0"; exit 0 ;;
+        *) echo "unknown argument $1 (valid: --part 1|2|all, --cpu-rehearsal, --prepare-wheels)" >&2; exit 2 ;;
     esac
+    shift
 done
+case "$PART" in
+    1|2|all) ;;
+    *) echo "--part takes 1, 2 or all, not '$PART'" >&2; exit 2 ;;
+esac
+in_part() { [ "$PART" = all ] || [ "$PART" = "$1" ]; }
 if [ -z "${PYTHON:-}" ]; then
     if [ -x "$REPO/.venv/bin/python" ]; then PYTHON="$REPO/.venv/bin/python"; else PYTHON=python3; fi
 fi
@@ -63,6 +78,7 @@ fi
 
 START=$(date +%s)
 BUDGET=${GPU_CHECK_BUDGET_S:-450}
+[ "$PART" = all ] && BUDGET=$((2 * BUDGET))
 if [ "$REHEARSAL" = 1 ]; then
     export CUDA_VISIBLE_DEVICES=""  # the same script, on the CPU
     CARD=cpu-rehearsal
@@ -72,7 +88,7 @@ else
 fi
 SLUG=$(echo "$CARD" | tr '[:upper:]' '[:lower:]' | tr -cs 'a-z0-9' '-' | sed 's/^-*//;s/-*$//')
 STAMP=$(date -u +%Y%m%d-%H%M)
-NAME="$SLUG-$STAMP"
+NAME="$SLUG-$STAMP-part$PART"
 if [ -n "${OUT:-}" ]; then
     RES=$(mktemp -d)/$NAME
 else
@@ -82,7 +98,7 @@ mkdir -p "$RES/logs"
 LOG=$RES/gpu_check.log
 exec > >(tee -a "$LOG") 2>&1
 printf 'stage\texit\tseconds\tnote\n' > "$RES/stages.tsv"
-echo "gpu_check: card '$CARD', results in $RES, budget ${BUDGET}s, rehearsal=$REHEARSAL, python=$PY"
+echo "gpu_check: card '$CARD', part $PART, results in $RES, budget ${BUDGET}s, rehearsal=$REHEARSAL, python=$PY"
 export PYTHONUNBUFFERED=1
 # on a shared 2-core machine two OpenMP threads per process spin against other processes: one is steadier
 [ "$REHEARSAL" = 1 ] && export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
@@ -171,19 +187,7 @@ for m in ("triton", "transformers", "timm", "deepspeed", "webdataset", "nvidia.d
 EOF
     git -C "$REPO" rev-parse HEAD 2>/dev/null || echo "(no git)"
 }
-stage env 60 env_info
-
-SMALL=False
-[ "$REHEARSAL" = 1 ] && SMALL=True
-stage ceilings 60 "$PY" -c "
-import json, sys, torch
-sys.path.insert(0, 'benchmarks')
-import common
-d = common.pick_device('auto')
-c = common.measure_ceilings(d, small=$SMALL)
-json.dump(c, open('$RES/ceilings.json', 'w'), indent=2)
-print(json.dumps(c, indent=2))
-"
+stage env 30 env_info
 
 if [ "$REHEARSAL" = 1 ]; then  # tiny sizes; no torch.compile ablation (a cold CPU compile takes ~30 s)
     P_ALL=debug; P_L=debug; P_H=debug; QUICK=(--warmup 1 --repeats 2); BIG_BATCH=4; PROF_BATCH=4
@@ -196,48 +200,44 @@ else
     FLOPS=(); MEM_REPEATS=3
 fi
 
+# ------------------------------------------------------------------ part 1: correctness and speed
+if in_part 1; then
+SMALL=False
+[ "$REHEARSAL" = 1 ] && SMALL=True
+stage ceilings 45 "$PY" -c "
+import json, sys, torch
+sys.path.insert(0, 'benchmarks')
+import common
+d = common.pick_device('auto')
+c = common.measure_ceilings(d, small=$SMALL)
+json.dump(c, open('$RES/ceilings.json', 'w'), indent=2)
+print(json.dumps(c, indent=2))
+"
+
 # (the rehearsal runs the masking-kernel comparison under the Triton interpreter, on one small shape)
 INTERP=()
 [ "$REHEARSAL" = 1 ] && INTERP=(env TRITON_INTERPRET=1)
-stage correctness 120 "${INTERP[@]}" "$PY" benchmarks/throughput.py --check --presets "$P_ALL" --out "$RES" \
+stage correctness 100 "${INTERP[@]}" "$PY" benchmarks/throughput.py --check --presets "$P_ALL" --out "$RES" \
     --name correctness
 
-stage throughput 170 "$PY" benchmarks/throughput.py --presets "$P_ALL" "${QUICK[@]}" "${FLOPS[@]}" --out "$RES" \
-    --name throughput
+stage throughput 150 "$PY" benchmarks/throughput.py --presets "$P_ALL" "${QUICK[@]}" "${FLOPS[@]}" \
+    --out "$RES" --name throughput
+
+stage ablations 110 "$PY" benchmarks/throughput.py --presets "$P_L" --variants fastmae --ablations \
+    --ablate "$ABLATE" "${QUICK[@]}" --flops-presets "" --no-count --out "$RES" --name throughput_ablations
+fi
+
+# ------------------------------------------------------------------ part 2: memory, kernel, DeepSpeed, ...
+if in_part 2; then
+stage memory_vit_h 70 "$PY" benchmarks/throughput.py --presets "$P_H" --variants fastmae --batch-size "$BIG_BATCH" \
+    --activation-checkpointing both --warmup 1 --repeats "$MEM_REPEATS" --interleave off --flops-presets "" --no-count \
+    --out "$RES" --name memory_vit_h
 
 if [ "$REHEARSAL" = 1 ]; then
     stage kernels 30 "$PY" benchmarks/masking_kernel.py --help
 else
-    stage kernels 75 "$PY" benchmarks/masking_kernel.py --out "$RES"
+    stage kernels 70 "$PY" benchmarks/masking_kernel.py --out "$RES"
 fi
-
-# GPU-marked tests and the device-aware kernel tests (they run on CUDA when it is there);
-# exit 5 (nothing collected) is not a failure. The rehearsal only collects them.
-pytest_gpu() {
-    local files rc
-    files=$( { ls tests/test_kernels.py 2>/dev/null; grep -l -E "mark\.gpu|requires_cuda" tests/test_*.py 2>/dev/null; } | sort -u)
-    [ -z "$files" ] && { echo "no GPU tests found"; return 0; }
-    # shellcheck disable=SC2086
-    "$PY" -m pytest -q -rs -p no:cacheprovider ${PYTEST_EXTRA:-} $files
-    rc=$?
-    [ "$rc" = 5 ] && { echo "no tests collected"; rc=0; }
-    return $rc
-}
-if [ "$REHEARSAL" = 1 ]; then
-    PYTEST_EXTRA=--co stage pytest_gpu 60 pytest_gpu
-else
-    stage pytest_gpu 120 pytest_gpu
-fi
-
-stage memory_vit_h 75 "$PY" benchmarks/throughput.py --presets "$P_H" --variants fastmae --batch-size "$BIG_BATCH" \
-    --activation-checkpointing both --warmup 1 --repeats "$MEM_REPEATS" --interleave off --flops-presets "" --no-count \
-    --out "$RES" --name memory_vit_h
-
-stage profile 75 "$PY" benchmarks/profile_step.py --preset "$P_L" --batch-size "$PROF_BATCH" "${PROF_STEPS[@]}" \
-    --out "$RES/profile"
-
-stage ablations 150 "$PY" benchmarks/throughput.py --presets "$P_L" --variants fastmae --ablations \
-    --ablate "$ABLATE" "${QUICK[@]}" --flops-presets "" --no-count --out "$RES" --name throughput_ablations
 
 # DeepSpeed: a short ZeRO-2 pre-training run of the real program on synthetic data, through the launcher.
 # Effective batch = micro batch (no accumulation); its checkpoint goes to /tmp, not into the results.
@@ -261,8 +261,29 @@ if [ ! -f fastmae/train.py ]; then
 elif ! "$PY" -c "import deepspeed" 2>/dev/null; then
     skip deepspeed "deepspeed not importable (place its wheels in wheels/)"
 else
-    stage deepspeed 120 ds_run "${DS_ARGS[@]}"
+    stage deepspeed 100 ds_run "${DS_ARGS[@]}"
 fi
+
+# GPU-marked tests and the device-aware kernel tests (they run on CUDA when it is there);
+# exit 5 (nothing collected) is not a failure. The rehearsal only collects them.
+pytest_gpu() {
+    local files rc
+    files=$( { ls tests/test_kernels.py 2>/dev/null; grep -l -E "mark\.gpu|requires_cuda" tests/test_*.py 2>/dev/null; } | sort -u)
+    [ -z "$files" ] && { echo "no GPU tests found"; return 0; }
+    # shellcheck disable=SC2086
+    "$PY" -m pytest -q -rs -p no:cacheprovider ${PYTEST_EXTRA:-} $files
+    rc=$?
+    [ "$rc" = 5 ] && { echo "no tests collected"; rc=0; }
+    return $rc
+}
+if [ "$REHEARSAL" = 1 ]; then
+    PYTEST_EXTRA=--co stage pytest_gpu 60 pytest_gpu
+else
+    stage pytest_gpu 70 pytest_gpu
+fi
+
+stage profile 55 "$PY" benchmarks/profile_step.py --preset "$P_L" --batch-size "$PROF_BATCH" "${PROF_STEPS[@]}" \
+    --out "$RES/profile"
 
 if [ ! -f benchmarks/data_throughput.py ]; then
     skip data "benchmarks/data_throughput.py does not exist yet"
@@ -270,10 +291,11 @@ elif [ "$REHEARSAL" = 1 ]; then
     stage data 30 "$PY" benchmarks/data_throughput.py --help
 elif ! "$PY" -c "import nvidia.dali" 2>/dev/null; then
     # no DALI here: still measure the torch (PIL) loader feeding the GPU, beside synthetic
-    stage data 90 "$PY" benchmarks/data_throughput.py --backends torch,synthetic --out "$RES"
+    stage data 50 "$PY" benchmarks/data_throughput.py --backends torch,synthetic --out "$RES"
 else
-    stage data 90 "$PY" benchmarks/data_throughput.py --out "$RES"
+    stage data 50 "$PY" benchmarks/data_throughput.py --out "$RES"
 fi
+fi  # part 2
 
 # ------------------------------------------------------------------ summary and hand-back
 "$PY" -c "

@@ -735,6 +735,12 @@ def main(argv: list[str] | None = None) -> int:
         timer = time_interleaved if interleave else time_sequential
         rows += timer(jobs, common_kw, peak)
         rows += skipped
+        if args.out:  # each preset's rows as soon as they exist: a run cut short keeps what it measured
+            out = Path(args.out)
+            out.mkdir(parents=True, exist_ok=True)
+            (out / f"{args.name}.json").write_text(json.dumps(
+                {"schema": SCHEMA, "partial": f"presets done: {presets[:presets.index(p) + 1]}",
+                 "environment": env, "machine": env["device"], "rows": rows}, indent=2))
 
     summary = summarize(rows, presets, flops)
     for p, pr in probes.items():

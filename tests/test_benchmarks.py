@@ -9,6 +9,7 @@ import gzip
 import importlib.util
 import json
 import os
+import re
 import subprocess
 import sys
 import tarfile
@@ -204,3 +205,36 @@ def test_profile_step_writes_report(rehearsal: tuple[Path, str]) -> None:
         trace = json.loads(gzip.decompress((prof / f"trace_{tag}.json.gz").read_bytes()))
         names = {e.get("name") for e in trace["traceEvents"]}
         assert {"fastmae/encoder", "fastmae/decoder", "fastmae/masking", "fastmae/optimizer"} <= names
+
+
+def _stage_limits(script: str, part: str) -> dict[str, int]:
+    """stage name -> its largest time limit inside ``if in_part N; then ... fi  # part N`` of gpu_check.sh."""
+    start = script.index(f"if in_part {part}; then")
+    end = script.index("# ------------------------------------------------------------------ part 2") if part == "1" \
+        else script.index("fi  # part 2")
+    limits: dict[str, int] = {}
+    for name, limit in re.findall(r"\bstage (\w+) (\d+) ", script[start:end]):
+        limits[name] = max(limits.get(name, 0), int(limit))
+    return limits
+
+
+def test_gpu_check_parts_fit_their_budget() -> None:
+    """Each part's stage limits (with env) add up to under the 450 s budget, so no stage of a part is skipped
+    for lack of time on a card that runs as planned; the important stages come in part 1."""
+    script = (REPO / "benchmarks" / "gpu_check.sh").read_text()
+    env = int(re.search(r"\bstage env (\d+) ", script).group(1))
+    one, two = _stage_limits(script, "1"), _stage_limits(script, "2")
+    assert list(one) == ["ceilings", "correctness", "throughput", "ablations"]
+    assert list(two) == ["memory_vit_h", "kernels", "deepspeed", "pytest_gpu", "profile", "data"]
+    assert env + sum(one.values()) <= 450 and env + sum(two.values()) <= 450, (one, two)
+    bad = subprocess.run(["bash", "benchmarks/gpu_check.sh", "--part", "3"], cwd=REPO, capture_output=True,
+                         text=True, timeout=30)
+    assert bad.returncode == 2 and "--part takes 1, 2 or all" in bad.stderr
+
+
+def test_gpu_check_summary_names_stages_that_did_not_run(tmp_path: Path) -> None:
+    (tmp_path / "stages.tsv").write_text("stage\texit\tseconds\tnote\nenv\t0\t3\tok\n"
+                                         "kernels\t124\t70\ttimed out after 70s\n"
+                                         "data\t-\t0\tskipped: budget spent\n")
+    text = common.gpu_check_summary(tmp_path)
+    assert "Not run or not passed: kernels (timed out after 70s); data (skipped: budget spent)." in text
