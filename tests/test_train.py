@@ -229,10 +229,14 @@ def test_readme_command_trains_on_any_number_of_ranks(ranks: int, env: dict[str,
 
 
 def test_torchrun_starts_two_ranks(env: dict[str, str], tmp_path: Path) -> None:
+    """torchrun starts 2 ranks; with train.compile=on every block is compiled (fullgraph) under DeepSpeed."""
     cmd = [str(BIN / "torchrun"), "--nproc_per_node", "2", "--master_port", str(free_port()), "fastmae/train.py",
-           "--ds_config", "zero2.json", *SMALL, "train.steps=2", "train.trackers=csv", f"train.output_dir={tmp_path}"]
+           "--ds_config", "zero2.json", *SMALL, "train.steps=2", "train.trackers=csv", "train.compile=on",
+           f"train.output_dir={tmp_path}"]
     out = run(cmd, env)
     assert "2 rank(s) on cpu (launcher: torchrun/deepspeed)" in out
+    assert "torch.compile (6 blocks)" in out
+    assert all(math.isfinite(v) for v in losses(tmp_path).values())
     assert sorted(losses(tmp_path)) == [1, 2]
     assert (tmp_path / "metrics.csv").read_text().startswith("time,")
 
