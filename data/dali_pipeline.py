@@ -147,7 +147,13 @@ class _Feed:
             for j, i in enumerate(b.indices):
                 data = idx.read_image(int(i))
                 u = None if b.uniforms is None else b.uniforms[j]
-                boxes.append(sample_crop(u, *image_size(data), img_size, scale))
+                try:
+                    size = image_size(data)
+                except Exception as e:  # not a readable image header: name the sample, not the parser's error
+                    raise ShardError(f"{idx.shards[int(idx.shard_of[i])]}: {idx.key(int(i))}: image header "
+                                     f"unreadable ({type(e).__name__}: {e}); `python -m fastmae.data.shards "
+                                     "verify` lists every damaged sample") from e
+                boxes.append(sample_crop(u, *size, img_size, scale))
                 jpegs.append(np.frombuffer(data, dtype=np.uint8))
                 labels.append(PAD_LABEL if b.pad else idx.read_label(int(i)))
             box = np.asarray(boxes, dtype=np.float32)  # (B, 5): x, y, w, h, flip

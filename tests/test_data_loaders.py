@@ -317,6 +317,23 @@ def _hand_tar(path: Path, keys: list[str]) -> None:
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
+def test_garbage_instead_of_a_jpeg_names_the_key(backend: str, tmp_path: Path) -> None:
+    """Bytes that are no image at all (the header walk and PIL both fail): a ShardError naming the key."""
+    import io
+    import tarfile
+
+    _hand_tar(tmp_path / "000000.tar", ["a"])
+    with tarfile.open(tmp_path / "000000.tar", "a") as tf:
+        for ext, data in (("cls", b"1"), ("jpg", b"\xff\xd8\xff\xe0 not a JPEG " * 3)):
+            info = tarfile.TarInfo(f"garbage.{ext}")
+            info.size = len(data)
+            tf.addfile(info, io.BytesIO(data))
+    loader = build_loader(_cfg(backend, tmp_path, batch=2), img_size=16, mode="eval")
+    with pytest.raises(ShardError, match="000000.tar: garbage"):
+        list(loader)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
 def test_stale_index_is_refused_at_start(backend: str, tmp_path: Path) -> None:
     """An index that no longer matches its shard (rewritten with more samples, or cut short) stops the loader
     at start, naming the index, the shard and the command that rebuilds it."""
