@@ -150,7 +150,7 @@ class _Feed:
                 try:
                     size = image_size(data)
                 except Exception as e:  # not a readable image header: name the sample, not the parser's error
-                    raise ShardError(f"{idx.shards[int(idx.shard_of[i])]}: {idx.key(int(i))}: image header "
+                    raise ShardError(f"{idx.shard(int(i))}: {idx.key(int(i))}: image header "
                                      f"unreadable ({type(e).__name__}: {e}); `python -m fastmae.data.shards "
                                      "verify` lists every damaged sample") from e
                 boxes.append(sample_crop(u, *size, img_size, scale))
@@ -261,7 +261,7 @@ class DaliLoader(ShardLoader):
         for b in self.layout().batches(epoch, step):
             if b.step >= step + 3:  # the failing batch is this one or one of those prefetched after it
                 break
-            suspects += [f"{self.index.shards[int(self.index.shard_of[i])].name}:{self.index.key(int(i))}"
+            suspects += [f"{self.index.shard(int(i)).name}:{self.index.key(int(i))}"
                          for i in b.indices]
         shown = ", ".join(suspects[:12]) + (f", ... ({len(suspects)} in all)" if len(suspects) > 12 else "")
         first = str(err).strip().splitlines()

@@ -244,9 +244,13 @@ class ShardIndex:
         missing = np.flatnonzero(self.cls_len == 0)
         if len(missing):
             i = int(missing[0])
-            raise ShardError(f"{self.shards[int(self.shard_of[i])]}: {self.key(i)} has no .cls label "
+            raise ShardError(f"{self.shard(i)}: {self.key(i)} has no .cls label "
                              f"({len(missing)} of {len(self)} samples have none); classification needs a label "
                              "per sample")
+
+    def shard(self, i: int) -> Path:
+        """The shard file holding sample ``i``."""
+        return self.shards[int(self.shard_of[i])]
 
     def key(self, i: int) -> str:
         """The WebDataset key of sample ``i`` (its member name without extension)."""
@@ -273,8 +277,7 @@ class ShardIndex:
         an error naming the shard and key."""
         raw = os.pread(self._fd(int(self.shard_of[i])), n, offset)
         if len(raw) != n:
-            shard = self.shards[int(self.shard_of[i])]
-            raise ShardError(f"{shard}: {self.key(i)}.{ext}: short read, {len(raw)} of {n} bytes at offset "
+            raise ShardError(f"{self.shard(i)}: {self.key(i)}.{ext}: short read, {len(raw)} of {n} bytes at offset "
                              f"{offset} (the shard is truncated or its index is stale)")
         return raw
 
@@ -291,8 +294,7 @@ class ShardIndex:
         try:
             return int(raw.strip())
         except ValueError:
-            shard = self.shards[int(self.shard_of[i])]
-            raise ShardError(f"{shard}: {self.key(i)}.cls is not an integer: {raw!r}") from None
+            raise ShardError(f"{self.shard(i)}: {self.key(i)}.cls is not an integer: {raw!r}") from None
 
     def close(self) -> None:
         for fd in self._fds.values():

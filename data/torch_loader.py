@@ -53,7 +53,7 @@ class _Samples(torch.utils.data.Dataset):
             img = _open_rgb(self.index.read_image(i))
             img.load()
         except (OSError, ValueError, SyntaxError) as e:  # PIL's errors for bad data
-            shard = self.index.shards[int(self.index.shard_of[i])]
+            shard = self.index.shard(i)
             raise ShardError(
                 f"{shard}: {self.index.key(i)}: image does not decode ({type(e).__name__}: {e}); check the "
                 f"shards with `python -m fastmae.data.shards verify {shard.parent}`"

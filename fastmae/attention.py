@@ -58,7 +58,7 @@ def resolve_attention_backend(backend: str, device: torch.device | str, dtype: t
             f"activations (device={device.type}, dtype={dtype}, flash_attn importable={flash_available}); "
             "use model.attention=sdpa (torch's built-in FlashAttention-2 on CUDA) or auto"
         )
-    if backend not in ("flash", "sdpa", "math"):
+    if backend not in BACKENDS:
         raise ValueError(f"unknown attention backend {backend!r}; valid: auto, flash, sdpa, math")
     return backend
 
