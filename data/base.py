@@ -46,6 +46,7 @@ class EpochLayout:
 
     ``start_sample`` > 0 lays the epoch out from that position of its order on: a run resumed on another
     number of ranks or micro batch continues the interrupted epoch with exactly the samples not yet consumed.
+    ``drop_last``: only full global batches (the rest of the order is not read this epoch).
     """
 
     num_samples: int
@@ -56,15 +57,19 @@ class EpochLayout:
     shuffle: bool
     randaug_layers: int = 0
     start_sample: int = 0
+    drop_last: bool = False
 
     def steps(self) -> int:
         """Batches per rank of this layout (a whole epoch when ``start_sample`` is 0)."""
         if self.start_sample == 0:
-            return steps_per_epoch(self.num_samples, self.world_size, self.batch_size)
-        return steps_from(self.num_samples, self.start_sample, self.world_size, self.batch_size)
+            return steps_per_epoch(self.num_samples, self.world_size, self.batch_size, self.drop_last)
+        return steps_from(self.num_samples, self.start_sample, self.world_size, self.batch_size, self.drop_last)
 
     def consumed(self, batches: int) -> int:
-        """Position in the epoch order after ``batches`` batches of this layout (all ranks together)."""
+        """Position in the epoch order after ``batches`` batches of this layout (all ranks together); the end
+        of the order (``num_samples``) once the layout's batches are all done, dropped samples included."""
+        if self.drop_last and batches >= self.steps():
+            return self.num_samples
         left = self.num_samples - self.start_sample
         return self.start_sample + min(left, batches * self.world_size * self.batch_size)
 
@@ -107,6 +112,7 @@ class ShardLoader:
         num_workers: int = 2,
         interpolation: str = "bicubic",
         randaug: str = "",
+        drop_last: bool | None = None,
     ) -> None:
         if mode not in MODES:
             raise ValueError(f"mode={mode!r} is not valid; valid modes: {', '.join(MODES)}")
@@ -137,13 +143,20 @@ class ShardLoader:
         # low-precision output only on GPU: CPU runs (tests, CI) compute in float32
         self.dtype = DTYPES[dtype] if self.device.type == "cuda" else torch.float32
         self.num_samples = len(index)
+        # training reads full global batches only (static shapes, no duplicates); evaluation reads every sample
+        self.drop_last = mode == "train" if drop_last is None else bool(drop_last)
+        if self.drop_last and self.num_samples < world_size * batch_size:
+            raise ValueError(
+                f"{self.num_samples} samples are fewer than one global batch ({world_size} rank(s) x micro batch "
+                f"{batch_size}): an epoch would have no full batch; lower data.batch_size, add data, or set "
+                "data.drop_last=false")
         self.epoch = 0
         self.batch_in_epoch = 0
         self.start_sample = 0
 
     # ------------------------------------------------------------------ position and state
     def __len__(self) -> int:
-        return steps_per_epoch(self.num_samples, self.world_size, self.batch_size)
+        return steps_per_epoch(self.num_samples, self.world_size, self.batch_size, self.drop_last)
 
     def set_epoch(self, epoch: int) -> None:
         """Start ``epoch`` at its first batch (order and augmentations depend only on seed and epoch)."""
@@ -166,6 +179,7 @@ class ShardLoader:
             "world_size": self.world_size,
             "batch_size": self.batch_size,
             "seed": self.seed,
+            "drop_last": self.drop_last,
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -182,7 +196,8 @@ class ShardLoader:
                     "a resume needs the same dataset and seed"
                 )
         self.epoch = int(state["epoch"])
-        same = all(int(state.get(k, getattr(self, k))) == getattr(self, k) for k in ("world_size", "batch_size"))
+        same = all(int(state.get(k, getattr(self, k))) == getattr(self, k)
+                   for k in ("world_size", "batch_size", "drop_last"))
         if same:
             self.start_sample = int(state.get("start_sample", 0))
             self.batch_in_epoch = int(state["batch_in_epoch"])
@@ -204,7 +219,7 @@ class ShardLoader:
     def layout(self) -> EpochLayout:
         """This rank's epoch layout, detached from the loader (safe to hand to a feed thread)."""
         return EpochLayout(self.num_samples, self.world_size, self.rank, self.batch_size, self.seed, self.shuffle,
-                           self.randaug.n if self.randaug else 0, self.start_sample)
+                           self.randaug.n if self.randaug else 0, self.start_sample, self.drop_last)
 
     @property
     def randaug_info(self) -> str:

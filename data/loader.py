@@ -59,6 +59,8 @@ def build_loader(
     ``"rand-m9-mstd0.5-inc1"`` applied per training sample after the crop (:mod:`fastmae.data.randaug`); the
     torch backend needs timm for it (ImportError otherwise), the synthetic backend refuses it.
     ``labels``: every sample must carry a ``.cls`` label (classification), checked before anything is read.
+    Training (``mode="train"``) reads full global batches only unless ``cfg.drop_last`` is false; evaluation
+    reads every sample once.
     """
     backend = resolve_backend(cfg.backend)
     if randaug:
@@ -91,6 +93,7 @@ def build_loader(
         batch_size=cfg.batch_size, img_size=img_size, rank=rank, world_size=world_size, seed=seed,
         device=device, mode=mode, crop_scale=(cfg.crop_scale_min, cfg.crop_scale_max), dtype=cfg.dtype,
         num_workers=cfg.num_workers, interpolation=getattr(cfg, "interpolation", "bicubic"), randaug=randaug,
+        drop_last=mode == "train" and getattr(cfg, "drop_last", True),
     )
     if backend == "dali":
         from .dali_pipeline import DaliLoader

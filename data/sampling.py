@@ -8,10 +8,13 @@ Epoch layout (``n`` samples, ``W`` ranks, micro batch ``B``):
 
 * the epoch order is a permutation of ``0..n-1`` drawn from ``(seed, epoch)`` (identity in eval mode);
 * one step consumes ``W*B`` consecutive samples of the order, rank ``r`` taking the ``r``-th block of ``B``;
-* there are ``ceil(n / (W*B))`` steps on every rank; the ``R`` samples of the last step are split as
-  evenly as possible (rank shares differ by at most one), so a short last batch is legal. Only when
-  ``R < W`` does a rank have no sample left: it then gets one padding sample (a copy of a real one)
-  labelled :data:`PAD_LABEL`, so all ranks take the same number of steps.
+* training (``drop_last``, as the official code's loaders): ``floor(n / (W*B))`` full steps; the ``n mod W*B``
+  samples left at the end of the order are not read that epoch (the next epoch's order differs), so every
+  step has the same shape (one compiled graph) and no sample is read twice;
+* evaluation (and training with ``data.drop_last=false``): ``ceil(n / (W*B))`` steps; the ``R`` samples of
+  the last step are split as evenly as possible (rank shares differ by at most one), so a short last batch is
+  legal. Only when ``R < W`` does a rank have no sample left: it then gets one padding sample (a copy of a
+  real one) labelled :data:`PAD_LABEL`, so all ranks take the same number of steps.
 """
 
 from __future__ import annotations
@@ -28,14 +31,22 @@ UNIFORMS_PER_SAMPLE = 4 * RRC_ATTEMPTS + 1  # (area, log-ratio, y, x) per attemp
 RATIO = (3.0 / 4.0, 4.0 / 3.0)
 
 
-def steps_per_epoch(num_samples: int, world_size: int, batch_size: int) -> int:
-    """Batches per rank per epoch (the same on every rank)."""
+def steps_per_epoch(num_samples: int, world_size: int, batch_size: int, drop_last: bool = False) -> int:
+    """Batches per rank per epoch (the same on every rank); with ``drop_last`` only full global batches
+    (0 when the dataset is smaller than one)."""
+    if drop_last:
+        return num_samples // (world_size * batch_size)
     return max(1, math.ceil(num_samples / (world_size * batch_size)))
 
 
-def steps_from(num_samples: int, start_sample: int, world_size: int, batch_size: int) -> int:
-    """Batches per rank that cover the epoch order from ``start_sample`` on (0 when nothing is left)."""
-    return math.ceil(max(0, num_samples - start_sample) / (world_size * batch_size))
+def steps_from(num_samples: int, start_sample: int, world_size: int, batch_size: int,
+               drop_last: bool = False) -> int:
+    """Batches per rank that cover the epoch order from ``start_sample`` on (0 when nothing is left); with
+    ``drop_last`` only the full global batches."""
+    left = max(0, num_samples - start_sample)
+    if drop_last:
+        return left // (world_size * batch_size)
+    return math.ceil(left / (world_size * batch_size))
 
 
 def epoch_order(num_samples: int, epoch: int, seed: int, shuffle: bool) -> np.ndarray:

@@ -71,6 +71,9 @@ class DataConfig:
     shards: str = ""
     # micro batch per GPU (per rank)
     batch_size: int = 64
+    # training drops each epoch's last incomplete global batch (as the official code): every step has one
+    # shape (one compiled graph) and no rank pads with a duplicate sample. Evaluation always reads every sample.
+    drop_last: bool = True
     num_workers: int = 4
     crop_scale_min: float = 0.2
     crop_scale_max: float = 1.0

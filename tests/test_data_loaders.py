@@ -81,7 +81,7 @@ def test_torch_loader_with_workers(ids_shards: Path) -> None:
 
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_shapes_dtypes_labels(backend: str, ids_shards: Path) -> None:
-    loader = build_loader(_cfg(backend, ids_shards, batch=5), img_size=32)
+    loader = build_loader(_cfg(backend, ids_shards, batch=5, drop_last=False), img_size=32)
     assert loader.backend == backend and loader.num_samples == 23 and len(loader) == 5
     batches = _epoch(loader)
     assert [len(y) for _, y in batches] == [5, 5, 5, 5, 3]
@@ -124,9 +124,38 @@ def test_eval_mode_centre_crop_no_flip(backend: str, ids_shards: Path) -> None:
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
+def test_training_drops_the_last_incomplete_batch(backend: str, ids_shards: Path) -> None:
+    """23 samples, 2 ranks x 4: 2 full steps a rank per epoch, 7 samples not read, others each epoch; every
+    batch full and no sample twice. The same data in eval mode is read whole."""
+    loaders = [build_loader(_cfg(backend, ids_shards, batch=4), img_size=16, rank=r, world_size=2, seed=5)
+               for r in range(2)]
+    assert [len(ld) for ld in loaders] == [2, 2]
+    dropped = []
+    for _ in range(3):
+        labels = []
+        for ld in loaders:
+            got = [y for _, y in ld]
+            assert [len(y) for y in got] == [4, 4]
+            labels += torch.cat(got).tolist()
+        assert len(set(labels)) == 16 and set(labels) <= set(IDS)
+        dropped.append(frozenset(IDS) - set(labels))
+    assert len(set(dropped)) == 3, "each epoch leaves out other samples"
+    for _ in loaders[0]:  # a state taken after the last full batch: the epoch is done, dropped samples too
+        state = loaders[0].state_dict()
+    assert state["samples_in_epoch"] == 23
+    other = build_loader(_cfg(backend, ids_shards, batch=1), img_size=16, seed=5)
+    other.load_state_dict(state)  # a smaller global batch does not pick up the dropped samples
+    assert (other.epoch, other.start_sample, other.batch_in_epoch) == (state["epoch"] + 1, 0, 0)
+    ev = build_loader(_cfg(backend, ids_shards, batch=4), img_size=16, mode="eval")
+    assert sorted(torch.cat([y for _, y in ev]).tolist()) == sorted(IDS)
+    with pytest.raises(ValueError, match="fewer than one global batch"):
+        build_loader(_cfg(backend, ids_shards, batch=12), img_size=16, world_size=2)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("world,batch", [(1, 4), (2, 4), (2, 8)])
 def test_exact_epochs_across_ranks(backend: str, ids_shards: Path, world: int, batch: int) -> None:
-    cfg = _cfg(backend, ids_shards, batch=batch)
+    cfg = _cfg(backend, ids_shards, batch=batch, drop_last=False)
     loaders = [build_loader(cfg, img_size=16, rank=r, world_size=world, seed=5) for r in range(world)]
     assert len({len(ld) for ld in loaders}) == 1
     orders = []
@@ -148,7 +177,8 @@ def test_exact_epochs_across_ranks(backend: str, ids_shards: Path, world: int, b
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_padding_when_a_rank_runs_out(backend: str, ids_shards: Path) -> None:
     # 23 samples, 2 ranks x 11: two full steps (44 > 23) ... last step holds 1 sample: rank 1 gets a pad
-    loaders = [build_loader(_cfg(backend, ids_shards, batch=11), img_size=16, rank=r, world_size=2)
+    loaders = [build_loader(_cfg(backend, ids_shards, batch=11, drop_last=False), img_size=16, rank=r,
+                            world_size=2)
                for r in range(2)]
     out = [torch.cat([y for _, y in ld]).tolist() for ld in loaders]
     assert len(out[0]) == 12 and len(out[1]) == 12 and out[1].count(PAD_LABEL) == 1
@@ -184,13 +214,14 @@ def test_resume_continues_with_the_remaining_samples(backend: str, ids_shards: P
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("drop_last", [False, True])
 @pytest.mark.parametrize("new_world,new_batch", [(1, 5), (3, 2)])
 def test_resume_on_another_layout_sees_every_sample_once(backend: str, ids_shards: Path, new_world: int,
-                                                         new_batch: int) -> None:
+                                                         new_batch: int, drop_last: bool) -> None:
     """2 ranks x micro 3 stop after 2 batches; 1 rank x 5 or 3 ranks x 2 finish the epoch with exactly the
-    samples not yet consumed, then run the next epoch whole."""
-    old = [build_loader(_cfg(backend, ids_shards, batch=3), img_size=16, rank=r, world_size=2, seed=7)
-           for r in range(2)]
+    samples not yet consumed (with drop_last: the full global batches of them), then run the next epoch."""
+    old = [build_loader(_cfg(backend, ids_shards, batch=3, drop_last=drop_last), img_size=16, rank=r,
+                        world_size=2, seed=7) for r in range(2)]
     seen: list[int] = []
     states = []
     for ld in old:
@@ -201,8 +232,8 @@ def test_resume_on_another_layout_sees_every_sample_once(backend: str, ids_shard
                 break
         states.append(ld.state_dict())
     assert states[0]["samples_in_epoch"] == states[1]["samples_in_epoch"] == 12
-    new = [build_loader(_cfg(backend, ids_shards, batch=new_batch), img_size=16, rank=r, world_size=new_world,
-                        seed=7) for r in range(new_world)]
+    new = [build_loader(_cfg(backend, ids_shards, batch=new_batch, drop_last=drop_last), img_size=16, rank=r,
+                        world_size=new_world, seed=7) for r in range(new_world)]
     rest, nxt = [], []
     for ld in new:
         ld.load_state_dict(states[0])
@@ -211,9 +242,17 @@ def test_resume_on_another_layout_sees_every_sample_once(backend: str, ids_shard
         assert ld.epoch == 5 and ld.start_sample == 0 and ld.batch_in_epoch == 0
         nxt += [v for _, y in ld for v in y.tolist()]
     rest = [v for v in rest if v != PAD_LABEL]
-    assert sorted(seen + rest) == sorted(IDS)  # the interrupted epoch: every sample exactly once
-    assert sorted(v for v in nxt if v != PAD_LABEL) == sorted(IDS)
-    done = build_loader(_cfg(backend, ids_shards, batch=new_batch), img_size=16, world_size=new_world, seed=7)
+    nxt = [v for v in nxt if v != PAD_LABEL]
+    glob = new_world * new_batch
+    if drop_last:  # full global batches of the 11 samples left, then of the 23 of the next epoch; none twice
+        assert len(rest) == 11 // glob * glob and len(set(seen + rest)) == len(seen + rest)
+        assert set(seen + rest) <= set(IDS) and set(seen).isdisjoint(rest)
+        assert len(nxt) == 23 // glob * glob and len(set(nxt)) == len(nxt) and set(nxt) <= set(IDS)
+    else:
+        assert sorted(seen + rest) == sorted(IDS)  # the interrupted epoch: every sample exactly once
+        assert sorted(nxt) == sorted(IDS)
+    done = build_loader(_cfg(backend, ids_shards, batch=new_batch, drop_last=drop_last), img_size=16,
+                        world_size=new_world, seed=7)
     done.load_state_dict({**states[0], "samples_in_epoch": 23})  # a finished epoch resumes at the next one
     assert (done.epoch, done.start_sample) == (5, 0)
 
@@ -410,7 +449,7 @@ def _check_randaug(plain: list, aug: list) -> int:
 
 @pytest.mark.skipif(not dali_available(), reason="nvidia.dali not installed")
 def test_dali_randaugment_augments_deterministically_and_resumes(ids_shards: Path) -> None:
-    cfg = _cfg("dali", ids_shards, batch=8)
+    cfg = _cfg("dali", ids_shards, batch=8, drop_last=False)
     plain = _epoch(build_loader(cfg, img_size=32, seed=4))
     full = build_loader(cfg, img_size=32, seed=4, randaug=RANDAUG)
     assert full.randaug_info.startswith(f"{RANDAUG} via DALI auto_aug")
@@ -438,7 +477,7 @@ def test_torch_randaugment_without_timm_is_a_clear_error(ids_shards: Path) -> No
 @pytest.mark.timm
 @pytest.mark.skipif(not timm_available(), reason="timm (with a matching torchvision) does not import here")
 def test_torch_randaugment_with_timm(ids_shards: Path) -> None:
-    cfg = _cfg("torch", ids_shards, batch=8)
+    cfg = _cfg("torch", ids_shards, batch=8, drop_last=False)
     plain = _epoch(build_loader(cfg, img_size=32, seed=4))
     ld = build_loader(cfg, img_size=32, seed=4, randaug=RANDAUG)
     assert ld.randaug_info.startswith(f"{RANDAUG} via timm")

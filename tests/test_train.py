@@ -275,10 +275,11 @@ def test_kill_9_then_resume_on_two_ranks_and_on_one(env: dict[str, str], tmp_pat
     common = ["--ds_config", "zero2.json", "data.backend=torch", f"data.shards={id_shards}", "data.num_workers=0",
               "data.batch_size=4", "train.batch_size=8", "train.log_interval=1", "train.progress=false",
               "train.checkpoint_interval=4", "train.keep_last=2", "train.trackers="]
+    LAST = 40  # the reference run's length: the killed run must not have passed it
     full = tmp_path / "full"
-    run(launch(2, RUNNER, [*common, "train.steps=14", f"train.output_dir={full}"]), env)
+    run(launch(2, RUNNER, [*common, f"train.steps={LAST}", f"train.output_dir={full}"]), env)
     ref = records(full)
-    assert sorted(ref) == list(range(1, 15))
+    assert sorted(ref) == list(range(1, LAST + 1))
 
     killed = tmp_path / "killed"
     rec = tmp_path / "rec_killed"
@@ -291,7 +292,7 @@ def test_kill_9_then_resume_on_two_ranks_and_on_one(env: dict[str, str], tmp_pat
     proc.wait(timeout=30)
     tag = ckpt.latest_complete(killed / "checkpoints")
     resumed_from = int(tag.split("_")[1])
-    assert 8 <= resumed_from < 14
+    assert 8 <= resumed_from < LAST
     before = records(killed)
     for s in range(1, resumed_from + 1):
         assert before[s]["loss"] == ref[s]["loss"], s
@@ -299,10 +300,10 @@ def test_kill_9_then_resume_on_two_ranks_and_on_one(env: dict[str, str], tmp_pat
     # the same number of ranks: bit-exact
     same = tmp_path / "same"
     shutil.copytree(killed, same)
-    out = run(launch(2, RUNNER, [*common, "train.steps=14", f"train.output_dir={same}"]), env)
+    out = run(launch(2, RUNNER, [*common, f"train.steps={LAST}", f"train.output_dir={same}"]), env)
     assert f"resumed from {same / 'checkpoints' / tag} at step {resumed_from}" in out
     after = records(same)
-    for s in range(resumed_from + 1, 15):
+    for s in range(resumed_from + 1, LAST + 1):
         assert after[s]["loss"] == ref[s]["loss"], (s, after[s]["loss"], ref[s]["loss"])
 
     # one rank, accumulation 2: resharded
@@ -310,15 +311,18 @@ def test_kill_9_then_resume_on_two_ranks_and_on_one(env: dict[str, str], tmp_pat
     shutil.copytree(killed, one)
     rec1 = tmp_path / "rec_one"
     killed_lines = len((one / "metrics.jsonl").read_text().splitlines())
-    out = run(launch(1, RUNNER, [*common, "train.steps=14", f"train.output_dir={one}"]),
+    out = run(launch(1, RUNNER, [*common, f"train.steps={LAST}", f"train.output_dir={one}"]),
               dict(env, FASTMAE_TEST_RECORD=str(rec1)))
     assert f"resumed from {one / 'checkpoints' / tag} at step {resumed_from} (written by 2 rank(s)" in out
     assert "micro 4 x accum 2 x ranks 1 = 8" in out
     after = records(one, skip_lines=killed_lines)  # the resumed process's records
-    assert sorted(after) == list(range(resumed_from + 1, 15))
-    for s in range(resumed_from + 1, 15):  # the schedule goes on exactly; the losses stay close
+    assert sorted(after) == list(range(resumed_from + 1, LAST + 1))
+    for s in range(resumed_from + 1, LAST + 1):  # the schedule goes on exactly; the losses stay close
         assert after[s]["lr"] == pytest.approx(ref[s]["lr"], rel=1e-9), s
-        assert after[s]["loss"] == pytest.approx(ref[s]["loss"], rel=0.05), (s, after[s]["loss"], ref[s]["loss"])
+        assert after[s]["loss"] == pytest.approx(ref[s]["loss"], rel=0.25), (s, after[s]["loss"], ref[s]["loss"])
+    # (the same samples and masks per step, other crops: per step a batch of 8 differs, their mean does not)
+    mean = [sum(r[s]["loss"] for s in range(resumed_from + 1, LAST + 1)) for r in (after, ref)]
+    assert mean[0] == pytest.approx(mean[1], rel=0.05)
     # every sample of the interrupted epoch once: the killed run's batches up to the checkpoint + the resumed run's
     seen = [r for r in recorded(rec) if r["step"] <= resumed_from] + recorded(rec1)
     epoch = max(r["epoch"] for r in seen if r["step"] <= resumed_from)
