@@ -321,3 +321,27 @@ def gpu_check_summary(res: Path) -> str:
     if (res / "profile" / "report.md").exists():
         lines += ["", "## Step profile", "", "See [profile/report.md](profile/report.md)."]
     return "\n".join(lines) + "\n"
+
+
+def deepspeed_available() -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec("deepspeed") is not None
+
+
+def deepspeed_engine(model: nn.Module, optimizer: torch.optim.Optimizer, zero_stage: int, micro_batch: int,
+                     precision: str) -> Any:
+    """The training programs' DeepSpeed engine for ``model`` on this one process: the bundled ``zero2.json``
+    with ``zero_stage``, filled as ``fastmae/train.py`` fills it (``fastmae.runtime``); starts a world of one
+    the first time."""
+    import torch.distributed as dist
+
+    from fastmae.runtime import fill_ds_config, init_distributed, load_ds_config, make_engine
+
+    if not dist.is_initialized():
+        init_distributed()
+    ds = load_ds_config("zero2.json")
+    ds.setdefault("zero_optimization", {})["stage"] = zero_stage
+    ds = fill_ds_config(ds, micro_batch=micro_batch, grad_accum=1, world_size=dist.get_world_size(),
+                        precision=precision, clip_grad=0.0)
+    return make_engine(model, optimizer, ds)

@@ -62,11 +62,14 @@ CPU_BATCH = {"debug": 16, "mae_vit_base_patch16": 2, "mae_vit_large_patch16": 2,
 VARIANTS = ("fastmae", "fastmae_with_m", "official", "hf")
 ROW_FIELDS = (
     "preset", "variant", "label", "status", "error", "batch_size", "dtype", "device", "masking", "attention",
-    "compile", "fused_optimizer", "activation_checkpointing", "encoder_mask_tokens", "mask_ratio",
+    "compile", "fused_optimizer", "activation_checkpointing", "encoder_mask_tokens", "patch_embed_order",
+    "engine", "mask_ratio",
     "norm_pix_loss", "params_m", "warmup", "repeats", "step_time_ms", "step_time_ms_min", "step_time_ms_all",
     "img_per_s", "train_gflop_per_img", "counted_train_gflop_per_img", "counted_over_analytic",
     "achieved_tflops", "mfu", "peak_mem_gb", "est_mem_gb", "loss",
 )
+# the switches --ablations flips, most telling first
+ABLATIONS = ("compile", "masking", "attention", "fused_optimizer", "precision", "patch_embed", "zero")
 GOALS = {
     "encoder_skip_flops_ratio_vit_l": "3.2-3.4x (paper Table 1c: 3.3x); counted within 2% of analytic",
     "encoder_skip_wallclock_vit_l_h100": ">= 3.0x (paper Table 2: 2.8x ViT-L, 3.5x ViT-H on TPU-v3)",
@@ -108,13 +111,23 @@ class Settings:
     compile: bool
     fused_optimizer: bool
     activation_checkpointing: bool = False
+    patch_embed_order: str = "gather_first"
+    # "" = the run's --dtype; else this row's precision policy (the precision ablation)
+    dtype: str = ""
+    # -1: a plain torch optimizer step (the baselines); 0-3: the training programs' DeepSpeed engine at that
+    # ZeRO stage (fastmae.runtime.make_engine, stepped as the trainer steps it)
+    zero_stage: int = -1
+
+    @property
+    def engine(self) -> str:
+        return f"deepspeed ZeRO-{self.zero_stage}" if self.zero_stage >= 0 else "torch"
 
 
 def fastmae_builder(preset: str, cfg: ModelConfig, ratio: float, s: Settings, with_m: bool
                     ) -> Callable[[], nn.Module]:
     def build() -> nn.Module:
         fields = {f.name: getattr(cfg, f.name) for f in dataclasses.fields(cfg)}
-        fields.update(attention=s.attention, encoder_mask_tokens=with_m)
+        fields.update(attention=s.attention, encoder_mask_tokens=with_m, patch_embed_order=s.patch_embed_order)
         return fastmae.create_model(preset, mask_ratio=ratio, masking=s.masking, **fields)
 
     return build
@@ -188,13 +201,16 @@ def prepare_row(*, preset: str, variant: str, label: str, build: Callable[[], nn
     ``count_build`` builds the model that FlopCounterMode runs on the meta device when ``build``'s
     cannot run there (the Triton masking kernel needs real tensors; masking has no matmuls).
     """
+    if s.dtype:
+        dtype = common.parse_dtype(s.dtype, device)
+    cfg = dataclasses.replace(cfg, encoder_mask_tokens=with_m, patch_embed_order=s.patch_embed_order)
     row: dict[str, Any] = {k: None for k in ROW_FIELDS}
     row.update(preset=preset, variant=variant, label=label, batch_size=batch, dtype=common.dtype_name(dtype),
                device=device.type, masking=s.masking, attention=s.attention, compile=s.compile,
                fused_optimizer=s.fused_optimizer, activation_checkpointing=s.activation_checkpointing,
-               encoder_mask_tokens=with_m, mask_ratio=ratio, norm_pix_loss=cfg.norm_pix_loss,
-               warmup=warmup, repeats=repeats, status="ok")
-    analytic = train_flops(cfg, ratio, encoder_mask_tokens=with_m)
+               encoder_mask_tokens=with_m, patch_embed_order=s.patch_embed_order, engine=s.engine,
+               mask_ratio=ratio, norm_pix_loss=cfg.norm_pix_loss, warmup=warmup, repeats=repeats, status="ok")
+    analytic = train_flops(cfg, ratio)
     row["train_gflop_per_img"] = analytic / 1e9
     prep = Prepared(row)
     if count:
@@ -210,8 +226,7 @@ def prepare_row(*, preset: str, variant: str, label: str, build: Callable[[], nn
         model.train()
         n_params = common.param_count(model)
         row["params_m"] = n_params / 1e6
-        mcfg = dataclasses.replace(cfg, encoder_mask_tokens=with_m)
-        est = estimate_memory(mcfg, ratio, batch, zero_stage=0, precision=common.dtype_name(dtype),
+        est = estimate_memory(cfg, ratio, batch, zero_stage=max(s.zero_stage, 0), precision=common.dtype_name(dtype),
                               activation_checkpointing=s.activation_checkpointing,
                               attention="math" if s.attention.startswith("math") else "sdpa")
         row["est_mem_gb"] = est.total / 1e9
@@ -227,13 +242,23 @@ def prepare_row(*, preset: str, variant: str, label: str, build: Callable[[], nn
         gen = torch.Generator(device=device).manual_seed(0)
         imgs = torch.randn(batch, 3, cfg.img_size, cfg.img_size, device=device, generator=gen)
 
-        def step() -> None:
-            with common.autocast(device, dtype):
-                loss = loss_fn(fwd, imgs)
-            loss.backward()
-            opt.step()
-            opt.zero_grad(set_to_none=True)
-            prep.last[:] = [loss.detach()]
+        if s.zero_stage >= 0:  # the training programs' engine and step
+            engine = common.deepspeed_engine(model, opt, s.zero_stage, batch, common.dtype_name(dtype))
+
+            def step() -> None:
+                with common.autocast(device, dtype):
+                    loss = loss_fn(engine, imgs)
+                engine.backward(loss)
+                engine.step()
+                prep.last[:] = [loss.detach()]
+        else:
+            def step() -> None:
+                with common.autocast(device, dtype):
+                    loss = loss_fn(fwd, imgs)
+                loss.backward()
+                opt.step()
+                opt.zero_grad(set_to_none=True)
+                prep.last[:] = [loss.detach()]
 
         prep.step = step
     except Exception as e:
@@ -316,6 +341,48 @@ def report_row(row: dict[str, Any]) -> None:
     print(f"   {SHORT.get(row['preset'], row['preset'])} {row['label']}: {row['status']}: "
           f"{fmt(row['step_time_ms'], '.1f')} ms/step, {fmt(row['img_per_s'], '.1f')} img/s"
           + (f" [{row['error']}]" if row["error"] else ""), flush=True)
+
+
+def ablation_flips(base: Settings, which: list[str], cuda: bool, kernel_ok: bool, ds_ok: bool,
+                   dtype: str) -> list[tuple[str, Settings | str]]:
+    """(label, settings) of each ablation row in ``ABLATIONS`` order: ``base`` with one switch flipped, or
+    (label, "skipped: why") where the switch cannot flip here."""
+    flips: list[tuple[str, Settings | str]] = []
+    for name in (a for a in ABLATIONS if a in which):
+        if name == "compile":
+            flips.append((f"compile={'off' if base.compile else 'on'}",
+                          dataclasses.replace(base, compile=not base.compile)))
+        elif name == "masking":
+            if base.masking == "triton":
+                flips.append(("masking=torch", dataclasses.replace(base, masking="torch")))
+            elif kernel_ok and cuda:
+                flips.append(("masking=triton", dataclasses.replace(base, masking="triton")))
+            else:
+                flips.append(("masking=triton", "skipped: fused kernel needs CUDA and kernels/masking.py"))
+        elif name == "attention":
+            if base.attention != "math":
+                flips.append(("attention=math", dataclasses.replace(base, attention="math")))
+            if base.attention == "flash":
+                flips.append(("attention=sdpa", dataclasses.replace(base, attention="sdpa")))
+        elif name == "fused_optimizer":
+            flips.append((f"fused_optimizer={'off' if base.fused_optimizer else 'on'}",
+                          dataclasses.replace(base, fused_optimizer=not base.fused_optimizer)))
+        elif name == "precision":
+            other = "fp32" if dtype == "bf16" else "bf16"
+            flips.append((f"precision={other}", dataclasses.replace(base, dtype=other)))
+        elif name == "patch_embed":
+            other = "embed_first" if base.patch_embed_order == "gather_first" else "gather_first"
+            flips.append((f"patch_embed_order={other}", dataclasses.replace(base, patch_embed_order=other)))
+        elif name == "zero":
+            for stage in (-1, 0, 1, 2):
+                if stage == base.zero_stage:
+                    continue
+                label = "step=torch (no DeepSpeed)" if stage < 0 else f"zero={stage}"
+                if stage >= 0 and not ds_ok:
+                    flips.append((label, "skipped: deepspeed does not import"))
+                else:
+                    flips.append((label, dataclasses.replace(base, zero_stage=stage)))
+    return flips
 
 
 # ----------------------------------------------------------------------------- FLOPs table
@@ -605,8 +672,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--interleave", default="auto", choices=("auto", "on", "off"),
                     help="time contenders round-robin with all resident (auto: on for CPU, off for CUDA)")
     ap.add_argument("--ablations", action="store_true", help="also time fastmae with each switch flipped")
-    ap.add_argument("--ablate", default="masking,attention,compile,fused_optimizer",
-                    help="which switches --ablations flips (comma list)")
+    ap.add_argument("--ablate", default=",".join(ABLATIONS),
+                    help=f"which switches --ablations flips (comma list of {', '.join(ABLATIONS)})")
+    ap.add_argument("--zero-stage", default="auto", choices=("auto", "none", "0", "1", "2", "3"),
+                    help="fastmae rows step the training programs' DeepSpeed engine at this ZeRO stage (auto: 2, "
+                         "the bundled zero2.json, when deepspeed imports); none: a plain torch AdamW step")
     ap.add_argument("--peak-tflops", type=float, default=0.0, help="card peak for MFU (0: from device name)")
     ap.add_argument("--flops-presets", default=",".join(ALL_PRESETS),
                     help="presets of the FLOPs table (analytic + counted); empty to skip")
@@ -661,10 +731,22 @@ def main(argv: list[str] | None = None) -> int:
     attention = resolve_attention_backend(args.attention, device, dtype)
     fused = common.resolve_fused(args.fused_optimizer, device)
     ac_values = {"off": [False], "on": [True], "both": [False, True]}[args.activation_checkpointing]
+    ds_ok = common.deepspeed_available()
+    if args.zero_stage == "auto":
+        zero = 2 if ds_ok else -1
+    else:
+        zero = -1 if args.zero_stage == "none" else int(args.zero_stage)
+    if zero >= 0 and not ds_ok:
+        raise SystemExit(f"--zero-stage {zero} needs deepspeed, which does not import here (or --zero-stage none)")
+    step_desc = Settings("", "", False, False, zero_stage=zero).engine
+    bad_ablate = set(a for a in args.ablate.split(",") if a) - set(ABLATIONS)
+    if bad_ablate:
+        raise SystemExit(f"unknown --ablate {sorted(bad_ablate)}; valid: {', '.join(ABLATIONS)}")
     hf_ok = transformers_available()
     interleave = args.interleave == "on" or (args.interleave == "auto" and not cuda)
     print(f"fastmae backends: masking={masking} attention={attention} compile={args.compile} "
-          f"fused_adamw={fused} dtype={common.dtype_name(dtype)} | HF baseline: "
+          f"fused_adamw={fused} dtype={common.dtype_name(dtype)} step={step_desc}"
+          f"{'' if ds_ok else ' (deepspeed not importable)'} | HF baseline: "
           f"{'yes' if hf_ok else 'no (transformers not importable)'}", flush=True)
 
     flops_presets = [p for p in args.flops_presets.split(",") if p]
@@ -684,7 +766,7 @@ def main(argv: list[str] | None = None) -> int:
         # the meta-device FLOP count runs the torch masking path (the kernel needs real tensors)
         fm_count = lambda s, with_m, fm=fm: fm(dataclasses.replace(s, masking="torch"), with_m)
         for ac in ac_values:
-            base = Settings(masking, attention, args.compile, fused, ac)
+            base = Settings(masking, attention, args.compile, fused, ac, zero_stage=zero)
             tag = " +AC" if ac else ""
             if "fastmae" in variants:
                 jobs.append(dict(variant="fastmae", label="fastmae" + tag, s=base, with_m=False,
@@ -692,35 +774,18 @@ def main(argv: list[str] | None = None) -> int:
             if "fastmae_with_m" in variants:
                 jobs.append(dict(variant="fastmae_with_m", label="fastmae w/ [M]" + tag, s=base, with_m=True,
                                  loss_fn=mae_loss, build=fm(base, True), count_build=fm_count(base, True)))
-            eager = Settings("torch (argsort+gather)", "math (eager softmax)", False, fused, ac)
+            eager = Settings("torch (argsort+gather)", "math (eager softmax)", False, fused, ac, "embed_first")
             if "official" in variants:
                 jobs.append(dict(variant="official", label="official-style" + tag, s=eager, with_m=False,
                                  build=official_builder(cfg, args.mask_ratio), loss_fn=mae_loss))
             if "hf" in variants and hf_ok:
-                hs = Settings("torch (argsort+gather)", "sdpa", False, fused, ac)
+                hs = Settings("torch (argsort+gather)", "sdpa", False, fused, ac, "embed_first")
                 jobs.append(dict(variant="hf", label="HF ViTMAE (sdpa)" + tag, s=hs, with_m=False,
                                  build=hf_builder(cfg, args.mask_ratio), loss_fn=hf_loss))
         if args.ablations:
-            base = Settings(masking, attention, args.compile, fused, False)
-            flips: list[tuple[str, Settings | str]] = []
-            which = set(args.ablate.split(","))
-            if "masking" in which:
-                if masking == "triton":
-                    flips.append(("masking=torch", dataclasses.replace(base, masking="torch")))
-                elif kernel_ok and cuda:
-                    flips.append(("masking=triton", dataclasses.replace(base, masking="triton")))
-                else:
-                    flips.append(("masking=triton", "skipped: fused kernel needs CUDA and kernels/masking.py"))
-            if "attention" in which and attention != "math":
-                flips.append(("attention=math", dataclasses.replace(base, attention="math")))
-            if "attention" in which and attention == "flash":
-                flips.append(("attention=sdpa", dataclasses.replace(base, attention="sdpa")))
-            if "compile" in which:
-                flips.append((f"compile={'off' if args.compile else 'on'}",
-                              dataclasses.replace(base, compile=not args.compile)))
-            if "fused_optimizer" in which:
-                flips.append((f"fused_optimizer={'off' if fused else 'on'}",
-                              dataclasses.replace(base, fused_optimizer=not fused)))
+            base = Settings(masking, attention, args.compile, fused, False, zero_stage=zero)
+            flips = ablation_flips(base, [a for a in args.ablate.split(",") if a], cuda, kernel_ok, ds_ok,
+                                   common.dtype_name(dtype))
             for label, s in flips:
                 if isinstance(s, str):
                     row = {k: None for k in ROW_FIELDS}
@@ -755,8 +820,10 @@ def main(argv: list[str] | None = None) -> int:
                      "mask_ratio": args.mask_ratio, "warmup": warmup, "repeats": repeats, "masking": masking,
                      "attention": attention, "compile": args.compile, "fused_optimizer": fused,
                      "activation_checkpointing": args.activation_checkpointing, "ablations": args.ablations,
+                     "step": step_desc,
                      "timing": "interleaved rounds" if interleave else "one contender at a time",
-                     "optimizer": "AdamW lr 1.5e-4 betas (0.9, 0.95) wd 0.05 (no decay on 1-D params)",
+                     "optimizer": "AdamW lr 1.5e-4 betas (0.9, 0.95) wd 0.05 (no decay on 1-D params); fastmae "
+                                  "rows step it through the training programs' DeepSpeed engine (see step)",
                      "data": "synthetic torch.randn images on the device (no loader)",
                      "flop_count": "FlopCounterMode over forward+backward on the meta device, batch 2"},
         "flops": flops,

@@ -17,6 +17,7 @@ from typing import Any, Optional, Union, get_args, get_origin
 
 ATTENTION_BACKENDS = ("auto", "flash", "sdpa", "math")
 MASKING_BACKENDS = ("auto", "triton", "torch")
+PATCH_EMBED_ORDERS = ("gather_first", "embed_first")
 DATA_BACKENDS = ("auto", "dali", "torch", "synthetic")
 PRECISIONS = ("bf16", "fp16", "fp32")
 ON_NONFINITE = ("stop", "skip")
@@ -50,6 +51,11 @@ class ModelConfig:
     # the paper's "encoder w/ [M]" baseline (Table 1c / Table 2): the encoder sees all N tokens with
     # mask tokens in place of the masked ones. Only for the encoder-skip speedup measurements.
     encoder_mask_tokens: bool = False
+    # order of patch embedding and masking: gather_first (gather the visible pixel patches, then embed them with
+    # the conv's weights as a linear map: a quarter of the patch-embedding work at mask ratio 0.75, no (B, N, D)
+    # token tensor) | embed_first (the official order: conv over every patch, then gather the visible tokens).
+    # The same parameters and numbers up to float rounding; "encoder w/ [M]" always embeds every patch.
+    patch_embed_order: str = "gather_first"
 
 
 @dataclass
@@ -373,6 +379,7 @@ def validate_model(m: ModelConfig, mask_ratio: float | None = None) -> None:
     if (m.embed_dim // 2) % 2 or (m.decoder_embed_dim // 2) % 2:
         raise ConfigError("model.embed_dim and model.decoder_embed_dim must be multiples of 4 (2-D sin-cos embedding)")
     _choice("model.attention", m.attention, ATTENTION_BACKENDS)
+    _choice("model.patch_embed_order", m.patch_embed_order, PATCH_EMBED_ORDERS)
 
 
 def validate_mask(k: MaskConfig, num_patches: int | None = None) -> None:

@@ -24,7 +24,8 @@ and logged as such, where timm does not import); the start-up log says which.
 Where this differs from the official ``main_finetune.py``: DeepSpeed (bf16/fp32, ZeRO) instead of DDP +
 fp16 AMP; erasing and mixup run on the device batch (same distributions); training batches are full (as the
 official ``drop_last=True``); with ``data.drop_last=false`` and timm's mixup an odd (last, short) batch is only
-label-smoothed and padding samples that even out ranks' last batches get loss weight 0 and are not counted in validation (the official distributed eval counts duplicates); the
+label-smoothed and padding samples that even out ranks' last batches get loss weight 0; validation counts
+each sample once (the official distributed eval counts duplicates); the
 mixup/cutmix/erasing random streams are not restored on resume (weights, optimizer, schedule, data position,
 crops, flips and RandAugment are); ``best.pth`` holds the fp32 master weights.
 """

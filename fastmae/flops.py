@@ -61,6 +61,8 @@ def mae_flops(
     """Per-image FLOPs of one MAE forward pass for a config or preset name.
 
     ``encoder_mask_tokens=True`` counts the paper's "encoder w/ [M]" variant (all N tokens in the encoder).
+    The patch embedding counts the patches ``config.patch_embed_order`` embeds (the visible ones for
+    ``gather_first``, all for ``embed_first`` and "w/ [M]").
     """
     m = _resolve(config)
     ratio = MaskConfig().ratio if mask_ratio is None else mask_ratio
@@ -69,8 +71,10 @@ def mae_flops(
     patch_dim = m.patch_size**2 * m.in_chans
     enc_tokens = (n if with_m else num_kept(n, ratio)) + 1  # + cls
     dec_tokens = n + 1
+    # gather_first embeds the visible patches only
+    embedded = n if with_m or m.patch_embed_order == "embed_first" else enc_tokens - 1
     return MAEFlops(
-        patch_embed=2 * n * patch_dim * m.embed_dim,
+        patch_embed=2 * embedded * patch_dim * m.embed_dim,
         encoder=m.depth * block_flops(enc_tokens, m.embed_dim, m.mlp_ratio),
         decoder_embed=2 * enc_tokens * m.embed_dim * m.decoder_embed_dim,
         decoder=m.decoder_depth * block_flops(dec_tokens, m.decoder_embed_dim, m.mlp_ratio),

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from .attention import Attention
@@ -37,7 +38,13 @@ class Block(nn.Module):
 
 
 class PatchEmbed(nn.Module):
-    """Image to patch tokens with a strided conv (timm ``PatchEmbed``: ``proj``)."""
+    """Image to patch tokens with a strided conv (timm ``PatchEmbed``: ``proj``).
+
+    ``forward`` embeds every patch (the official order). :meth:`patches` + :meth:`embed_patches` do the same
+    in two parts, so a caller can drop patches in between (MAE gathers the visible pixel patches first): the
+    conv with kernel = stride = p is a linear map of each (C, p, p) patch by ``proj.weight`` viewed as
+    (D, C*p*p), so both give the same numbers up to float rounding, with the same parameters.
+    """
 
     def __init__(self, img_size: int, patch_size: int, in_chans: int, embed_dim: int) -> None:
         super().__init__()
@@ -47,18 +54,35 @@ class PatchEmbed(nn.Module):
         self.num_patches = self.grid_size**2
         self.proj = nn.Conv2d(in_chans, embed_dim, kernel_size=patch_size, stride=patch_size)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def _dtype(self, x: torch.Tensor) -> torch.dtype:
+        """Checks the size; returns the conv's compute dtype for the images (the autocast dtype, else the
+        weights'; the loss target stays fp32)."""
         B, C, H, W = x.shape
         if H != self.img_size or W != self.img_size:
             raise ValueError(f"input images are {H}x{W}, the model expects {self.img_size}x{self.img_size}")
-        # images in the conv's compute dtype (the autocast dtype, else the weights'; the loss target stays fp32);
-        # channels_last so the conv writes NHWC and the tokens come out as a contiguous (B, N, D): the masking
-        # kernel gathers rows in place, no copy first
         kind, dtype = x.device.type, self.proj.weight.dtype
         if kind in ("cuda", "cpu") and torch.is_autocast_enabled(kind):  # (no autocast state on "meta")
             dtype = torch.get_autocast_dtype(kind)
-        x = x.to(dtype=dtype, memory_format=torch.channels_last)
+        return dtype
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # channels_last so the conv writes NHWC and the tokens come out as a contiguous (B, N, D): the masking
+        # kernel gathers rows in place, no copy first
+        x = x.to(dtype=self._dtype(x), memory_format=torch.channels_last)
         return self.proj(x).flatten(2).transpose(1, 2)  # (B, N, D)
+
+    def patches(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, C, H, W) -> contiguous (B, N, C*p*p) pixel patches in the compute dtype, each flattened in the
+        conv weight's (c, i, j) order (not :meth:`MaskedAutoencoderViT.patchify`'s target order)."""
+        x = x.to(self._dtype(x))
+        B, C = x.shape[:2]
+        p, g = self.patch_size, self.grid_size
+        x = x.reshape(B, C, g, p, g, p).permute(0, 2, 4, 1, 3, 5)  # (B, h, w, C, p, p)
+        return x.reshape(B, g * g, C * p * p)  # one copy (with the dtype cast above fused by the compiler)
+
+    def embed_patches(self, patches: torch.Tensor) -> torch.Tensor:
+        """(B, T, C*p*p) pixel patches from :meth:`patches` (any subset of them) -> (B, T, D) tokens."""
+        return F.linear(patches, self.proj.weight.flatten(1), self.proj.bias)
 
 
 def init_vit_weights(module: nn.Module) -> None:

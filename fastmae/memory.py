@@ -102,6 +102,11 @@ def estimate_memory(m: ModelConfig, mask_ratio: float, micro_batch: int, zero_st
     else:
         blocks = m.depth * enc_blk + m.decoder_depth * dec_blk
     pd = m.patch_size**2 * m.in_chans
-    # images (fp32) + patch tokens (N x D) + decoder input/unshuffle (3 x N x Dd) + prediction, target, loss (fp32)
-    other = 4 * 3 * m.img_size**2 + e * n * m.embed_dim * 2 + e * 3 * t_dec * m.decoder_embed_dim + 4 * 4 * n * pd
+    # images (fp32) + patch tokens (gather_first: N + K pixel patches and K tokens; else N x D twice) + decoder
+    # input/unshuffle (3 x N x Dd) + prediction, target, loss (fp32)
+    if m.patch_embed_order == "gather_first" and not m.encoder_mask_tokens:
+        tokens = e * ((n + t_enc) * pd + t_enc * m.embed_dim)
+    else:
+        tokens = e * n * m.embed_dim * 2
+    other = 4 * 3 * m.img_size**2 + tokens + e * 3 * t_dec * m.decoder_embed_dim + 4 * 4 * n * pd
     return MemoryEstimate(weights, grads, optim, micro_batch * (blocks + other))

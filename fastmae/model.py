@@ -28,6 +28,14 @@ def resolve_masking_backend(backend: str, device: torch.device | str) -> str:
     return backend
 
 
+def kept_ids(ids_restore: torch.Tensor, keep: int) -> torch.Tensor:
+    """(B, N) inverse permutation -> (B, ``keep``) indices of the kept patches in the masking's output order
+    (``ids_shuffle[:, :keep]``; one scatter, no sort)."""
+    B, N = ids_restore.shape
+    arange = torch.arange(N, device=ids_restore.device).expand(B, N)
+    return torch.empty_like(ids_restore).scatter_(1, ids_restore, arange)[:, :keep]
+
+
 class MaskedAutoencoderViT(nn.Module):
     """MAE with a ViT encoder that sees only the visible patches and a light decoder.
 
@@ -45,6 +53,8 @@ class MaskedAutoencoderViT(nn.Module):
         self.masking_backend = mask.backend
         self.norm_pix_loss = cfg.norm_pix_loss
         self.encoder_mask_tokens = cfg.encoder_mask_tokens
+        # "w/ [M]" needs every patch's token
+        self.gather_first = cfg.patch_embed_order == "gather_first" and not cfg.encoder_mask_tokens
         D, Dd = cfg.embed_dim, cfg.decoder_embed_dim
 
         # ---- encoder
@@ -145,9 +155,18 @@ class MaskedAutoencoderViT(nn.Module):
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Encoder on the visible tokens: returns latent (B, 1+K, D) (or (B, 1+N, D) with mask tokens),
         mask (B, N) and ids_restore (B, N)."""
-        x = self.patch_embed(imgs)  # (B, N, D)
         pos = self.pos_embed[:, 1:, :]  # (1, N, D)
-        x_vis, mask, ids_restore = self.random_masking(x, mask_ratio, noise=noise, seed=seed, pos_embed=pos)
+        if self.gather_first:
+            # visible pixel patches first, then the linear patch embedding on them only (+ their positions)
+            patches = self.patch_embed.patches(imgs)  # (B, N, C*p*p)
+            p_vis, mask, ids_restore = self.random_masking(patches, mask_ratio, noise=noise, seed=seed)
+            ids_keep = kept_ids(ids_restore, p_vis.shape[1])  # (B, K)
+            pos_vis = torch.gather(pos.expand(ids_keep.shape[0], -1, -1), 1,
+                                   ids_keep.unsqueeze(-1).expand(-1, -1, pos.shape[-1]))
+            x_vis = self.patch_embed.embed_patches(p_vis) + pos_vis  # (B, K, D)
+        else:
+            x = self.patch_embed(imgs)  # (B, N, D)
+            x_vis, mask, ids_restore = self.random_masking(x, mask_ratio, noise=noise, seed=seed, pos_embed=pos)
         if self.encoder_mask_tokens:
             # "w/ [M]": every position stays, masked ones replaced by a learned token (+ position)
             m = mask.unsqueeze(-1).to(x.dtype)  # (B, N, 1)

@@ -20,7 +20,7 @@ import torch
 
 from .config import ConfigError
 
-BUNDLED_DS_CONFIGS = ("zero1.json", "zero2.json", "zero3.json")
+BUNDLED_DS_CONFIGS = ("zero0.json", "zero1.json", "zero2.json", "zero3.json")
 
 
 @dataclass(frozen=True)
@@ -397,3 +397,18 @@ def fill_ds_config(
         raise ConfigError("remove 'optimizer'/'scheduler' from the DeepSpeed config: fastmae builds both "
                           "from its optim section (the paper's recipe)")
     return ds
+
+
+def make_engine(model: torch.nn.Module, optimizer: torch.optim.Optimizer, ds_config: dict[str, Any],
+                scheduler: Any = None) -> Any:
+    """The DeepSpeed engine every training program steps (and ``benchmarks/throughput.py`` times): ``model``'s
+    trainable parameters, fastmae's own optimizer and schedule, ``ds_config`` filled by :func:`fill_ds_config`.
+    Step it as the programs do: the loss under :meth:`fastmae.precision.Precision.autocast`, then
+    ``engine.backward(loss)`` and ``engine.step()``."""
+    import deepspeed
+
+    ds_config = dict(ds_config, zero_allow_untested_optimizer=True)  # LARS and other plain torch optimizers
+    engine, _, _, _ = deepspeed.initialize(
+        model=model, optimizer=optimizer, lr_scheduler=scheduler, config=ds_config,
+        model_parameters=[p for p in model.parameters() if p.requires_grad])
+    return engine

@@ -46,6 +46,7 @@ from .runtime import (
     group_timeouts,
     init_distributed,
     load_ds_config,
+    make_engine,
     seed_everything,
     shutdown_distributed,
 )
@@ -235,7 +236,6 @@ class Trainer:
     # ------------------------------------------------------------------ the run
     def fit(self) -> dict[str, Any]:
         """Train (the process group must exist, see :meth:`run`); returns a summary for tests and scripts."""
-        import deepspeed
         import torch.distributed as tdist
 
         cfg, t, o, task = self.cfg, self.cfg.train, self.cfg.optim, self.task
@@ -278,14 +278,10 @@ class Trainer:
         self.scheduler = build_scheduler(self.optimizer, total_steps, warmup_steps, o.min_lr / lr)
         ds_config = fill_ds_config(ds_cfg, micro_batch=micro, grad_accum=plan.grad_accum,
                                    world_size=dist.world_size, precision=t.precision, clip_grad=o.clip_grad)
-        ds_config["zero_allow_untested_optimizer"] = True  # LARS and other plain torch optimizers
         load_tag = None
         if found is not None:
             load_tag, ds_config = self._prepare_load(found, state, ds_config, stage)
-        self.engine, _, _, _ = deepspeed.initialize(
-            model=model, optimizer=self.optimizer, lr_scheduler=self.scheduler, config=ds_config,
-            model_parameters=[p for p in model.parameters() if p.requires_grad])
-        engine = self.engine
+        engine = self.engine = make_engine(model, self.optimizer, ds_config, self.scheduler)
 
         # ---- start-up log
         flops_per_img = task.flops_per_image(self)
@@ -497,7 +493,8 @@ class Trainer:
             return
         d = self.dist
         state = {"step": self.step, "epoch": self.loader.epoch, "data": self.loader.state_dict(),
-                 "world_size": d.world_size, "seed": self.cfg.train.seed, "micro_step": micro_step,
+                 "world_size": d.world_size, "zero_stage": self.zero_stage, "seed": self.cfg.train.seed,
+                 "micro_step": micro_step,
                  "effective_batch": self.plan.effective_batch, "config": self.cfg.to_dict(),
                  "schedule": {"total_steps": self.scheduler.fastmae_schedule[0],
                               "warmup_steps": self.scheduler.fastmae_schedule[1],
@@ -607,6 +604,14 @@ class Trainer:
         d = self.dist
         ckpt_dir, tag = found
         folder = ckpt_dir / tag
+        saved_stage = state.get("zero_stage", stage)
+        if 0 in (saved_stage, stage) and saved_stage != stage:
+            raise ResumeError(f"{folder} was written with ZeRO stage {saved_stage}, this run uses stage {stage}: "
+                              f"resume it with the same stage (--ds_config zero{saved_stage}.json)")
+        if saved_stage == 0 and int(state["world_size"]) != d.world_size:
+            raise ResumeError(f"{folder} was written with ZeRO stage 0 by {state['world_size']} rank(s); DeepSpeed "
+                              "reshards only ZeRO 1-3 checkpoints: resume it on the same number of ranks (runs "
+                              "that may move to another number of ranks use zero1/zero2/zero3.json)")
         if int(state["world_size"]) == d.world_size:
             missing = [p for p in _shard_files(folder, d.rank, stage) if not glob.glob(str(folder / p))]
             self._all_ok(not missing, f"missing checkpoint shard(s) in {folder} ({', '.join(missing)}): the "

@@ -103,10 +103,10 @@ def _counted(model: torch.nn.Module, imgs: torch.Tensor, noise: torch.Tensor, ba
     return counter.get_total_flops()
 
 
-@pytest.mark.parametrize("with_m", [False, True])
-def test_analytic_flops_match_flop_counter(with_m: bool) -> None:
+@pytest.mark.parametrize("with_m,order", [(False, "gather_first"), (False, "embed_first"), (True, "gather_first")])
+def test_analytic_flops_match_flop_counter(with_m: bool, order: str) -> None:
     B = 2
-    model = fastmae.create_model("debug", attention="math", encoder_mask_tokens=with_m)
+    model = fastmae.create_model("debug", attention="math", encoder_mask_tokens=with_m, patch_embed_order=order)
     imgs = torch.randn(B, 3, 64, 64)
     noise = torch.rand(B, 64)
     fwd = _counted(model, imgs, noise, backward=False) / B

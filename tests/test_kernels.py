@@ -327,18 +327,20 @@ def test_plain_cpu_without_interpreter_is_refused(monkeypatch: pytest.MonkeyPatc
 # ----------------------------------------------------------------------------- model
 
 
-def _debug_pair() -> tuple[torch.nn.Module, torch.nn.Module]:
+def _debug_pair(order: str = "gather_first") -> tuple[torch.nn.Module, torch.nn.Module]:
     """The debug preset with triton and torch masking, same weights."""
     torch.manual_seed(0)
-    m_tri = fastmae.create_model("debug", masking="triton").to(DEVICE)
-    m_ref = fastmae.create_model("debug", masking="torch").to(DEVICE)
+    m_tri = fastmae.create_model("debug", masking="triton", patch_embed_order=order).to(DEVICE)
+    m_ref = fastmae.create_model("debug", masking="torch", patch_embed_order=order).to(DEVICE)
     m_ref.load_state_dict(m_tri.state_dict())
     return m_tri, m_ref
 
 
-def test_model_same_loss_as_torch_backend() -> None:
-    """Same noise -> identical loss, mask and gradients with masking=triton and masking=torch."""
-    m_tri, m_ref = _debug_pair()
+@pytest.mark.parametrize("order", ["gather_first", "embed_first"])
+def test_model_same_loss_as_torch_backend(order: str) -> None:
+    """Same noise -> identical loss, mask and gradients with masking=triton and masking=torch (the kernel
+    gathers pixel patches with gather_first, tokens + positions with embed_first)."""
+    m_tri, m_ref = _debug_pair(order)
     imgs = torch.randn(3, 3, 64, 64, device=DEVICE)
     noise = torch.rand(3, m_tri.patch_embed.num_patches, device=DEVICE)
     loss_t, pred_t, mask_t = m_tri(imgs, noise=noise)

@@ -357,6 +357,21 @@ def test_sigterm_saves_a_checkpoint_and_resume_continues(env: dict[str, str], tm
     assert max(losses(tmp_path)) == step + 2
 
 
+def test_zero0_on_one_rank_trains_resumes_and_refuses_resharding(env: dict[str, str], tmp_path: Path) -> None:
+    """The bundled zero0.json (no partitioning: the cheapest step on one GPU) trains and resumes on one rank; its
+    checkpoints cannot be resharded by DeepSpeed, so another number of ranks or another stage is refused by name."""
+    args = [*SMALL, "train.checkpoint_interval=2", f"train.output_dir={tmp_path}"]
+    out = run(launch(1, RUNNER, ["--ds_config", "zero0.json", *args, "train.steps=2"]), env)
+    assert "ZeRO stage 0" in out
+    out = run(launch(1, RUNNER, ["--ds_config", "zero0.json", *args, "train.steps=4"]), env)
+    assert f"resumed from {tmp_path / 'checkpoints' / 'step_00000002'} at step 2" in out
+    assert max(losses(tmp_path)) == 4
+    out = run(launch(2, RUNNER, ["--ds_config", "zero0.json", *args, "train.steps=6"]), env, expect=1)
+    assert "written with ZeRO stage 0 by 1 rank(s); DeepSpeed reshards only ZeRO 1-3 checkpoints" in out
+    out = run(launch(1, RUNNER, ["--ds_config", "zero2.json", *args, "train.steps=6"]), env, expect=1)
+    assert "written with ZeRO stage 0, this run uses stage 2: resume it with the same stage" in out
+
+
 # ----------------------------------------------------------------------------- one rank fails: the job ends
 
 
