@@ -12,6 +12,7 @@ from .base import BatchPlan, EpochLayout, ShardLoader, normalize_uint8
 from .constants import DTYPES, IMAGENET_MEAN, IMAGENET_STD, INTERPOLATIONS, MODES
 from .index import ShardError, ShardIndex, expand_shards
 from .randaug import parse_policy, unavailable_reason
+from .remote import fetch_shards, is_remote
 from .sampling import PAD_LABEL
 
 
@@ -53,7 +54,9 @@ def build_loader(
 ) -> Any:
     """The loader ``cfg`` (a :class:`fastmae.config.DataConfig`) asks for, for this rank.
 
-    ``cfg.shards == ""`` reads the bundled sample; otherwise a directory, brace pattern or glob of shards.
+    ``cfg.shards == ""`` reads the bundled sample; otherwise a directory, brace pattern or glob of shards, or
+    the same behind ``s3://``, ``gs://`` or ``http(s)://`` (fetched once into ``cfg.cache_dir``, see
+    :mod:`fastmae.data.remote`).
     Resampling is bicubic (the paper's recipe) unless ``cfg`` has ``interpolation = "bilinear"``.
     ``randaug`` (fine-tuning only; MAE pre-training is crop + flip): a timm RandAugment policy such as
     ``"rand-m9-mstd0.5-inc1"`` applied per training sample after the crop (:mod:`fastmae.data.randaug`); the
@@ -80,7 +83,10 @@ def build_loader(
             dtype=DTYPES[cfg.dtype] if dev.type == "cuda" else torch.float32,
             size=cfg.synthetic_size, seed=seed, rank=rank, world_size=world_size,
         )
-    if cfg.shards:
+    if cfg.shards and is_remote(cfg.shards):  # s3:// gs:// http(s)://: fetched once into the local cache
+        shards = fetch_shards(cfg.shards, getattr(cfg, "cache_dir", "") or None, progress=rank == 0,
+                              log=print if rank == 0 else None)
+    elif cfg.shards:
         shards = expand_shards(cfg.shards)
     else:
         from .sample import bundled_sample_dir

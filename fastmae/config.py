@@ -73,8 +73,11 @@ class DataConfig:
 
     # auto | dali | torch | synthetic (auto: DALI when installed, else the torch loader)
     backend: str = "auto"
-    # shard files: a directory, a brace pattern "dir/{000000..000127}.tar", or "" for the bundled sample
+    # shard files: a directory, a brace pattern "dir/{000000..000127}.tar", or "" for the bundled sample; also
+    # s3://, gs://, http(s):// URLs (brace pattern, glob or folder/), fetched once into cache_dir
     shards: str = ""
+    # local folder for remote shards (put it on NVMe); "" = $FASTMAE_CACHE_DIR or ~/.cache/fastmae/shards
+    cache_dir: str = ""
     # micro batch per GPU (per rank)
     batch_size: int = 64
     # training drops each epoch's last incomplete global batch (as the official code): every step has one

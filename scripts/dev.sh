@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # fastmae developer entry point: set up virtual environments, run the main job, run the tests.
-#   bash scripts/dev.sh setup       create .venv (CPU torch 2.13.0, triton 3.6.0, DALI, DeepSpeed, trackers, dev tools)
+#   bash scripts/dev.sh setup       create .venv (CPU torch 2.13.0, triton 3.6.0, DALI, DeepSpeed, trackers,
+#                                   remote-shard clients, dev tools with an S3-compatible test server)
 #   bash scripts/dev.sh train ...   setup + the main job: DeepSpeed pre-training of the debug preset
 #   bash scripts/dev.sh test ...    setup + ruff + the whole test suite in .venv, then the timm interop tests
 #                                   in .venv-timm and the kernel tests under the newest Triton in .venv-triton
@@ -19,7 +20,7 @@ setup() {
     # the CPU build of torch first: an open range would pull a multi-GB CUDA build
     "$PY" -c 'import torch' 2>/dev/null || "$PY" -m pip install -q torch==2.13.0
     # triton 3.6.0 is the GPU machines' version; its CPU interpreter needs numpy < 2.4
-    "$PY" -m pip install -q 'triton==3.6.0' 'numpy<2.4' -e '.[dali,dev,track]'
+    "$PY" -m pip install -q 'triton==3.6.0' 'numpy<2.4' -e '.[dali,dev,track,remote]'
 }
 
 # timm needs torchvision, which does not import beside the CPU torch 2.13.0 build; torch 2.14.1 and

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import sys
+from pathlib import Path
 
 # The interpreter's own bin folder first on PATH, as in an activated environment: subprocesses then find its
 # deepspeed/torchrun, and DeepSpeed's comm op is always built by the same ninja (a second ninja version on PATH
@@ -31,3 +32,22 @@ requires_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs 
 @pytest.fixture(autouse=True)
 def _seed() -> None:
     torch.manual_seed(0)
+
+
+@pytest.fixture(scope="session")
+def id_shards(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """48 real photos (the bundled sample's) in 3 shards, each image its own class: a label names a sample."""
+    from fastmae.data import ShardIndex, bundled_sample_dir, expand_shards
+    from fastmae.data.shards import write_shards
+
+    root = tmp_path_factory.mktemp("id_shards")
+    index = ShardIndex(expand_shards(bundled_sample_dir()))
+    lines = []
+    for i in range(48):
+        p = root / "src" / f"img{i:02d}.jpg"
+        p.parent.mkdir(exist_ok=True)
+        p.write_bytes(index.read_image(i))
+        lines.append(f"{p} {i}")
+    (root / "list.txt").write_text("\n".join(lines) + "\n")
+    write_shards(root / "list.txt", root / "shards", samples_per_shard=16, workers=1, shuffle=False, progress=False)
+    return root / "shards"
