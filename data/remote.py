@@ -93,11 +93,11 @@ def cache_path(url: str, cache_dir: Path) -> Path:
 
 
 def _remote_size(fs: Any, url: str) -> int | None:
+    """The object's size (None when the store does not say); -1 when it does not exist."""
     try:
         info = fs.info(url)
     except FileNotFoundError:
-        raise ShardError(f"shard {url} does not exist (or is not readable with the credentials in the "
-                         "environment)") from None
+        return -1
     except PermissionError as e:
         raise ShardError(f"shard {url}: access denied ({e}); set the store's credentials in the environment "
                          "(e.g. AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY / AWS_ENDPOINT_URL)") from None
@@ -105,9 +105,8 @@ def _remote_size(fs: Any, url: str) -> int | None:
     return int(size) if size is not None else None
 
 
-def _fetch_one(fs: Any, url: str, dest: Path) -> bool:
-    """Fetch ``url`` to ``dest`` unless an equally sized copy is there; True when it was fetched."""
-    size = _remote_size(fs, url)
+def _fetch_one(fs: Any, url: str, dest: Path, size: int | None) -> bool:
+    """Fetch ``url`` to ``dest`` unless a copy of ``size`` bytes is there; True when it was fetched."""
     dest.parent.mkdir(parents=True, exist_ok=True)
     with open(dest.parent / f".{dest.name}.lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)  # another rank of this node may be fetching it
@@ -154,7 +153,7 @@ def fetch_shards(spec: str, cache_dir: str | os.PathLike[str] | None = None, *, 
     fetched = [0]
 
     def one(i: int) -> None:
-        if _fetch_one(fs, urls[i], dests[i]):
+        if _fetch_one(fs, urls[i], dests[i], sizes[i]):
             with done:
                 fetched[0] += 1
         idx = dests[i].with_suffix(".idx")
@@ -169,6 +168,11 @@ def fetch_shards(spec: str, cache_dir: str | os.PathLike[str] | None = None, *, 
 
     try:
         with ThreadPoolExecutor(max(1, min(workers, len(urls)))) as pool:
+            sizes = list(pool.map(lambda u: _remote_size(fs, u), urls))  # every shard is checked before any fetch
+            missing = [u for u, n in zip(urls, sizes, strict=True) if n == -1]
+            if missing:
+                raise ShardError(f"{len(missing)} of {len(urls)} shards of {spec!r} do not exist (or are not "
+                                 f"readable with the credentials in the environment), e.g. {missing[0]}")
             list(pool.map(one, range(len(urls))))
     finally:
         if bar is not None:

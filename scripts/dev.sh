@@ -20,7 +20,10 @@ setup() {
     # the CPU build of torch first: an open range would pull a multi-GB CUDA build
     "$PY" -c 'import torch' 2>/dev/null || "$PY" -m pip install -q torch==2.13.0
     # triton 3.6.0 is the GPU machines' version; its CPU interpreter needs numpy < 2.4
-    "$PY" -m pip install -q 'triton==3.6.0' 'numpy<2.4' -e '.[dali,dev,track,remote]'
+    # s3fs pins botocore (through aiobotocore) and boto3 must match it: the tested trio, or pip backtracks into
+    # an s3fs that wants an fsspec the index does not have
+    "$PY" -m pip install -q 'triton==3.6.0' 'numpy<2.4' 's3fs==2026.9.0' 'boto3==1.43.117' 'moto[server]==5.2.5' \
+        -e '.[dali,dev,track,remote]'
 }
 
 # timm needs torchvision, which does not import beside the CPU torch 2.13.0 build; torch 2.14.1 and
