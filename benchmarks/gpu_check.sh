@@ -20,7 +20,8 @@
 #                params), attention backends vs fp32 math, Triton masking kernel vs torch reference,
 #                official-style baseline == fastmae on shared weights
 #   throughput   ViT-B/L/H: fastmae, fastmae w/ [M], official-style, HF ViTMAE; SDPA backend probe
-#   ablations    ViT-L with each optimisation switched in turn (masking, attention, compile, fused AdamW)
+#   ablations    ViT-L with each optimisation switched in turn (compile, masking, attention, fused AdamW,
+#                precision, patch-embedding order, ZeRO stage / plain torch step), each row written when timed
 #  part 2
 #   memory_vit_h ViT-H/14 at micro batch 256 without and with activation checkpointing, vs the estimate
 #   kernels      benchmarks/masking_kernel.py (fused masking kernel vs reference, GB/s vs copy bandwidth)
@@ -191,12 +192,13 @@ stage env 30 env_info
 
 if [ "$REHEARSAL" = 1 ]; then  # tiny sizes; no torch.compile ablation (a cold CPU compile takes ~30 s)
     P_ALL=debug; P_L=debug; P_H=debug; QUICK=(--warmup 1 --repeats 2); BIG_BATCH=4; PROF_BATCH=4
-    PROF_STEPS=(--warmup 1 --steps 2 --profile-steps 1); ABLATE=masking,attention,fused_optimizer
+    PROF_STEPS=(--warmup 1 --steps 2 --profile-steps 1); ABLATE=masking,attention,fused_optimizer,precision,patch_embed,zero
     FLOPS=(--flops-presets debug,mae_vit_large_patch16); MEM_REPEATS=1
 else
     P_ALL=mae_vit_base_patch16,mae_vit_large_patch16,mae_vit_huge_patch14
     P_L=mae_vit_large_patch16; P_H=mae_vit_huge_patch14; QUICK=(); BIG_BATCH=256; PROF_BATCH=64
-    PROF_STEPS=(--warmup 3 --steps 8 --profile-steps 2); ABLATE=masking,attention,compile,fused_optimizer
+    PROF_STEPS=(--warmup 3 --steps 8 --profile-steps 2)
+    ABLATE=compile,masking,attention,fused_optimizer,precision,patch_embed,zero
     FLOPS=(); MEM_REPEATS=3
 fi
 

@@ -287,8 +287,10 @@ def finish_row(prep: Prepared, peak: float | None, peak_gb: float | None) -> dic
     return row
 
 
-def time_sequential(jobs: list[dict[str, Any]], kw: dict[str, Any], peak: float | None) -> Rows:
-    """One contender at a time: build, warm up, time, free (peak memory is per contender)."""
+def time_sequential(jobs: list[dict[str, Any]], kw: dict[str, Any], peak: float | None,
+                    on_row: Callable[[Rows], None] | None = None) -> Rows:
+    """One contender at a time: build, warm up, time, free (peak memory is per contender); ``on_row`` gets
+    the rows done so far after each one (a run cut short keeps them)."""
     device, warmup, repeats = kw["device"], kw["warmup"], kw["repeats"]
     rows = []
     for job in jobs:
@@ -307,10 +309,13 @@ def time_sequential(jobs: list[dict[str, Any]], kw: dict[str, Any], peak: float 
         prep.step = None
         common.free_device_memory(device)
         report_row(rows[-1])
+        if on_row is not None:
+            on_row(rows)
     return rows
 
 
-def time_interleaved(jobs: list[dict[str, Any]], kw: dict[str, Any], peak: float | None) -> Rows:
+def time_interleaved(jobs: list[dict[str, Any]], kw: dict[str, Any], peak: float | None,
+                     on_row: Callable[[Rows], None] | None = None) -> Rows:
     """All contenders resident; each timed round runs one step of every contender in turn, so load from
     other processes on a shared machine hits all of them alike. No per-contender peak memory."""
     device, warmup, repeats = kw["device"], kw["warmup"], kw["repeats"]
@@ -797,15 +802,19 @@ def main(argv: list[str] | None = None) -> int:
                                  build=fm(s, False), count_build=fm_count(s, False), loss_fn=mae_loss))
         for job in jobs:
             job["preset"] = p
+
+        def partial(done: Rows, p: str = p) -> None:  # every row as soon as it exists: a cut run keeps them
+            if args.out:
+                out = Path(args.out)
+                out.mkdir(parents=True, exist_ok=True)
+                (out / f"{args.name}.json").write_text(json.dumps(
+                    {"schema": SCHEMA, "partial": f"preset {p}: {len(done)} row(s) done",
+                     "environment": env, "machine": env["device"], "rows": done}, indent=2))
+
         timer = time_interleaved if interleave else time_sequential
-        rows += timer(jobs, common_kw, peak)
+        rows += timer(jobs, common_kw, peak, on_row=lambda done, before=list(rows): partial(before + done))
         rows += skipped
-        if args.out:  # each preset's rows as soon as they exist: a run cut short keeps what it measured
-            out = Path(args.out)
-            out.mkdir(parents=True, exist_ok=True)
-            (out / f"{args.name}.json").write_text(json.dumps(
-                {"schema": SCHEMA, "partial": f"presets done: {presets[:presets.index(p) + 1]}",
-                 "environment": env, "machine": env["device"], "rows": rows}, indent=2))
+        partial(rows)
 
     summary = summarize(rows, presets, flops)
     for p, pr in probes.items():

@@ -2,7 +2,8 @@
 
 Module graph of ``fastmae.data`` (acyclic): ``constants``, ``index``, ``sampling`` at the bottom; ``randaug`` on
 ``constants``; ``base`` on those; the backends (``torch_loader``, ``dali_pipeline``, ``synthetic``) on ``base``;
-the factory ``loader`` (:func:`~fastmae.data.loader.build_loader`) on top.
+``remote`` (fetching s3/gs/http shards) on ``index``; the factory ``loader``
+(:func:`~fastmae.data.loader.build_loader`) on top.
 """
 
 from __future__ import annotations

@@ -176,7 +176,12 @@ def test_throughput_emits_every_field(rehearsal: tuple[Path, str]) -> None:
     # the ablations: one toggle each, against the same preset's fastmae row
     abl = json.loads((res / "throughput_ablations.json").read_text())
     labels = {r["label"] for r in abl["rows"] if r["variant"] == "ablate"}
-    assert {"attention=math", "fused_optimizer=on"} <= labels, labels
+    assert {"attention=math", "fused_optimizer=on", "precision=bf16", "patch_embed_order=embed_first",
+            "step=torch (no DeepSpeed)", "zero=0", "zero=1"} <= labels, labels
+    by = {r["label"]: r for r in abl["rows"]}
+    assert by["fastmae"]["engine"] == "deepspeed ZeRO-2" and by["zero=0"]["engine"] == "deepspeed ZeRO-0"
+    assert by["step=torch (no DeepSpeed)"]["engine"] == "torch" and by["precision=bf16"]["dtype"] == "bf16"
+    assert by["patch_embed_order=embed_first"]["patch_embed_order"] == "embed_first"
     for r in abl["rows"]:  # the Triton masking ablation needs CUDA: skipped with its reason on the CPU
         assert (r["status"] == "ok" and r["step_time_ms"] > 0) or (
             r["label"] == "masking=triton" and r["status"].startswith("skipped: fused kernel needs CUDA")), r
@@ -238,3 +243,32 @@ def test_gpu_check_summary_names_stages_that_did_not_run(tmp_path: Path) -> None
                                          "data\t-\t0\tskipped: budget spent\n")
     text = common.gpu_check_summary(tmp_path)
     assert "Not run or not passed: kernels (timed out after 70s); data (skipped: budget spent)." in text
+
+
+def test_ablation_flips_and_rows_written_one_by_one(tmp_path: Path) -> None:
+    """Every switch flips in the documented order (a switch that cannot flip here is a named skip), and the
+    sequential timer hands over the rows after each one (throughput.py writes its JSON then)."""
+    base = throughput.Settings("torch", "sdpa", False, False, zero_stage=2)
+    flips = throughput.ablation_flips(base, list(throughput.ABLATIONS), cuda=False, kernel_ok=True, ds_ok=True,
+                                      dtype="fp32")
+    assert [label for label, _ in flips] == [
+        "compile=on", "masking=triton", "attention=math", "fused_optimizer=on", "precision=bf16",
+        "patch_embed_order=embed_first", "step=torch (no DeepSpeed)", "zero=0", "zero=1"]
+    assert flips[1][1] == "skipped: fused kernel needs CUDA and kernels/masking.py"
+    assert all(isinstance(s, throughput.Settings) for label, s in flips if label != "masking=triton")
+    no_ds = dict(throughput.ablation_flips(base, ["zero"], cuda=False, kernel_ok=False, ds_ok=False, dtype="bf16"))
+    assert no_ds["zero=0"] == "skipped: deepspeed does not import"
+    assert dict(throughput.ablation_flips(base, ["precision"], False, False, True, "bf16"))["precision=fp32"].dtype \
+        == "fp32"
+    cfg = fastmae.get_preset("debug").model
+    seen: list[int] = []
+    kw = dict(cfg=cfg, ratio=0.75, batch=2, device=torch.device("cpu"), dtype=torch.float32, warmup=0, repeats=1,
+              count=False)
+    jobs = []
+    for order in ("gather_first", "embed_first"):
+        s = throughput.Settings("torch", "sdpa", False, False, patch_embed_order=order)
+        jobs.append(dict(preset="debug", variant="ablate", label=order, s=s, with_m=False,
+                         build=throughput.fastmae_builder("debug", cfg, 0.75, s, False), loss_fn=throughput.mae_loss))
+    rows = throughput.time_sequential(jobs, kw, None, on_row=lambda done: seen.append(len(done)))
+    assert seen == [1, 2] and [r["status"] for r in rows] == ["ok", "ok"]
+    assert rows[0]["train_gflop_per_img"] < rows[1]["train_gflop_per_img"]  # a quarter of the patch embedding
