@@ -12,6 +12,12 @@ synchronised at the end of each window). Without ``--shards``, ``--make`` images
 size (500x375 / 375x500, JPEG quality 90, ~100 KB) are cut from scikit-image's photographs and sharded
 once into a cache folder.
 
+Busy main thread: a training step keeps the training process's main thread running Python (kernel launches,
+the optimizer, logging). Each loader is timed again with the main thread spinning in pure Python after every
+batch for as long as one batch took when it was idle (``--busy-ms`` overrides): a loader whose work needs no
+time on the main thread's interpreter delivers at its idle rate, one that shares the interpreter with it at
+most at half of it (``busy / idle`` in the table; the thread-switch convoy of CPython can make it far less).
+
 Backends: ``dali`` (``device="mixed"`` nvJPEG on CUDA, the CPU operators elsewhere; ``--workers``
 threads), ``torch`` (PIL in ``--workers`` DataLoader processes), ``synthetic`` (random tensors: the
 ceiling with no decoding at all).
@@ -94,6 +100,31 @@ def run_one(args: argparse.Namespace) -> dict[str, Any]:
         next(stream)
     _sync(device)
     first = time.perf_counter() - t0
+    rates = _windows(stream, args, device, busy_s=0.0)
+    idle = statistics.median(rates)
+    busy_ms = args.busy_ms if args.busy_ms > 0 else 1000.0 * args.batch_size / idle
+    busy = _windows(stream, args, device, busy_s=busy_ms / 1000.0) if args.busy_ms >= 0 else []
+    return {
+        "backend": loader.backend, "device": str(device), "img_per_s": idle,
+        "min": min(rates), "max": max(rates), "repeats": rates, "startup_and_warmup_s": first,
+        "num_samples": loader.num_samples, "busy_ms_per_batch": busy_ms if busy else None,
+        "busy_img_per_s": statistics.median(busy) if busy else None, "busy_repeats": busy,
+        "busy_over_idle": statistics.median(busy) / idle if busy else None,
+    }
+
+
+def _spin(seconds: float) -> None:
+    """Pure-Python work on this thread for ``seconds`` (holds the interpreter like a training step's Python)."""
+    end = time.perf_counter() + seconds
+    x = 0
+    while time.perf_counter() < end:
+        for i in range(200):
+            x += i
+
+
+def _windows(stream: Any, args: argparse.Namespace, device: torch.device, busy_s: float) -> list[float]:
+    """Images per second over ``--repeats`` windows of ``--batches`` batches, the main thread spinning in
+    Python for ``busy_s`` after each batch."""
     rates = []
     for _ in range(args.repeats):
         t = time.perf_counter()
@@ -101,13 +132,11 @@ def run_one(args: argparse.Namespace) -> dict[str, Any]:
         for _ in range(args.batches):
             imgs, _labels = next(stream)
             n += imgs.shape[0]
+            if busy_s:
+                _spin(busy_s)
         _sync(device)
         rates.append(n / (time.perf_counter() - t))
-    return {
-        "backend": loader.backend, "device": str(device), "img_per_s": statistics.median(rates),
-        "min": min(rates), "max": max(rates), "repeats": rates, "startup_and_warmup_s": first,
-        "num_samples": loader.num_samples,
-    }
+    return rates
 
 
 def _forever(loader: Any) -> Any:
@@ -148,6 +177,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--warmup", type=int, default=5)
     ap.add_argument("--batches", type=int, default=10, help="batches per timed repeat")
     ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--busy-ms", type=float, default=0.0,
+                    help="Python work on the main thread after each batch in the busy timing (0: one idle batch's "
+                         "time; -1: no busy timing)")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--out", type=Path, default=None, help="folder for data_throughput.json")
     ap.add_argument("--only", default="", help=argparse.SUPPRESS)
@@ -175,11 +207,14 @@ def main(argv: list[str] | None = None) -> int:
     title = (f"data loaders on {machine()}: batch {args.batch_size}, {args.img_size} px {args.interpolation}, "
              f"{args.workers} workers/threads, shards {args.shards}")
     print(title)
-    print(f"{'backend':<10} {'device':<7} {'img/s (median)':>15} {'min':>8} {'max':>8} {'vs torch':>9} {'start s':>8}")
+    print(f"{'backend':<10} {'device':<7} {'img/s (median)':>15} {'min':>8} {'max':>8} {'vs torch':>9} {'start s':>8}"
+          f" {'busy img/s':>11} {'busy/idle':>9}")
     for r in rows:
         rel = f"{r['img_per_s'] / base:.2f}x" if base else "-"
+        busy = "-" if r.get("busy_img_per_s") is None else f"{r['busy_img_per_s']:.1f}"
+        ratio = "-" if r.get("busy_over_idle") is None else f"{r['busy_over_idle']:.2f}"
         print(f"{r['backend']:<10} {r['device']:<7} {r['img_per_s']:>15.1f} {r['min']:>8.1f} {r['max']:>8.1f} "
-              f"{rel:>9} {r['startup_and_warmup_s']:>8.1f}")
+              f"{rel:>9} {r['startup_and_warmup_s']:>8.1f} {busy:>11} {ratio:>9}")
     result = {"machine": machine(), "torch": torch.__version__, "args": {k: str(v) for k, v in vars(args).items()},
               "rows": rows}
     print(json.dumps(result))

@@ -272,3 +272,20 @@ def test_ablation_flips_and_rows_written_one_by_one(tmp_path: Path) -> None:
     rows = throughput.time_sequential(jobs, kw, None, on_row=lambda done: seen.append(len(done)))
     assert seen == [1, 2] and [r["status"] for r in rows] == ["ok", "ok"]
     assert rows[0]["train_gflop_per_img"] < rows[1]["train_gflop_per_img"]  # a quarter of the patch embedding
+
+
+def test_data_throughput_reports_idle_and_busy_main_thread_rates(tmp_path: Path) -> None:
+    """Every loader is timed idle and with the main thread spinning in Python after each batch."""
+    from fastmae.data import bundled_sample_dir
+
+    res = subprocess.run([sys.executable, str(REPO / "benchmarks" / "data_throughput.py"), "--shards",
+                          str(bundled_sample_dir()), "--backends", "torch,synthetic", "--batch-size", "8",
+                          "--img-size", "32", "--workers", "1", "--warmup", "1", "--batches", "2", "--repeats", "2",
+                          "--out", str(tmp_path)], capture_output=True, text=True, timeout=300, cwd=REPO)
+    assert res.returncode == 0, res.stderr[-3000:]
+    rows = {r["backend"]: r for r in json.loads((tmp_path / "data_throughput.json").read_text())["rows"]}
+    assert set(rows) == {"torch", "synthetic"}
+    for r in rows.values():
+        assert r["img_per_s"] > 0 and r["busy_img_per_s"] > 0 and r["busy_ms_per_batch"] > 0
+        assert r["busy_over_idle"] == pytest.approx(r["busy_img_per_s"] / r["img_per_s"])
+    assert "busy/idle" in res.stdout
