@@ -8,6 +8,7 @@ Module graph of ``fastmae.data`` (acyclic): ``constants``, ``index``, ``sampling
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -15,8 +16,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from .constants import DTYPES, IMAGENET_MEAN, IMAGENET_STD, INTERPOLATIONS, MODES
-from .index import ShardIndex
+from .constants import DTYPES, IMAGENET_MEAN, IMAGENET_STD, INTERPOLATIONS, MODES, ON_ERROR
+from .index import ShardError, ShardIndex
 from .randaug import RandAugmentPolicy, describe, parse_policy
 from .sampling import (
     batch_uniforms,
@@ -114,6 +115,8 @@ class ShardLoader:
         interpolation: str = "bicubic",
         randaug: str = "",
         drop_last: bool | None = None,
+        on_error: str = "stop",
+        max_bad_samples: int = 100,
     ) -> None:
         if mode not in MODES:
             raise ValueError(f"mode={mode!r} is not valid; valid modes: {', '.join(MODES)}")
@@ -127,6 +130,16 @@ class ShardLoader:
             raise ValueError(f"batch_size={batch_size} and img_size={img_size} must be > 0")
         if randaug and mode != "train":
             raise ValueError(f"randaug={randaug!r} applies to mode='train' only (evaluation is a centre crop)")
+        if on_error not in ON_ERROR:
+            raise ValueError(f"data.on_error={on_error!r} is not valid; valid choices: {', '.join(ON_ERROR)}")
+        if max_bad_samples < 0:
+            raise ValueError(f"data.max_bad_samples={max_bad_samples} must be >= 0")
+        # a sample that cannot be read or decoded: stop (naming shard and key) or skip it, i.e. put the next
+        # readable sample of the dataset in its place (deterministic), until more than max_bad_samples
+        # distinct samples were bad on this rank
+        self.on_error = on_error
+        self.max_bad_samples = int(max_bad_samples)
+        self.bad_samples: list[str] = []
         # RandAugment (a timm policy string, "" = off): see fastmae.data.randaug
         self.randaug: RandAugmentPolicy | None = parse_policy(randaug) if randaug else None
         self.index = index
@@ -181,6 +194,7 @@ class ShardLoader:
             "batch_size": self.batch_size,
             "seed": self.seed,
             "drop_last": self.drop_last,
+            "bad_samples": list(self.bad_samples),
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -197,6 +211,7 @@ class ShardLoader:
                     "a resume needs the same dataset and seed"
                 )
         self.epoch = int(state["epoch"])
+        self.bad_samples = list(state.get("bad_samples", []))
         same = all(int(state.get(k, getattr(self, k))) == getattr(self, k)
                    for k in ("world_size", "batch_size", "drop_last"))
         if same:
@@ -211,6 +226,29 @@ class ShardLoader:
         self.start_sample = consumed
         if consumed >= self.num_samples:  # the epoch was complete: the next one starts afresh
             self.set_epoch(self.epoch + 1)
+
+    # ------------------------------------------------------------------ bad samples
+    @property
+    def skip_bad(self) -> bool:
+        return self.on_error == "skip"
+
+    def note_bad(self, names: list[str]) -> None:
+        """Count samples that were skipped (``shard:key``; each counted once per run); past the limit, stop."""
+        for name in names:
+            if name not in self.bad_samples:
+                self.bad_samples.append(name)
+                print(f"rank {self.rank}: skipped a sample that cannot be read or decoded: {name} (data.on_error="
+                      f"skip; {len(self.bad_samples)} so far, at most {self.max_bad_samples})", file=sys.stderr,
+                      flush=True)
+        if len(self.bad_samples) > self.max_bad_samples:
+            shown = ", ".join(self.bad_samples[:10]) + (", ..." if len(self.bad_samples) > 10 else "")
+            raise ShardError(
+                f"{len(self.bad_samples)} samples could not be read or decoded on rank {self.rank}, more than "
+                f"data.max_bad_samples={self.max_bad_samples}: {shown}; check the shards with `python -m "
+                "fastmae.data.shards verify`")
+
+    def sample_name(self, i: int) -> str:
+        return f"{self.index.shard(i)}:{self.index.key(i)}"
 
     # ------------------------------------------------------------------ the plan
     @property

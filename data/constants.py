@@ -9,3 +9,5 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 MODES = ("train", "eval")
 INTERPOLATIONS = ("bicubic", "bilinear")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+# what a sample that cannot be read or decoded does: stop the run, or skip it (data.on_error)
+ON_ERROR = ("stop", "skip")

@@ -13,6 +13,7 @@ in Python (any digit count) and the same samples, crop boxes and flips as the to
 from __future__ import annotations
 
 import dataclasses
+import io
 import queue
 import threading
 import warnings
@@ -29,7 +30,7 @@ from .base import EpochLayout, ShardLoader
 from .constants import IMAGENET_MEAN, IMAGENET_STD
 from .index import ShardError, ShardIndex
 from .randaug import RandAugmentPolicy, dali_apply, dali_params, dali_suite
-from .sampling import PAD_LABEL, image_size, sample_crop
+from .sampling import PAD_LABEL, SKIP_TRIES, image_size, sample_crop
 
 _DALI_DTYPE = {torch.float32: types.FLOAT, torch.float16: types.FLOAT16, torch.bfloat16: types.FLOAT16}
 
@@ -84,6 +85,8 @@ class _Feed:
         self._loader = weakref.ref(loader)  # no cycle: dropping the loader frees the pipeline at once
         self.next_pos = (layout, epoch, start)
         self.prefetch = prefetch
+        # data.on_error=skip: (epoch, step) -> samples replaced in that batch, read by the loader with the batch
+        self.bad: dict[tuple[int, int], list[str]] = {}
         self._queue: queue.Queue[Any] | None = None
         self._stop: threading.Event | None = None
 
@@ -141,21 +144,26 @@ class _Feed:
         plan = layout.batches(epoch, start)
         img_size, scale = ld.img_size, ld.crop_scale
         randaug, num_ops, identity = ld._randaug, ld._num_ops, ld._identity
+        skip, undecodable = ld.skip_bad, ld._undecodable
         del ld  # hold no strong reference: the thread must not keep the loader alive
         for b in plan:
-            jpegs, boxes, labels = [], [], []
+            jpegs, boxes, labels, bad = [], [], [], []
             for j, i in enumerate(b.indices):
-                data = idx.read_image(int(i))
-                u = None if b.uniforms is None else b.uniforms[j]
+                i = int(i)
                 try:
-                    size = image_size(data)
-                except Exception as e:  # not a readable image header: name the sample, not the parser's error
-                    raise ShardError(f"{idx.shard(int(i))}: {idx.key(int(i))}: image header "
-                                     f"unreadable ({type(e).__name__}: {e}); `python -m fastmae.data.shards "
-                                     "verify` lists every damaged sample") from e
+                    data, size, label = _read(idx, i, undecodable)
+                except ShardError:
+                    if not skip:
+                        raise
+                    if i not in undecodable:  # those were counted when DALI failed on them
+                        bad.append(f"{idx.shard(i)}:{idx.key(i)}")
+                    data, size, label = _replacement(idx, i, undecodable)
+                u = None if b.uniforms is None else b.uniforms[j]
                 boxes.append(sample_crop(u, *size, img_size, scale))
                 jpegs.append(np.frombuffer(data, dtype=np.uint8))
-                labels.append(PAD_LABEL if b.pad else idx.read_label(int(i)))
+                labels.append(PAD_LABEL if b.pad else label)
+            if bad:
+                self.bad[(epoch, b.step)] = bad
             box = np.asarray(boxes, dtype=np.float32)  # (B, 5): x, y, w, h, flip
             out = (jpegs, np.ascontiguousarray(box[:, 0:2]), np.ascontiguousarray(box[:, 2:4]),
                    box[:, 4].astype(np.int32), np.asarray(labels, dtype=np.int64))
@@ -163,6 +171,43 @@ class _Feed:
                 assert b.randaug is not None
                 out += dali_params(randaug, b.randaug, num_ops, identity)
             yield out
+
+
+def _read(idx: ShardIndex, i: int, undecodable: set[int]) -> tuple[bytes, tuple[int, int], int]:
+    """(bytes, (width, height), label) of sample ``i``; :class:`ShardError` naming it when it cannot be used."""
+    if i in undecodable:
+        raise ShardError(f"{idx.shard(i)}: {idx.key(i)}: image does not decode")
+    data = idx.read_image(i)
+    try:
+        size = image_size(data)
+    except Exception as e:  # not a readable image header: name the sample, not the parser's error
+        raise ShardError(f"{idx.shard(i)}: {idx.key(i)}: image header unreadable ({type(e).__name__}: {e}); "
+                         "`python -m fastmae.data.shards verify` lists every damaged sample") from e
+    return data, size, idx.read_label(i)
+
+
+def _replacement(idx: ShardIndex, i: int, undecodable: set[int]) -> tuple[bytes, tuple[int, int], int]:
+    """The next usable sample after ``i`` (data.on_error=skip)."""
+    j = i
+    for _ in range(SKIP_TRIES):
+        j = (j + 1) % len(idx)
+        try:
+            return _read(idx, j, undecodable)
+        except ShardError:
+            continue
+    raise ShardError(f"{idx.shard(i)}:{idx.key(i)} and the {SKIP_TRIES} samples after it could not be used")
+
+
+def _decodes(idx: ShardIndex, i: int) -> bool:
+    """Whether sample ``i``'s image decodes (PIL, on the CPU)."""
+    from PIL import Image
+
+    try:
+        with Image.open(io.BytesIO(idx.read_image(i))) as im:
+            im.load()
+        return True
+    except Exception:
+        return False
 
 
 class DaliLoader(ShardLoader):
@@ -180,6 +225,8 @@ class DaliLoader(ShardLoader):
         self._needs_reset = False
         # RandAugment: DALI's operation suite; the feed draws each sample's op, magnitude and sign
         self._randaug = self.randaug if self.randaug is not None and self.randaug.n > 0 else None
+        # data.on_error=skip: samples DALI could not decode (found when a batch failed), replaced from then on
+        self._undecodable: set[int] = set()
         self._suite: list[Any] | None = None
         self._num_ops = self._identity = 0
         if self._randaug is not None:
@@ -245,8 +292,19 @@ class DaliLoader(ShardLoader):
                 self.close()
                 raise
             except RuntimeError as e:  # DALI stops on an undecodable image without naming it: name suspects
+                if self.skip_bad and self._skip_undecodable(epoch, done):
+                    self._build(epoch, done)  # the feed now replaces them; DALI starts again at this batch
+                    continue
                 self.close()
                 raise ShardError(self._failure(epoch, done, e)) from e
+            assert self._feed is not None
+            bad = self._feed.bad.pop((epoch, done), None)
+            if bad:
+                try:
+                    self.note_bad(bad)
+                except ShardError:
+                    self.close()
+                    raise
             done += 1
             imgs, labels = out[0]["images"], out[0]["labels"]
             if imgs.dtype != self.dtype:
@@ -255,14 +313,32 @@ class DaliLoader(ShardLoader):
         self._needs_reset = True
         self._ready_for = (epoch + 1, 0, 0)
 
+    def _suspects(self, epoch: int, step: int) -> list[int]:
+        """Samples of the batch at ``step`` and of those prefetched after it (DALI names none of them)."""
+        out: list[int] = []
+        for b in self.layout().batches(epoch, step):
+            if b.step >= step + 3:
+                break
+            out += [int(i) for i in b.indices]
+        return out
+
+    def _skip_undecodable(self, epoch: int, step: int) -> bool:
+        """data.on_error=skip after DALI failed at ``step``: find the suspects that do not decode, count them
+        and have the feed replace them; False when none of them is to blame."""
+        new = [i for i in self._suspects(epoch, step) if i not in self._undecodable and not _decodes(self.index, i)]
+        if not new:
+            return False
+        self._undecodable.update(new)
+        try:
+            self.note_bad([self.sample_name(i) for i in new])
+        except ShardError:
+            self.close()
+            raise
+        return True
+
     def _failure(self, epoch: int, step: int, err: BaseException) -> str:
         """An error message naming the samples of the batches DALI may have been working on."""
-        suspects = []
-        for b in self.layout().batches(epoch, step):
-            if b.step >= step + 3:  # the failing batch is this one or one of those prefetched after it
-                break
-            suspects += [f"{self.index.shard(int(i)).name}:{self.index.key(int(i))}"
-                         for i in b.indices]
+        suspects = [f"{self.index.shard(i).name}:{self.index.key(i)}" for i in self._suspects(epoch, step)]
         shown = ", ".join(suspects[:12]) + (f", ... ({len(suspects)} in all)" if len(suspects) > 12 else "")
         first = str(err).strip().splitlines()
         return (f"DALI failed in epoch {epoch} at batch {step} on rank {self.rank}, most likely on an image "

@@ -100,6 +100,7 @@ def build_loader(
         device=device, mode=mode, crop_scale=(cfg.crop_scale_min, cfg.crop_scale_max), dtype=cfg.dtype,
         num_workers=cfg.num_workers, interpolation=getattr(cfg, "interpolation", "bicubic"), randaug=randaug,
         drop_last=mode == "train" and getattr(cfg, "drop_last", True),
+        on_error=getattr(cfg, "on_error", "stop"), max_bad_samples=getattr(cfg, "max_bad_samples", 100),
     )
     if backend == "dali":
         from .dali_pipeline import DaliLoader

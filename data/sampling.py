@@ -26,6 +26,8 @@ import numpy as np
 
 # label of a padding sample (torch's cross-entropy ``ignore_index`` default); never a real class
 PAD_LABEL = -100
+# data.on_error=skip: how many following samples are tried in place of a bad one
+SKIP_TRIES = 16
 RRC_ATTEMPTS = 10
 UNIFORMS_PER_SAMPLE = 4 * RRC_ATTEMPTS + 1  # (area, log-ratio, y, x) per attempt + flip
 RATIO = (3.0 / 4.0, 4.0 / 3.0)

@@ -20,7 +20,7 @@ from PIL import Image
 from .base import ShardLoader, normalize_uint8
 from .index import ShardError, ShardIndex
 from .randaug import TimmRandAugment
-from .sampling import PAD_LABEL, sample_crop
+from .sampling import PAD_LABEL, SKIP_TRIES, sample_crop
 
 # (global sample index, crop/flip uniforms or None, padding flag, RandAugment uniforms or None)
 Item = tuple[int, Any, bool, Any]
@@ -43,12 +43,31 @@ class _Samples(torch.utils.data.Dataset):
         )
         ra = loader.randaug
         self.randaug = TimmRandAugment(ra, loader.img_size) if ra is not None and ra.n > 0 else None
+        self.skip = loader.skip_bad
 
     def __len__(self) -> int:
         return len(self.index)
 
-    def __getitem__(self, item: Item) -> tuple[torch.Tensor, int]:
+    def __getitem__(self, item: Item) -> tuple[torch.Tensor, int, str | None]:
+        """(image, label, name of the bad sample it replaces or None)."""
         i, u, pad, ra = item
+        try:
+            arr, label = self._load(i, u, ra)
+            return arr, (PAD_LABEL if pad else label), None
+        except ShardError:
+            if not self.skip:
+                raise
+        j, bad = i, f"{self.index.shard(i)}:{self.index.key(i)}"
+        for _ in range(SKIP_TRIES):  # the next readable sample of the dataset takes its place
+            j = (j + 1) % len(self.index)
+            try:
+                arr, label = self._load(j, u, ra)
+                return arr, (PAD_LABEL if pad else label), bad
+            except ShardError:
+                continue
+        raise ShardError(f"{bad} and the {SKIP_TRIES} samples after it could not be read or decoded")
+
+    def _load(self, i: int, u: Any, ra: Any) -> tuple[torch.Tensor, int]:
         try:
             img = _open_rgb(self.index.read_image(i))
             img.load()
@@ -65,12 +84,13 @@ class _Samples(torch.utils.data.Dataset):
         if self.randaug is not None and ra is not None:  # after crop + flip, as timm's create_transform
             img = self.randaug(img, ra)
         arr = torch.from_numpy(np.asarray(img).copy()).permute(2, 0, 1)
-        return arr, (PAD_LABEL if pad else self.index.read_label(i))
+        return arr, self.index.read_label(i)
 
 
-def _collate(items: list[tuple[torch.Tensor, int]]) -> tuple[torch.Tensor, torch.Tensor]:
-    imgs = torch.stack([im for im, _ in items]).contiguous()
-    return imgs, torch.tensor([lab for _, lab in items], dtype=torch.int64)
+def _collate(items: list[tuple[torch.Tensor, int, str | None]]) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
+    imgs = torch.stack([im for im, _, _ in items]).contiguous()
+    bad = [b for _, _, b in items if b is not None]
+    return imgs, torch.tensor([lab for _, lab, _ in items], dtype=torch.int64), bad
 
 
 class _PlanSampler:
@@ -135,7 +155,9 @@ class TorchLoader(ShardLoader):
         if start >= self.layout().steps():
             return
         self._sampler.start = (epoch, start)
-        for imgs, labels in self._dl:
+        for imgs, labels, bad in self._dl:
+            if bad:
+                self.note_bad(bad)
             imgs = imgs.to(self.device, non_blocking=True)
             labels = labels.to(self.device, non_blocking=True)
             yield normalize_uint8(imgs, self.dtype), labels

@@ -83,6 +83,11 @@ class DataConfig:
     # training drops each epoch's last incomplete global batch (as the official code): every step has one
     # shape (one compiled graph) and no rank pads with a duplicate sample. Evaluation always reads every sample.
     drop_last: bool = True
+    # a sample that cannot be read or decoded (damaged JPEG, bad label, short read): stop (naming shard and key)
+    # | skip (the next readable sample takes its place, deterministically; counted in the metrics as
+    # data_bad_samples) until more than max_bad_samples distinct samples were bad on one rank
+    on_error: str = "stop"
+    max_bad_samples: int = 100
     num_workers: int = 4
     crop_scale_min: float = 0.2
     crop_scale_max: float = 1.0
@@ -402,6 +407,8 @@ def validate(cfg: Config) -> None:
     _choice("data.backend", d.backend, DATA_BACKENDS)
     _choice("data.dtype", d.dtype, ("float32", "bfloat16", "float16"))
     _choice("data.interpolation", d.interpolation, ("bicubic", "bilinear"))
+    _choice("data.on_error", d.on_error, ("stop", "skip"))
+    _positive("data.max_bad_samples", d.max_bad_samples, allow_zero=True)
     _positive("data.batch_size", d.batch_size)
     _positive("data.num_workers", d.num_workers, allow_zero=True)
     _positive("data.synthetic_size", d.synthetic_size)

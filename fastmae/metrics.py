@@ -132,6 +132,8 @@ def format_line(rec: dict[str, Any]) -> str:
     if rec.get("mfu") is not None:
         parts.append(f"MFU {100 * rec['mfu']:.1f}%")
     parts.append(f"data {100 * rec['data_wait']:.0f}%")
+    if rec.get("data_bad_samples"):
+        parts.append(f"bad samples {rec['data_bad_samples']}")
     if rec.get("peak_mem_gb") is not None:
         parts.append(f"mem {rec['peak_mem_gb']:.1f} GB")
     return " | ".join(parts)

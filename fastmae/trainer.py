@@ -415,6 +415,11 @@ class Trainer:
                     }
                     if t.on_nonfinite == "skip":
                         rec["skipped"] = skipped
+                    if getattr(self.loader, "on_error", "stop") == "skip":  # all ranks', since the run began
+                        bad = torch.tensor(float(len(self.loader.bad_samples)), device=dev)
+                        if dist.world_size > 1:
+                            tdist.all_reduce(bad)
+                        rec["data_bad_samples"] = int(bad)
                     losses.append(mean_loss)
                     line = format_line(rec)
                     if bar is not None:

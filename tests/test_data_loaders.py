@@ -511,3 +511,47 @@ def test_normalisation_constants_are_made_once_per_device() -> None:
     want = (imgs.float() / 255 - torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1)) / torch.tensor(IMAGENET_STD).view(
         1, 3, 1, 1)
     torch.testing.assert_close(normalize_uint8(imgs, torch.float32), want, rtol=1e-5, atol=1e-5)
+
+
+def _labelled_tar(path: Path, samples: list[tuple[str, bytes]]) -> None:
+    import io
+    import tarfile
+
+    with tarfile.open(path, "w") as tf:
+        for n, (key, data) in enumerate(samples):
+            for ext, payload in (("cls", str(n).encode()), ("jpg", data)):
+                info = tarfile.TarInfo(f"{key}.{ext}")
+                info.size = len(payload)
+                tf.addfile(info, io.BytesIO(payload))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_on_error_skip_replaces_bad_samples_deterministically(backend: str, tmp_path: Path) -> None:
+    """data.on_error=skip: a damaged JPEG body (found by the decoder) and a damaged header each give their place
+    to the next readable sample, are counted once per run (resumable), and past max_bad_samples the run stops."""
+    import io
+
+    buf = io.BytesIO()
+    Image.fromarray(_gradient(80, 60)).save(buf, "JPEG")
+    good = buf.getvalue()
+    broken = good[:300] + b"\x00" * 200 + good[500:600]
+    garbage = b"\xff\xd8\xff\xe0 not a JPEG " * 3
+    _labelled_tar(tmp_path / "000000.tar", [("a", good), ("b", good), ("broken", broken), ("c", good),
+                                            ("garbage", garbage), ("d", good)])
+    shard = tmp_path / "000000.tar"
+    cfg = _cfg(backend, tmp_path, batch=2, drop_last=False, on_error="skip", max_bad_samples=2)
+    loader = build_loader(cfg, img_size=16, mode="eval")
+    for _ in range(2):  # the same replacements every epoch; each bad sample counted once
+        assert [v for _, y in loader for v in y.tolist()] == [0, 1, 3, 3, 5, 5]
+        assert sorted(loader.bad_samples) == [f"{shard}:broken", f"{shard}:garbage"]
+    state = loader.state_dict()
+    assert sorted(state["bad_samples"]) == sorted(loader.bad_samples)
+    again = build_loader(cfg, img_size=16, mode="eval")
+    again.load_state_dict(state)
+    assert [v for _, y in again for v in y.tolist()] == [0, 1, 3, 3, 5, 5] and len(again.bad_samples) == 2
+    tight = build_loader(dataclasses.replace(cfg, max_bad_samples=1), img_size=16, mode="eval")
+    with pytest.raises(ShardError, match="2 samples could not be read or decoded on rank 0, more than "
+                                         "data.max_bad_samples=1"):
+        list(tight)
+    with pytest.raises(ValueError, match="on_error"):
+        build_loader(dataclasses.replace(cfg, on_error="ignore"), img_size=16)

@@ -433,6 +433,13 @@ def test_damaged_jpeg_on_one_rank_ends_the_job(env: dict[str, str], tmp_path: Pa
     failed_at = out.index("rank 1: ShardError")
     print(f"damaged JPEG: {took:.1f} s from rank 1's error to the job's exit")
     assert took < 60 and "Timeout" not in out[failed_at:], took
+    # data.on_error=skip: the next readable sample takes its place; the count is logged (all ranks')
+    skip = ["data.on_error=skip", "data.max_bad_samples=3", "train.steps=4", "train.log_interval=1",
+            f"train.output_dir={tmp_path / 'skip'}"]
+    out = run(launch(2, RUNNER, [*args[:-2], *skip]), env)
+    assert f"rank 1: skipped a sample that cannot be read or decoded: {shard}:{index.key(victim)}" in out
+    recs = records(tmp_path / "skip")
+    assert sorted(recs) == [1, 2, 3, 4] and [recs[s]["data_bad_samples"] for s in (1, 2, 3, 4)] == [0, 0, 1, 1]
 
 
 @pytest.mark.parametrize("policy", ["stop", "skip"])
