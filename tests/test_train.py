@@ -338,7 +338,7 @@ def test_s3_shards_train_and_resume_after_kill_9(env: dict[str, str], tmp_path: 
         os.killpg(proc.pid, signal.SIGKILL)
         proc.wait(timeout=30)
         resumed_from = int(ckpt.latest_complete(killed / "checkpoints").split("_")[1])
-        assert 6 <= resumed_from < last
+        assert 3 <= resumed_from < last  # step 6's save may be the one cut short: then step 3's is the last whole one
         out = run(launch(2, RUNNER, [*common, f"train.steps={last}", f"train.output_dir={killed}"]), s3env)
         assert "(0 fetched, 3 cached)" in out and f"at step {resumed_from}" in out
         after = records(killed)
