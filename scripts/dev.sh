@@ -61,8 +61,23 @@ case "${1:-}" in
     setup) setup ;;
     train) setup; shift; exec "$VENV/bin/deepspeed" fastmae/train.py --ds_config zero2.json "$@" ;;
     # two workers by default (FASTMAE_TEST_WORKERS): most tests wait on process start-up, not on the cores
-    test) setup; shift; "$VENV/bin/ruff" check . && "$VENV/bin/pytest" -q -n "${FASTMAE_TEST_WORKERS:-2}" \
-        --dist loadgroup "$@" && test_timm && test_triton ;;
+    test)
+        setup; shift
+        # the timm and newest-Triton environments install while the main suite runs (pip mostly waits on the
+        # disk and the network there), then their tests run after it
+        side_log=$(mktemp)
+        (setup_timm && setup_triton) > "$side_log" 2>&1 &
+        side=$!
+        rc=0
+        "$VENV/bin/ruff" check . && "$VENV/bin/pytest" -q -n "${FASTMAE_TEST_WORKERS:-2}" --dist loadgroup "$@" \
+            || rc=$?
+        if ! wait "$side"; then
+            echo "setting up .venv-timm / .venv-triton failed:" >&2
+            cat "$side_log" >&2
+            rc=1
+        fi
+        rm -f "$side_log"
+        [ "$rc" = 0 ] && test_timm && test_triton ;;
     test-timm) test_timm ;;
     test-triton) test_triton ;;
     *) echo "usage: bash scripts/dev.sh setup|train|test|test-timm|test-triton [args...]" >&2; exit 2 ;;

@@ -257,7 +257,7 @@ def test_kill_9_then_resume_on_two_ranks_and_on_one(env: dict[str, str], tmp_pat
     common = ["--ds_config", "zero2.json", "data.backend=torch", f"data.shards={id_shards}", "data.num_workers=0",
               "data.batch_size=4", "train.batch_size=8", "train.log_interval=1", "train.progress=false",
               "train.checkpoint_interval=4", "train.keep_last=2", "train.trackers="]
-    LAST = 40  # the reference run's length: the killed run must not have passed it
+    LAST = 30  # the reference run's length: the killed run must not have passed it
     full = tmp_path / "full"
     run(launch(2, RUNNER, [*common, f"train.steps={LAST}", f"train.output_dir={full}"]), env)
     ref = records(full)
@@ -326,7 +326,7 @@ def test_s3_shards_train_and_resume_after_kill_9(env: dict[str, str], tmp_path: 
                   f"data.cache_dir={tmp_path / 'cache'}", "data.num_workers=0", "data.batch_size=4",
                   "train.batch_size=8", "train.log_interval=1", "train.progress=false",
                   "train.checkpoint_interval=3", "train.keep_last=2", "train.trackers="]
-        last = 30
+        last = 18
         out = run(launch(2, RUNNER, [*common, f"train.steps={last}", f"train.output_dir={tmp_path / 'full'}"]), s3env)
         assert "shards: 3 from s3://photos/train/{000000..000002}.tar" in out
         ref = records(tmp_path / "full")
