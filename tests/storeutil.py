@@ -1,5 +1,5 @@
 """Real servers for the remote-shard tests: an S3-compatible server (moto's server mode, a separate process)
-and a plain HTTP server, each on a free port, stopped by the caller."""
+and a plain HTTP server, each on a free port; :func:`stop` ends them (and any other server a test starts)."""
 
 from __future__ import annotations
 
@@ -55,10 +55,13 @@ def start_http_server(folder: Path, log: Path) -> tuple[subprocess.Popen, str]:
     return proc, f"http://127.0.0.1:{port}"
 
 
-def stop(proc: subprocess.Popen) -> None:
+def stop(proc: subprocess.Popen, grace: float = 10) -> None:
+    """SIGTERM, then SIGKILL after ``grace`` seconds."""
+    if proc.poll() is not None:
+        return
     proc.terminate()
     try:
-        proc.wait(timeout=10)
+        proc.wait(timeout=grace)
     except subprocess.TimeoutExpired:
         proc.kill()
         proc.wait(timeout=10)

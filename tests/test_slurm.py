@@ -29,6 +29,7 @@ from pathlib import Path
 
 import pytest
 from dsutil import REPO, deepspeed_env
+from storeutil import stop
 
 pytestmark = pytest.mark.xdist_group("slurm_cluster")  # one cluster per module: its tests share a worker
 
@@ -153,13 +154,7 @@ def _stop(procs: list[subprocess.Popen], cluster: Cluster) -> None:
                 break
             time.sleep(0.5)
     for proc in reversed(procs):  # slurmd first, then slurmctld
-        if proc.poll() is None:
-            proc.terminate()
-            try:
-                proc.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait(timeout=10)
+        stop(proc, grace=20)
 
 
 @pytest.fixture(scope="module")
