@@ -9,9 +9,9 @@ Module graph of ``fastmae.data`` (acyclic): ``constants``, ``index``, ``sampling
 from __future__ import annotations
 
 import sys
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 import torch
@@ -20,6 +20,7 @@ from .constants import DTYPES, IMAGENET_MEAN, IMAGENET_STD, INTERPOLATIONS, MODE
 from .index import ShardError, ShardIndex
 from .randaug import RandAugmentPolicy, describe, parse_policy
 from .sampling import (
+    SKIP_TRIES,
     batch_uniforms,
     epoch_order,
     randaug_uniforms,
@@ -28,6 +29,8 @@ from .sampling import (
     steps_from,
     steps_per_epoch,
 )
+
+T = TypeVar("T")
 
 
 @dataclass
@@ -247,9 +250,6 @@ class ShardLoader:
                 f"data.max_bad_samples={self.max_bad_samples}: {shown}; check the shards with `python -m "
                 "fastmae.data.shards verify`")
 
-    def sample_name(self, i: int) -> str:
-        return f"{self.index.shard(i)}:{self.index.key(i)}"
-
     # ------------------------------------------------------------------ the plan
     @property
     def shuffle(self) -> bool:
@@ -283,6 +283,19 @@ class ShardLoader:
             self.batch_in_epoch += 1
             yield imgs, labels
         self.set_epoch(epoch + 1)
+
+
+def replacement(index: ShardIndex, i: int, load: Callable[[int], T]) -> T:
+    """data.on_error=skip: ``load`` of the first sample after ``i`` (wrapping around) that loads without a
+    :class:`ShardError`; at most ``SKIP_TRIES`` are tried."""
+    j = i
+    for _ in range(SKIP_TRIES):
+        j = (j + 1) % len(index)
+        try:
+            return load(j)
+        except ShardError:
+            continue
+    raise ShardError(f"{index.name(i)} and the {SKIP_TRIES} samples after it could not be read or decoded")
 
 
 _NORM_CACHE: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {}

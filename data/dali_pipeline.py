@@ -26,11 +26,11 @@ import torch
 from nvidia.dali import fn, pipeline_def, types
 from nvidia.dali.plugin.pytorch import DALIGenericIterator
 
-from .base import EpochLayout, ShardLoader
+from .base import EpochLayout, ShardLoader, replacement
 from .constants import IMAGENET_MEAN, IMAGENET_STD
 from .index import ShardError, ShardIndex
 from .randaug import RandAugmentPolicy, dali_apply, dali_params, dali_suite
-from .sampling import PAD_LABEL, SKIP_TRIES, image_size, sample_crop
+from .sampling import PAD_LABEL, image_size, sample_crop
 
 _DALI_DTYPE = {torch.float32: types.FLOAT, torch.float16: types.FLOAT16, torch.bfloat16: types.FLOAT16}
 
@@ -156,8 +156,8 @@ class _Feed:
                     if not skip:
                         raise
                     if i not in undecodable:  # those were counted when DALI failed on them
-                        bad.append(f"{idx.shard(i)}:{idx.key(i)}")
-                    data, size, label = _replacement(idx, i, undecodable)
+                        bad.append(idx.name(i))
+                    data, size, label = replacement(idx, i, lambda j: _read(idx, j, undecodable))
                 u = None if b.uniforms is None else b.uniforms[j]
                 boxes.append(sample_crop(u, *size, img_size, scale))
                 jpegs.append(np.frombuffer(data, dtype=np.uint8))
@@ -184,18 +184,6 @@ def _read(idx: ShardIndex, i: int, undecodable: set[int]) -> tuple[bytes, tuple[
         raise ShardError(f"{idx.shard(i)}: {idx.key(i)}: image header unreadable ({type(e).__name__}: {e}); "
                          "`python -m fastmae.data.shards verify` lists every damaged sample") from e
     return data, size, idx.read_label(i)
-
-
-def _replacement(idx: ShardIndex, i: int, undecodable: set[int]) -> tuple[bytes, tuple[int, int], int]:
-    """The next usable sample after ``i`` (data.on_error=skip)."""
-    j = i
-    for _ in range(SKIP_TRIES):
-        j = (j + 1) % len(idx)
-        try:
-            return _read(idx, j, undecodable)
-        except ShardError:
-            continue
-    raise ShardError(f"{idx.shard(i)}:{idx.key(i)} and the {SKIP_TRIES} samples after it could not be used")
 
 
 def _decodes(idx: ShardIndex, i: int) -> bool:
@@ -330,7 +318,7 @@ class DaliLoader(ShardLoader):
             return False
         self._undecodable.update(new)
         try:
-            self.note_bad([self.sample_name(i) for i in new])
+            self.note_bad([self.index.name(i) for i in new])
         except ShardError:
             self.close()
             raise

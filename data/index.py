@@ -256,6 +256,10 @@ class ShardIndex:
         """The WebDataset key of sample ``i`` (its member name without extension)."""
         return self._keys[i].decode()
 
+    def name(self, i: int) -> str:
+        """``shard:key`` of sample ``i``, as error messages and the bad-sample count name it."""
+        return f"{self.shard(i)}:{self.key(i)}"
+
     def __getstate__(self) -> dict:
         state = self.__dict__.copy()
         state["_fds"], state["_pid"] = {}, -1

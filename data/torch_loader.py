@@ -17,10 +17,10 @@ import numpy as np
 import torch
 from PIL import Image
 
-from .base import ShardLoader, normalize_uint8
+from .base import ShardLoader, normalize_uint8, replacement
 from .index import ShardError, ShardIndex
 from .randaug import TimmRandAugment
-from .sampling import PAD_LABEL, SKIP_TRIES, sample_crop
+from .sampling import PAD_LABEL, sample_crop
 
 # (global sample index, crop/flip uniforms or None, padding flag, RandAugment uniforms or None)
 Item = tuple[int, Any, bool, Any]
@@ -57,15 +57,9 @@ class _Samples(torch.utils.data.Dataset):
         except ShardError:
             if not self.skip:
                 raise
-        j, bad = i, f"{self.index.shard(i)}:{self.index.key(i)}"
-        for _ in range(SKIP_TRIES):  # the next readable sample of the dataset takes its place
-            j = (j + 1) % len(self.index)
-            try:
-                arr, label = self._load(j, u, ra)
-                return arr, (PAD_LABEL if pad else label), bad
-            except ShardError:
-                continue
-        raise ShardError(f"{bad} and the {SKIP_TRIES} samples after it could not be read or decoded")
+        # the next readable sample of the dataset takes its place
+        arr, label = replacement(self.index, i, lambda j: self._load(j, u, ra))
+        return arr, (PAD_LABEL if pad else label), self.index.name(i)
 
     def _load(self, i: int, u: Any, ra: Any) -> tuple[torch.Tensor, int]:
         try:
