@@ -163,10 +163,12 @@ class ShardLoader:
         # training reads full global batches only (static shapes, no duplicates); evaluation reads every sample
         self.drop_last = mode == "train" if drop_last is None else bool(drop_last)
         if self.drop_last and self.num_samples < world_size * batch_size:
-            raise ValueError(
-                f"{self.num_samples} samples are fewer than one global batch ({world_size} rank(s) x micro batch "
-                f"{batch_size}): an epoch would have no full batch; lower data.batch_size, add data, or set "
-                "data.drop_last=false")
+            # no full batch at all (a tiny dataset, e.g. the bundled sample on many ranks): read it whole instead
+            self.drop_last = False
+            if rank == 0:
+                print(f"data: {self.num_samples} samples are fewer than one global batch ({world_size} rank(s) x "
+                      f"micro batch {batch_size}): every epoch reads them all in one short batch per rank "
+                      "(data.drop_last does not apply)", file=sys.stderr, flush=True)
         self.epoch = 0
         self.batch_in_epoch = 0
         self.start_sample = 0
