@@ -57,26 +57,26 @@ def _filesystem(url: str) -> Any:
                           f"({type(e).__name__}: {e})") from e
 
 
-def _join(fs: Any, url: str, path: str) -> str:
+def _join(scheme: str, path: str) -> str:
     """A path fsspec listed -> a full URL (object stores list without the scheme)."""
-    return path if "://" in path else f"{fs.protocol[0] if isinstance(fs.protocol, tuple) else fs.protocol}://{path}"
+    return path if "://" in path else f"{scheme}://{path}"
 
 
 def expand_remote(spec: str, fs: Any | None = None) -> list[str]:
     """Shard URLs of ``spec``: a brace pattern, a glob (object stores only), a folder ending in ``/`` (its
     ``*.tar``, sorted; object stores only) or one URL. Existence is checked when the shards are fetched."""
-    fs = fs or _filesystem(spec)
     if "{" in spec:
         return _expand_braces(spec)
+    fs = fs or _filesystem(spec)
     scheme = spec.partition("://")[0].lower()
     listable = scheme not in ("http", "https")
     if listable and spec.endswith("/"):
-        urls = sorted(_join(fs, spec, p) for p in fs.glob(spec.rstrip("/") + "/*.tar"))
+        urls = sorted(_join(scheme, p) for p in fs.glob(spec.rstrip("/") + "/*.tar"))
         if not urls:
             raise ShardError(f"no *.tar shards under {spec}")
         return urls
     if listable and any(c in spec.partition("://")[2] for c in "*?["):
-        urls = sorted(_join(fs, spec, p) for p in fs.glob(spec))
+        urls = sorted(_join(scheme, p) for p in fs.glob(spec))
         if not urls:
             raise ShardError(f"no shards match {spec!r}")
         return urls
