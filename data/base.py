@@ -2,7 +2,8 @@
 
 Module graph of ``fastmae.data`` (acyclic): ``constants``, ``index``, ``sampling`` at the bottom; ``randaug`` on
 ``constants``; ``base`` on those; the backends (``torch_loader``, ``dali_pipeline``, ``synthetic``) on ``base``;
-``remote`` (fetching s3/gs/http shards) on ``index``; the factory ``loader``
+``remote`` (fetching s3/gs/http shards) on ``index``; ``stream`` (streaming them) on ``index`` and ``remote``;
+the factory ``loader``
 (:func:`~fastmae.data.loader.build_loader`) on top.
 """
 
@@ -16,7 +17,7 @@ from typing import Any, TypeVar
 import numpy as np
 import torch
 
-from .constants import DTYPES, IMAGENET_MEAN, IMAGENET_STD, INTERPOLATIONS, MODES, ON_ERROR
+from .constants import DTYPES, IMAGENET_MEAN, IMAGENET_STD, INTERPOLATIONS, MODES, ON_ERROR, READS
 from .index import ShardError, ShardIndex
 from .randaug import RandAugmentPolicy, describe, parse_policy
 from .sampling import (
@@ -28,6 +29,7 @@ from .sampling import (
     sample_crop,
     steps_from,
     steps_per_epoch,
+    stream_order,
 )
 
 T = TypeVar("T")
@@ -52,6 +54,9 @@ class EpochLayout:
     ``start_sample`` > 0 lays the epoch out from that position of its order on: a run resumed on another
     number of ranks or micro batch continues the interrupted epoch with exactly the samples not yet consumed.
     ``drop_last``: only full global batches (the rest of the order is not read this epoch).
+    ``shard_sizes`` (samples per shard) set: the streamed order (:func:`~fastmae.data.sampling.stream_order`,
+    shuffle buffer ``buffer``) laid out for ``order_layout`` = (ranks, micro batch, drop_last), the layout the
+    epoch began with (None: this one); None: the global shuffle.
     """
 
     num_samples: int
@@ -63,6 +68,16 @@ class EpochLayout:
     randaug_layers: int = 0
     start_sample: int = 0
     drop_last: bool = False
+    shard_sizes: tuple[int, ...] | None = None
+    buffer: int = 0
+    order_layout: tuple[int, int, bool] | None = None
+
+    def order(self, epoch: int) -> np.ndarray:
+        """The order in which ``epoch`` visits the samples (all ranks together)."""
+        if self.shard_sizes is None:
+            return epoch_order(self.num_samples, epoch, self.seed, self.shuffle)
+        world, batch, drop_last = self.order_layout or (self.world_size, self.batch_size, self.drop_last)
+        return _stream_order(self.shard_sizes, epoch, self.seed, self.shuffle, world, batch, drop_last, self.buffer)
 
     def steps(self) -> int:
         """Batches per rank of this layout (a whole epoch when ``start_sample`` is 0)."""
@@ -80,14 +95,31 @@ class EpochLayout:
 
     def batches(self, epoch: int, start: int) -> Iterator[BatchPlan]:
         """This rank's batches of ``epoch`` from batch ``start`` on."""
-        order = epoch_order(self.num_samples, epoch, self.seed, self.shuffle)[self.start_sample:]
         seg = self.start_sample
-        for step in range(start, self.steps()):
-            idx, pad = rank_batch(order, step, self.rank, self.world_size, self.batch_size)
+        for step, (idx, pad) in enumerate(self.indices(epoch, start), start):
             u = batch_uniforms(self.seed, epoch, step, self.rank, len(idx), seg) if self.shuffle else None
             ra = (randaug_uniforms(self.seed, epoch, step, self.rank, len(idx), self.randaug_layers, seg)
                   if self.shuffle and self.randaug_layers else None)
             yield BatchPlan(step, idx, pad, u, ra)
+
+    def indices(self, epoch: int, start: int) -> Iterator[tuple[np.ndarray, bool]]:
+        """This rank's sample indices (and padding flag) per batch of ``epoch`` from batch ``start`` on."""
+        order = self.order(epoch)[self.start_sample:]
+        for step in range(start, self.steps()):
+            yield rank_batch(order, step, self.rank, self.world_size, self.batch_size)
+
+
+_ORDER_CACHE: dict[tuple, np.ndarray] = {}
+
+
+def _stream_order(*key: Any) -> np.ndarray:
+    """:func:`stream_order`, remembered for the last few layouts (a feed thread and the spool ask for the same
+    epoch; the buffer shuffle is a Python loop over the samples)."""
+    if key not in _ORDER_CACHE:
+        if len(_ORDER_CACHE) >= 4:
+            _ORDER_CACHE.pop(next(iter(_ORDER_CACHE)))
+        _ORDER_CACHE[key] = stream_order(*key)
+    return _ORDER_CACHE[key]
 
 
 class ShardLoader:
@@ -120,6 +152,9 @@ class ShardLoader:
         drop_last: bool | None = None,
         on_error: str = "stop",
         max_bad_samples: int = 100,
+        read: str = "global",
+        shuffle_buffer: int = 10000,
+        spool: Any = None,
     ) -> None:
         if mode not in MODES:
             raise ValueError(f"mode={mode!r} is not valid; valid modes: {', '.join(MODES)}")
@@ -137,6 +172,16 @@ class ShardLoader:
             raise ValueError(f"data.on_error={on_error!r} is not valid; valid choices: {', '.join(ON_ERROR)}")
         if max_bad_samples < 0:
             raise ValueError(f"data.max_bad_samples={max_bad_samples} must be >= 0")
+        if read not in READS:
+            raise ValueError(f"data.read={read!r} is not valid here; valid choices: {', '.join(READS)}")
+        if shuffle_buffer < 1:
+            raise ValueError(f"data.shuffle_buffer={shuffle_buffer} must be >= 1")
+        # global: one permutation of all samples per epoch (random reads); stream: shards shuffled and split
+        # across ranks, each rank's run through a seeded shuffle buffer (sequential reads; see sampling)
+        self.read = read
+        self.shuffle_buffer = int(shuffle_buffer)
+        # remote shards streamed: the rank's ShardSpool (fastmae.data.stream), told what each epoch needs
+        self.spool = spool
         # a sample that cannot be read or decoded: stop (naming shard and key) or skip it, i.e. put the next
         # readable sample of the dataset in its place (deterministic), until more than max_bad_samples
         # distinct samples were bad on this rank
@@ -172,6 +217,8 @@ class ShardLoader:
         self.epoch = 0
         self.batch_in_epoch = 0
         self.start_sample = 0
+        # (ranks, micro batch, drop_last) the current epoch's order was laid out for (None: ours)
+        self.order_layout: tuple[int, int, bool] | None = None
 
     # ------------------------------------------------------------------ position and state
     def __len__(self) -> int:
@@ -182,6 +229,7 @@ class ShardLoader:
         self.epoch = int(epoch)
         self.batch_in_epoch = 0
         self.start_sample = 0
+        self.order_layout = None
 
     @property
     def samples_in_epoch(self) -> int:
@@ -200,6 +248,9 @@ class ShardLoader:
             "seed": self.seed,
             "drop_last": self.drop_last,
             "bad_samples": list(self.bad_samples),
+            "read": self.read,
+            "shuffle_buffer": self.shuffle_buffer,
+            "order_layout": list(self.order_layout or (self.world_size, self.batch_size, self.drop_last)),
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -215,8 +266,22 @@ class ShardLoader:
                     f"loader state has {key}={state[key]} but this loader has {key}={getattr(self, key)}: "
                     "a resume needs the same dataset and seed"
                 )
+        theirs = (state.get("read", "global"), int(state.get("shuffle_buffer", self.shuffle_buffer)))
+        differs = theirs[0] != self.read or (self.read == "stream" and theirs[1] != self.shuffle_buffer)
+        if differs and 0 < int(state.get("samples_in_epoch", 1)) < self.num_samples:
+            raise ValueError(
+                f"the loader state was taken mid-epoch with data.read={theirs[0]} data.shuffle_buffer={theirs[1]}; "
+                f"this run has data.read={self.read} data.shuffle_buffer={self.shuffle_buffer}: another order would "
+                "read some samples of that epoch twice and others not at all; resume with the old settings (they "
+                "can change at an epoch boundary)")
         self.epoch = int(state["epoch"])
         self.bad_samples = list(state.get("bad_samples", []))
+        # the interrupted epoch goes on in the order it began with (a streamed order depends on the layout)
+        w, b, d = state.get("order_layout") or (state.get("world_size", self.world_size),
+                                                 state.get("batch_size", self.batch_size),
+                                                 state.get("drop_last", self.drop_last))
+        order = (int(w), int(b), bool(d))
+        self.order_layout = None if order == (self.world_size, self.batch_size, self.drop_last) else order
         same = all(int(state.get(k, getattr(self, k))) == getattr(self, k)
                    for k in ("world_size", "batch_size", "drop_last"))
         if same:
@@ -259,8 +324,11 @@ class ShardLoader:
 
     def layout(self) -> EpochLayout:
         """This rank's epoch layout, detached from the loader (safe to hand to a feed thread)."""
+        sizes = (tuple(np.bincount(self.index.shard_of, minlength=len(self.index.shards)).tolist())
+                 if self.read == "stream" else None)
         return EpochLayout(self.num_samples, self.world_size, self.rank, self.batch_size, self.seed, self.shuffle,
-                           self.randaug.n if self.randaug else 0, self.start_sample, self.drop_last)
+                           self.randaug.n if self.randaug else 0, self.start_sample, self.drop_last, sizes,
+                           self.shuffle_buffer, self.order_layout)
 
     @property
     def randaug_info(self) -> str:
@@ -279,20 +347,48 @@ class ShardLoader:
     def _batches(self, epoch: int, start: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         raise NotImplementedError
 
+    # batches a backend may read before the trainer takes them (the spool fetches that far ahead)
+    prefetch_batches = 8
+
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         epoch, start = self.epoch, self.batch_in_epoch
+        if self.spool is not None:
+            self.spool.schedule(self.shard_uses(epoch, start), ahead=self.prefetch_batches + 2)
         for imgs, labels in self._batches(epoch, start):
             self.batch_in_epoch += 1
+            if self.spool is not None:
+                self.spool.advance(self.batch_in_epoch - start)
             yield imgs, labels
         self.set_epoch(epoch + 1)
 
+    def shard_uses(self, epoch: int, start: int) -> list[tuple[int, int, int]]:
+        """(shard, first batch, last batch) of every shard this rank reads in ``epoch`` from batch ``start`` on
+        (batches counted from ``start``), in order of first use."""
+        shards, batch = [], []
+        for k, (idx, _) in enumerate(self.layout().indices(epoch, start)):
+            s = np.unique(self.index.shard_of[idx])
+            shards.append(s)
+            batch.append(np.full(len(s), k))
+        if not shards:
+            return []
+        sid, b = np.concatenate(shards), np.concatenate(batch)
+        first = {int(x): int(y) for x, y in zip(sid[::-1], b[::-1], strict=True)}
+        last = {int(x): int(y) for x, y in zip(sid, b, strict=True)}
+        return sorted(((s, first[s], last[s]) for s in first), key=lambda u: u[1])
+
+    def close(self) -> None:
+        """Stop the spool's fetchers and remove its folder (a no-op for local shards)."""
+        if self.spool is not None:
+            self.spool.close()
+            self.spool = None
+
 
 def replacement(index: ShardIndex, i: int, load: Callable[[int], T]) -> T:
-    """data.on_error=skip: ``load`` of the first sample after ``i`` (wrapping around) that loads without a
+    """data.on_error=skip: ``load`` of the first sample after ``i`` (``index.successor``) that loads without a
     :class:`ShardError`; at most ``SKIP_TRIES`` are tried."""
     j = i
     for _ in range(SKIP_TRIES):
-        j = (j + 1) % len(index)
+        j = index.successor(j)
         try:
             return load(j)
         except ShardError:

@@ -11,3 +11,5 @@ INTERPOLATIONS = ("bicubic", "bilinear")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 # what a sample that cannot be read or decoded does: stop the run, or skip it (data.on_error)
 ON_ERROR = ("stop", "skip")
+# how a loader orders and reads the shards (data.read): global shuffle with random reads, or streamed
+READS = ("global", "stream")

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import io
+import os
 import queue
 import threading
 import warnings
@@ -230,7 +231,7 @@ class DaliLoader(ShardLoader):
             self._device_id = None
 
     def _build(self, epoch: int, start: int) -> None:
-        self.close()
+        self._release()
         gpu = self._device_id is not None
         self._feed = _Feed(self, self.layout(), epoch, start)
         # DALI's auto_aug calls its own deprecated fn.experimental aliases, and DALI shows those warnings
@@ -252,6 +253,11 @@ class DaliLoader(ShardLoader):
         self._needs_reset = False
 
     def close(self) -> None:
+        """Release the pipeline and stop its feed thread and the spool of streamed shards."""
+        self._release()
+        super().close()
+
+    def _release(self) -> None:
         """Release the pipeline (its threads and buffers) and stop its feed thread."""
         if self._feed is not None:
             self._feed.stop()
@@ -277,13 +283,13 @@ class DaliLoader(ShardLoader):
             except StopIteration:
                 break
             except ShardError:  # raised by the feed (e.g. a bad label): already names the sample
-                self.close()
+                self._release()
                 raise
             except RuntimeError as e:  # DALI stops on an undecodable image without naming it: name suspects
                 if self.skip_bad and self._skip_undecodable(epoch, done):
                     self._build(epoch, done)  # the feed now replaces them; DALI starts again at this batch
                     continue
-                self.close()
+                self._release()
                 raise ShardError(self._failure(epoch, done, e)) from e
             assert self._feed is not None
             bad = self._feed.bad.pop((epoch, done), None)
@@ -291,7 +297,7 @@ class DaliLoader(ShardLoader):
                 try:
                     self.note_bad(bad)
                 except ShardError:
-                    self.close()
+                    self._release()
                     raise
             done += 1
             imgs, labels = out[0]["images"], out[0]["labels"]
@@ -320,21 +326,22 @@ class DaliLoader(ShardLoader):
         try:
             self.note_bad([self.index.name(i) for i in new])
         except ShardError:
-            self.close()
+            self._release()
             raise
         return True
 
     def _failure(self, epoch: int, step: int, err: BaseException) -> str:
         """An error message naming the samples of the batches DALI may have been working on."""
-        suspects = [f"{self.index.shard(i).name}:{self.index.key(i)}" for i in self._suspects(epoch, step)]
+        suspects = [f"{os.path.basename(str(self.index.shard(i)))}:{self.index.key(i)}"
+                    for i in self._suspects(epoch, step)]
         shown = ", ".join(suspects[:12]) + (f", ... ({len(suspects)} in all)" if len(suspects) > 12 else "")
         first = str(err).strip().splitlines()
         return (f"DALI failed in epoch {epoch} at batch {step} on rank {self.rank}, most likely on an image "
                 f"that does not decode, one of: {shown}. Check the shards with `python -m fastmae.data.shards "
-                f"verify {self.index.shards[0].parent}`. DALI said: {' '.join(first[-4:])}")
+                f"verify {os.path.dirname(str(self.index.shards[0]))}`. DALI said: {' '.join(first[-4:])}")
 
     def __del__(self) -> None:
         try:
-            self.close()
+            self._release()
         except Exception:
             pass

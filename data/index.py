@@ -136,6 +136,11 @@ def read_index(path: Path) -> list[dict[str, tuple[int, int, str]]]:
         text = path.read_text()
     except OSError as e:
         raise ShardError(f"cannot read index {path}: {e}") from e
+    return parse_index(text, path)
+
+
+def parse_index(text: str, path: Path | str) -> list[dict[str, tuple[int, int, str]]]:
+    """Parse the text of a DALI index file (``path`` names it in errors)."""
     lines = text.splitlines()
     head = lines[0].split() if lines else []
     if len(head) != 2 or head[0] != INDEX_VERSION:
@@ -159,11 +164,12 @@ def read_index(path: Path) -> list[dict[str, tuple[int, int, str]]]:
 _TAR_TAIL_MAX = 512 + 2 * 512 + 20 * 512
 
 
-def _check_index_matches(shard: Path, idx: Path, samples: list[dict[str, tuple[int, int, str]]]) -> None:
+def check_index_matches(shard: Path | str, idx: Path | str, samples: list[dict[str, tuple[int, int, str]]],
+                        size: int) -> None:
     """A stale index (the shard rewritten or truncated after indexing) would make reads return the wrong
-    bytes or fewer bytes; caught at start: the last member the index names must end where the tar ends."""
-    end = max((off + size for s in samples for off, size, _ in s.values()), default=0)
-    size = shard.stat().st_size
+    bytes or fewer bytes; caught at start: the last member the index names must end where the tar (of
+    ``size`` bytes) ends."""
+    end = max((off + n for s in samples for off, n, _ in s.values()), default=0)
     if end > size or size - end > _TAR_TAIL_MAX:
         how = "truncated" if end > size else "rewritten"
         raise ShardError(f"index {idx} does not match {shard}: it addresses bytes up to {end}, the shard has "
@@ -197,22 +203,26 @@ class ShardIndex:
     """All samples of a list of shards, addressable by a global index ``0..len-1`` (shard order, then
     archive order). File handles open lazily per process, so the object can be sent to DataLoader workers."""
 
-    def __init__(self, shards: list[Path]) -> None:
-        self.shards = [Path(s) for s in shards]
+    def __init__(self, shards: list[Path] | list[str], *,
+                 samples: list[list[dict[str, tuple[int, int, str]]]] | None = None) -> None:
+        # shards: local files, or (with ``samples``, their indexes already read) the names errors give them,
+        # e.g. URLs of streamed shards (see fastmae.data.stream)
+        self.shards: list[Path | str] = [s if isinstance(s, str) and "://" in s else Path(s) for s in shards]
         if not self.shards:
             raise ShardError("no shards given")
         cols: list[list[int]] = [[], [], [], [], []]
         keys: list[str] = []
         for sid, shard in enumerate(self.shards):
-            if not shard.is_file():
+            if samples is not None:
+                per_shard = samples[sid]
+            elif not Path(shard).is_file():
                 raise ShardError(f"shard {shard} does not exist")
-            idx = index_path(shard)
-            if idx.is_file():
-                samples = read_index(idx)
-                _check_index_matches(shard, idx, samples)
+            elif index_path(Path(shard)).is_file():
+                per_shard = read_index(index_path(Path(shard)))
+                check_index_matches(shard, index_path(Path(shard)), per_shard, Path(shard).stat().st_size)
             else:
-                samples = scan_tar(shard)
-            for s in samples:
+                per_shard = scan_tar(Path(shard))
+            for s in per_shard:
                 img = next((s[e] for e in IMAGE_EXTS if e in s), None)
                 if img is None:
                     name = next(iter(s.values()))[2]
@@ -248,7 +258,7 @@ class ShardIndex:
                              f"({len(missing)} of {len(self)} samples have none); classification needs a label "
                              "per sample")
 
-    def shard(self, i: int) -> Path:
+    def shard(self, i: int) -> Path | str:
         """The shard file holding sample ``i``."""
         return self.shards[int(self.shard_of[i])]
 
@@ -272,9 +282,17 @@ class ShardIndex:
         if fd is None:
             if len(self._fds) >= _fd_budget():  # ImageNet has ~1000 shards: keep descriptors bounded
                 os.close(self._fds.pop(next(iter(self._fds))))
-            fd = os.open(self.shards[shard], os.O_RDONLY)
+            fd = os.open(self.local_path(shard), os.O_RDONLY)
             self._fds[shard] = fd
         return fd
+
+    def local_path(self, shard: int) -> Path:
+        """The file to read shard number ``shard`` from."""
+        return Path(self.shards[shard])
+
+    def successor(self, i: int) -> int:
+        """The sample data.on_error=skip tries after ``i``: the next one of the dataset (wrapping around)."""
+        return (i + 1) % len(self)
 
     def _read(self, i: int, offset: int, n: int, ext: str) -> bytes:
         """``n`` bytes at ``offset`` of sample ``i``'s shard; a short read (the shard truncated while in use) is

@@ -55,8 +55,8 @@ def build_loader(
     """The loader ``cfg`` (a :class:`fastmae.config.DataConfig`) asks for, for this rank.
 
     ``cfg.shards == ""`` reads the bundled sample; otherwise a directory, brace pattern or glob of shards, or
-    the same behind ``s3://``, ``gs://`` or ``http(s)://`` (fetched once into ``cfg.cache_dir``, see
-    :mod:`fastmae.data.remote`).
+    the same behind ``s3://``, ``gs://`` or ``http(s)://`` (streamed, :mod:`fastmae.data.stream`, or with
+    ``cfg.read = "global"`` fetched once into ``cfg.cache_dir``, :mod:`fastmae.data.remote`).
     Resampling is bicubic (the paper's recipe) unless ``cfg`` has ``interpolation = "bilinear"``.
     ``randaug`` (fine-tuning only; MAE pre-training is crop + flip): a timm RandAugment policy such as
     ``"rand-m9-mstd0.5-inc1"`` applied per training sample after the crop (:mod:`fastmae.data.randaug`); the
@@ -83,24 +83,54 @@ def build_loader(
             dtype=DTYPES[cfg.dtype] if dev.type == "cuda" else torch.float32,
             size=cfg.synthetic_size, seed=seed, rank=rank, world_size=world_size,
         )
-    if cfg.shards and is_remote(cfg.shards):  # s3:// gs:// http(s)://: fetched once into the local cache
-        shards = fetch_shards(cfg.shards, getattr(cfg, "cache_dir", "") or None, progress=rank == 0,
-                              log=print if rank == 0 else None)
-    elif cfg.shards:
-        shards = expand_shards(cfg.shards)
-    else:
-        from .sample import bundled_sample_dir
+    remote = bool(cfg.shards) and is_remote(cfg.shards)
+    read = resolve_read(getattr(cfg, "read", "auto"), remote)
+    cache_dir = getattr(cfg, "cache_dir", "") or None
+    spool = None
+    if remote and read == "stream":  # s3:// gs:// http(s)://: fetched just ahead of use, deleted after
+        from .stream import open_stream
 
-        shards = expand_shards(bundled_sample_dir())
-    index = ShardIndex(shards)
-    if labels:
-        index.require_labels()
+        index, spool = open_stream(cfg.shards, cache_dir, rank, log=print if rank == 0 else None)
+    else:
+        if remote:  # fetched once into the local cache
+            shards = fetch_shards(cfg.shards, cache_dir, progress=rank == 0, log=print if rank == 0 else None)
+        elif cfg.shards:
+            shards = expand_shards(cfg.shards)
+        else:
+            from .sample import bundled_sample_dir
+
+            shards = expand_shards(bundled_sample_dir())
+        index = ShardIndex(shards)
+    try:
+        if labels:
+            index.require_labels()
+        return _make(backend, index, cfg, img_size=img_size, rank=rank, world_size=world_size, seed=seed,
+                     device=device, mode=mode, randaug=randaug, read=read, spool=spool)
+    except BaseException:
+        if spool is not None:
+            spool.close()
+        raise
+
+
+def resolve_read(read: str, remote: bool) -> str:
+    """``auto`` -> ``stream`` for remote shards, ``global`` for local ones; others are checked and returned."""
+    valid = ("auto", "global", "stream")
+    if read not in valid:
+        raise ValueError(f"data.read={read!r} is not valid; valid choices: {', '.join(valid)}")
+    if read == "auto":
+        return "stream" if remote else "global"
+    return read
+
+
+def _make(backend: str, index: ShardIndex, cfg: Any, *, img_size: int, rank: int, world_size: int, seed: int,
+          device: torch.device | str, mode: str, randaug: str, read: str, spool: Any) -> Any:
     kwargs = dict(
         batch_size=cfg.batch_size, img_size=img_size, rank=rank, world_size=world_size, seed=seed,
         device=device, mode=mode, crop_scale=(cfg.crop_scale_min, cfg.crop_scale_max), dtype=cfg.dtype,
         num_workers=cfg.num_workers, interpolation=getattr(cfg, "interpolation", "bicubic"), randaug=randaug,
         drop_last=mode == "train" and getattr(cfg, "drop_last", True),
         on_error=getattr(cfg, "on_error", "stop"), max_bad_samples=getattr(cfg, "max_bad_samples", 100),
+        read=read, shuffle_buffer=getattr(cfg, "shuffle_buffer", 10000), spool=spool,
     )
     if backend == "dali":
         from .dali_pipeline import DaliLoader

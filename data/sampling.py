@@ -58,6 +58,71 @@ def epoch_order(num_samples: int, epoch: int, seed: int, shuffle: bool) -> np.nd
     return np.random.default_rng([seed, epoch, 0x5EED]).permutation(num_samples).astype(np.int64)
 
 
+def buffer_shuffle(items: np.ndarray, buffer: int, rng: np.random.Generator) -> np.ndarray:
+    """``items`` through a shuffle buffer of ``buffer`` slots (webdataset's ``shuffle``): the buffer fills
+    with the first ``buffer`` items; each output is a random slot, refilled with the next item; at the end
+    the rest leaves in random order. Output ``i`` is always one of ``items[:i + buffer]``, so a reader holds
+    at most ``buffer`` items (plus the shards they come from) at a time."""
+    n = len(items)
+    if buffer <= 1 or n <= 1:
+        return items.copy()
+    out = np.empty_like(items)
+    buf = items[: min(buffer, n)].tolist()
+    u = rng.random(n)
+    for k in range(n):
+        j = int(u[k] * len(buf))
+        out[k] = buf[j]
+        nxt = k + buffer
+        if nxt < n:
+            buf[j] = int(items[nxt])
+        else:  # draining: drop the slot, keep the others
+            buf[j] = buf[-1]
+            buf.pop()
+    return out
+
+
+def stream_order(shard_sizes: tuple[int, ...], epoch: int, seed: int, shuffle: bool, world_size: int,
+                 batch_size: int, drop_last: bool, buffer: int) -> np.ndarray:
+    """The epoch order of streamed shards (``data.read=stream``), laid out for ``world_size`` x ``batch_size``.
+
+    The shards are shuffled per (seed, epoch) and their samples concatenated in that order; each rank takes
+    one contiguous run of that sequence, as long as the samples :func:`rank_batch` gives it this epoch, so a
+    rank reads ``n / world_size`` samples from about as many consecutive shards, each shard one sequential
+    read (two ranks share at most one shard at each boundary). A rank's run goes through a seeded shuffle
+    buffer (:func:`buffer_shuffle`, ``buffer`` samples) and is placed at the positions :func:`rank_batch`
+    reads for that rank, so the same batching code serves both orders; what drop_last leaves out this epoch
+    is the tail of the shard sequence (different shards each epoch). Without shuffle (evaluation): shards
+    in order, no buffer. Every sample is in the order exactly once.
+    """
+    sizes = np.asarray(shard_sizes, dtype=np.int64)
+    n = int(sizes.sum())
+    starts = np.concatenate([[0], np.cumsum(sizes)[:-1]])
+    rng = np.random.default_rng([seed, epoch, 0x57EA])
+    shards = rng.permutation(len(sizes)) if shuffle else np.arange(len(sizes))
+    seq = np.concatenate([np.arange(starts[s], starts[s] + sizes[s], dtype=np.int64) for s in shards])
+    positions = np.arange(n, dtype=np.int64)
+    steps = steps_per_epoch(n, world_size, batch_size, drop_last)
+    slots: list[list[np.ndarray]] = [[] for _ in range(world_size)]
+    for step in range(steps):
+        for r in range(world_size):
+            pos, pad = rank_batch(positions, step, r, world_size, batch_size)
+            if not pad:
+                slots[r].append(pos)
+    order = np.empty(n, dtype=np.int64)
+    filled = np.zeros(n, dtype=bool)
+    at = 0
+    for r in range(world_size):
+        pos = np.concatenate(slots[r]) if slots[r] else np.empty(0, dtype=np.int64)
+        run = seq[at:at + len(pos)]
+        at += len(pos)
+        if shuffle:
+            run = buffer_shuffle(run, buffer, np.random.default_rng([seed, epoch, r, world_size, 0xB0F]))
+        order[pos] = run
+        filled[pos] = True
+    order[~filled] = seq[at:]  # the tail drop_last leaves out this epoch
+    return order
+
+
 def rank_batch(
     order: np.ndarray, step: int, rank: int, world_size: int, batch_size: int
 ) -> tuple[np.ndarray, bool]:

@@ -144,6 +144,11 @@ class TorchLoader(ShardLoader):
         if it is not None and hasattr(it, "_shutdown_workers"):
             it._shutdown_workers()
         self._dl._iterator = None
+        super().close()
+
+    @property
+    def prefetch_batches(self) -> int:  # type: ignore[override]
+        return self.num_workers * 4 + 1 if self.num_workers > 0 else 1  # the prefetch_factor per worker
 
     def _batches(self, epoch: int, start: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         if start >= self.layout().steps():

@@ -74,9 +74,17 @@ class DataConfig:
     # auto | dali | torch | synthetic (auto: DALI when installed, else the torch loader)
     backend: str = "auto"
     # shard files: a directory, a brace pattern "dir/{000000..000127}.tar", or "" for the bundled sample; also
-    # s3://, gs://, http(s):// URLs (brace pattern, glob or folder/), fetched once into cache_dir
+    # s3://, gs://, http(s):// URLs (brace pattern, glob or folder/), streamed or fetched (see read)
     shards: str = ""
-    # local folder for remote shards (put it on NVMe); "" = $FASTMAE_CACHE_DIR or ~/.cache/fastmae/shards
+    # how shards are ordered and read: global (one permutation of all samples per epoch, random reads; remote
+    # shards are first fetched whole into cache_dir) | stream (shards shuffled and split across ranks, each
+    # rank's samples through a seeded shuffle buffer, every shard one sequential read; remote shards are fetched
+    # just ahead of use and deleted after) | auto (stream for s3/gs/http(s) shards, global for local ones)
+    read: str = "auto"
+    # data.read=stream: samples in each rank's shuffle buffer
+    shuffle_buffer: int = 10000
+    # local folder for remote shards (put it on NVMe): the whole copy (read=global) or each rank's spool of the
+    # shards in use (read=stream); "" = $FASTMAE_CACHE_DIR or ~/.cache/fastmae/shards
     cache_dir: str = ""
     # micro batch per GPU (per rank)
     batch_size: int = 64
@@ -408,6 +416,8 @@ def validate(cfg: Config) -> None:
     _choice("data.dtype", d.dtype, ("float32", "bfloat16", "float16"))
     _choice("data.interpolation", d.interpolation, ("bicubic", "bilinear"))
     _choice("data.on_error", d.on_error, ("stop", "skip"))
+    _choice("data.read", d.read, ("auto", "global", "stream"))
+    _positive("data.shuffle_buffer", d.shuffle_buffer)
     _positive("data.max_bad_samples", d.max_bad_samples, allow_zero=True)
     _positive("data.batch_size", d.batch_size)
     _positive("data.num_workers", d.num_workers, allow_zero=True)

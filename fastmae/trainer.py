@@ -207,6 +207,13 @@ class Trainer:
 
     def _close(self) -> None:
         self._restore_signals()
+        for loader in (self.loader, self.val_loader):
+            close = getattr(loader, "close", None)
+            if close is not None:
+                try:
+                    close()  # worker processes, DALI threads, the spool of streamed shards
+                except Exception:
+                    pass
         if self.logger is not None:
             try:
                 self.logger.close()

@@ -3,12 +3,15 @@ and a plain HTTP server, each on a free port; :func:`stop` ends them (and any ot
 
 from __future__ import annotations
 
+import contextlib
 import os
 import socket
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 # what boto3 / s3fs read from the environment; the endpoint comes only from AWS_ENDPOINT_URL
 S3_CREDENTIALS = {"AWS_ACCESS_KEY_ID": "fastmae-test", "AWS_SECRET_ACCESS_KEY": "fastmae-test-secret",
@@ -73,16 +76,29 @@ def s3_env(endpoint: str) -> dict[str, str]:
 
 
 def upload(endpoint: str, bucket: str, prefix: str, files: list[Path]) -> None:
-    """Create ``bucket`` and put ``files`` under ``prefix`` with boto3 (endpoint from AWS_ENDPOINT_URL)."""
+    """Create ``bucket`` (unless it exists) and put ``files`` under ``prefix`` with boto3."""
+    with _client(endpoint) as s3:
+        if bucket not in [b["Name"] for b in s3.list_buckets().get("Buckets", [])]:
+            s3.create_bucket(Bucket=bucket)
+        for f in files:
+            s3.upload_file(str(f), bucket, f"{prefix}/{f.name}")
+
+
+def delete(endpoint: str, bucket: str, key: str) -> None:
+    """Remove one object from the store (a shard that disappears while a run reads the dataset)."""
+    with _client(endpoint) as s3:
+        s3.delete_object(Bucket=bucket, Key=key)
+
+
+@contextlib.contextmanager
+def _client(endpoint: str) -> Iterator[Any]:
+    """A boto3 S3 client made from the environment (the endpoint only through AWS_ENDPOINT_URL)."""
     import boto3
 
     old = {k: os.environ.get(k) for k in (*S3_CREDENTIALS, "AWS_ENDPOINT_URL")}
     os.environ.update(S3_CREDENTIALS, AWS_ENDPOINT_URL=endpoint)
     try:
-        s3 = boto3.client("s3")
-        s3.create_bucket(Bucket=bucket)
-        for f in files:
-            s3.upload_file(str(f), bucket, f"{prefix}/{f.name}")
+        yield boto3.client("s3")
     finally:
         for k, v in old.items():
             if v is None:

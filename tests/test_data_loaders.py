@@ -155,9 +155,10 @@ def test_training_drops_the_last_incomplete_batch(backend: str, ids_shards: Path
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("read", ["global", "stream"])
 @pytest.mark.parametrize("world,batch", [(1, 4), (2, 4), (2, 8)])
-def test_exact_epochs_across_ranks(backend: str, ids_shards: Path, world: int, batch: int) -> None:
-    cfg = _cfg(backend, ids_shards, batch=batch, drop_last=False)
+def test_exact_epochs_across_ranks(backend: str, read: str, ids_shards: Path, world: int, batch: int) -> None:
+    cfg = _cfg(backend, ids_shards, batch=batch, drop_last=False, read=read, shuffle_buffer=5)
     loaders = [build_loader(cfg, img_size=16, rank=r, world_size=world, seed=5) for r in range(world)]
     assert len({len(ld) for ld in loaders}) == 1
     orders = []
@@ -188,8 +189,9 @@ def test_padding_when_a_rank_runs_out(backend: str, ids_shards: Path) -> None:
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-def test_resume_continues_with_the_remaining_samples(backend: str, ids_shards: Path) -> None:
-    cfg = _cfg(backend, ids_shards, batch=3)
+@pytest.mark.parametrize("read", ["global", "stream"])
+def test_resume_continues_with_the_remaining_samples(backend: str, read: str, ids_shards: Path) -> None:
+    cfg = _cfg(backend, ids_shards, batch=3, read=read, shuffle_buffer=5)
     full = build_loader(cfg, img_size=16, rank=1, world_size=2, seed=7)
     full.set_epoch(3)
     ref = _epoch(full) + _epoch(full)  # epoch 3 and 4
@@ -216,14 +218,16 @@ def test_resume_continues_with_the_remaining_samples(backend: str, ids_shards: P
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("read", ["global", "stream"])
 @pytest.mark.parametrize("drop_last", [False, True])
 @pytest.mark.parametrize("new_world,new_batch", [(1, 5), (3, 2)])
-def test_resume_on_another_layout_sees_every_sample_once(backend: str, ids_shards: Path, new_world: int,
+def test_resume_on_another_layout_sees_every_sample_once(backend: str, read: str, ids_shards: Path, new_world: int,
                                                          new_batch: int, drop_last: bool) -> None:
     """2 ranks x micro 3 stop after 2 batches; 1 rank x 5 or 3 ranks x 2 finish the epoch with exactly the
-    samples not yet consumed (with drop_last: the full global batches of them), then run the next epoch."""
-    old = [build_loader(_cfg(backend, ids_shards, batch=3, drop_last=drop_last), img_size=16, rank=r,
-                        world_size=2, seed=7) for r in range(2)]
+    samples not yet consumed (with drop_last: the full global batches of them), then run the next epoch (a
+    streamed order goes on in the layout the epoch began with)."""
+    old = [build_loader(_cfg(backend, ids_shards, batch=3, drop_last=drop_last, read=read, shuffle_buffer=5),
+                        img_size=16, rank=r, world_size=2, seed=7) for r in range(2)]
     seen: list[int] = []
     states = []
     for ld in old:
@@ -234,8 +238,9 @@ def test_resume_on_another_layout_sees_every_sample_once(backend: str, ids_shard
                 break
         states.append(ld.state_dict())
     assert states[0]["samples_in_epoch"] == states[1]["samples_in_epoch"] == 12
-    new = [build_loader(_cfg(backend, ids_shards, batch=new_batch, drop_last=drop_last), img_size=16, rank=r,
-                        world_size=new_world, seed=7) for r in range(new_world)]
+    new = [build_loader(_cfg(backend, ids_shards, batch=new_batch, drop_last=drop_last, read=read,
+                             shuffle_buffer=5), img_size=16, rank=r, world_size=new_world, seed=7)
+           for r in range(new_world)]
     rest, nxt = [], []
     for ld in new:
         ld.load_state_dict(states[0])
@@ -253,8 +258,8 @@ def test_resume_on_another_layout_sees_every_sample_once(backend: str, ids_shard
     else:
         assert sorted(seen + rest) == sorted(IDS)  # the interrupted epoch: every sample exactly once
         assert sorted(nxt) == sorted(IDS)
-    done = build_loader(_cfg(backend, ids_shards, batch=new_batch, drop_last=drop_last), img_size=16,
-                        world_size=new_world, seed=7)
+    done = build_loader(_cfg(backend, ids_shards, batch=new_batch, drop_last=drop_last, read=read,
+                             shuffle_buffer=5), img_size=16, world_size=new_world, seed=7)
     done.load_state_dict({**states[0], "samples_in_epoch": 23})  # a finished epoch resumes at the next one
     assert (done.epoch, done.start_sample) == (5, 0)
 

@@ -14,12 +14,14 @@ from fastmae.data import shards as shards_mod
 from fastmae.data.index import read_index, scan_tar
 from fastmae.data.sampling import (
     PAD_LABEL,
+    buffer_shuffle,
     center_crop_box,
     epoch_order,
     image_size,
     random_resized_crop_box,
     rank_batch,
     steps_per_epoch,
+    stream_order,
 )
 from PIL import Image
 
@@ -230,6 +232,46 @@ def test_exact_epoch_plan(n: int, world: int, batch: int) -> None:
                     seen.extend(idx.tolist())
         assert sorted(seen) == list(range(n)), "every sample exactly once per epoch"
     assert PAD_LABEL < 0
+
+
+def test_buffer_shuffle_keeps_every_item_within_its_window() -> None:
+    items = np.arange(1000, 2000)
+    out = buffer_shuffle(items, 50, np.random.default_rng(1))
+    assert sorted(out.tolist()) == items.tolist()
+    assert all(out[i] < items[min(i + 50, 999)] or i + 50 > 999 for i in range(1000)), "output i from items[:i+50]"
+    assert (out != items).mean() > 0.9 and np.abs(out - items).max() > 25  # really shuffled
+    assert np.array_equal(out, buffer_shuffle(items, 50, np.random.default_rng(1)))  # seeded
+    assert np.array_equal(buffer_shuffle(items, 1, np.random.default_rng(1)), items)
+
+
+@pytest.mark.parametrize("world,batch,drop_last", [(1, 4, True), (2, 4, True), (3, 5, False), (2, 6, False)])
+def test_stream_order_gives_each_rank_a_run_of_shards(world: int, batch: int, drop_last: bool) -> None:
+    sizes = (16, 16, 16, 5, 30, 9, 12)
+    starts = np.cumsum((0,) + sizes)
+    shard = np.searchsorted(starts, np.arange(starts[-1]), side="right") - 1  # sample -> shard
+    n, steps = int(starts[-1]), steps_per_epoch(int(starts[-1]), world, batch, drop_last)
+    seqs = []
+    for epoch in range(2):
+        order = stream_order(sizes, epoch, 3, True, world, batch, drop_last, buffer=6)
+        assert sorted(order.tolist()) == list(range(n)), "a permutation"
+        assert np.array_equal(order, stream_order(sizes, epoch, 3, True, world, batch, drop_last, buffer=6))
+        read: list[int] = []
+        runs = []
+        for rank in range(world):
+            mine = np.concatenate([rank_batch(order, s, rank, world, batch)[0] for s in range(steps)])
+            assert not rank_batch(order, steps - 1, rank, world, batch)[1] or not drop_last
+            visited = list(dict.fromkeys(shard[mine].tolist()))  # shards in order of first use
+            assert len(visited) <= len(mine) // min(sizes) + 2, "a contiguous run of whole shards"
+            runs.append(set(visited))
+            read += mine.tolist()
+        if world > 1:  # ranks share at most the shard at each boundary of their runs
+            assert all(len(runs[r] & runs[r + 1]) <= 1 for r in range(world - 1))
+        assert len(set(read)) == len(read) and len(read) == (n // (world * batch) * world * batch if drop_last else n)
+        seqs.append(order)
+    assert not np.array_equal(seqs[0], seqs[1]), "shards and buffers reshuffled every epoch"
+    ev = stream_order(sizes, 0, 3, False, world, batch, False, buffer=6)
+    first = np.concatenate([rank_batch(ev, s, 0, world, batch)[0] for s in range(steps_per_epoch(n, world, batch))])
+    assert sorted(ev.tolist()) == list(range(n)) and np.array_equal(first, np.arange(len(first)))  # in shard order
 
 
 def test_random_resized_crop_box_statistics() -> None:

@@ -6,7 +6,7 @@ or plain python).
 * ``FASTMAE_TEST_NAN_AT=k`` (with ``FASTMAE_TEST_NAN_RANK=r``, default 0): rank r's k-th micro batch of this
   process (0-based) becomes NaN images.
 * ``FASTMAE_TEST_RECORD=DIR``: every rank appends one JSON line per micro batch to ``DIR/rank<r>.jsonl``:
-  the optimizer step it belongs to, the epoch, its labels (test shards label each image uniquely) and the
+  the optimizer step it belongs to, the epoch, the rank, its labels (test shards label each image uniquely) and the
   optimizer's parameter groups as [weight decay, lr].
 """
 
@@ -41,8 +41,8 @@ def hooks() -> list:
             model_dtype, accum_dtype = tr.engine.get_data_types()
             dtypes = {"weights": str(next(tr.engine.module.parameters()).dtype), "engine": str(model_dtype),
                       "grad_accum": str(accum_dtype), "communication": str(tr.engine.communication_data_type)}
-            line = {"step": tr.step + 1, "epoch": tr.loader.epoch, "labels": labels.tolist(), "groups": groups,
-                    "dtypes": dtypes}
+            line = {"step": tr.step + 1, "epoch": tr.loader.epoch, "rank": tr.dist.rank, "labels": labels.tolist(),
+                    "groups": groups, "dtypes": dtypes}
             with open(Path(record) / f"rank{tr.dist.rank}.jsonl", "a") as f:
                 f.write(json.dumps(line) + "\n")
 
