@@ -21,6 +21,11 @@ most at half of it (``busy / idle`` in the table; the thread-switch convoy of CP
 Backends: ``dali`` (``device="mixed"`` nvJPEG on CUDA, the CPU operators elsewhere; ``--workers``
 threads), ``torch`` (PIL in ``--workers`` DataLoader processes), ``synthetic`` (random tensors: the
 ceiling with no decoding at all).
+
+Sources (``--sources``): ``local`` reads the shard files (``data.read=global``: the global shuffle, random
+reads); ``http`` streams the same shards from an HTTP server this script starts on them (Python's
+``http.server`` on 127.0.0.1; ``data.read=stream``: each rank's run of the shuffled shards, fetched just
+ahead of use into a spool folder and read from there) — the streamed reader's cost without a network's.
 """
 
 from __future__ import annotations
@@ -91,7 +96,8 @@ def run_one(args: argparse.Namespace) -> dict[str, Any]:
     device = torch.device(args.device)
     cfg = _BenchDataConfig(
         backend=args.only, interpolation=args.interpolation, shards=args.shards, batch_size=args.batch_size,
-        num_workers=args.workers, dtype=args.dtype, synthetic_size=10**9,
+        num_workers=args.workers, dtype=args.dtype, synthetic_size=10**9, read=args.read,
+        cache_dir=str(args.cache / "spool"),
     )
     t0 = time.perf_counter()
     loader = build_loader(cfg, img_size=args.img_size, device=device, seed=0)
@@ -104,8 +110,12 @@ def run_one(args: argparse.Namespace) -> dict[str, Any]:
     idle = statistics.median(rates)
     busy_ms = args.busy_ms if args.busy_ms > 0 else 1000.0 * args.batch_size / idle
     busy = _windows(stream, args, device, busy_s=busy_ms / 1000.0) if args.busy_ms >= 0 else []
+    close = getattr(loader, "close", None)
+    if close is not None:
+        close()
     return {
-        "backend": loader.backend, "device": str(device), "img_per_s": idle,
+        "backend": loader.backend, "source": args.source, "read": args.read, "device": str(device),
+        "img_per_s": idle,
         "min": min(rates), "max": max(rates), "repeats": rates, "startup_and_warmup_s": first,
         "num_samples": loader.num_samples, "busy_ms_per_batch": busy_ms if busy else None,
         "busy_img_per_s": statistics.median(busy) if busy else None, "busy_repeats": busy,
@@ -149,6 +159,27 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+def _serve(folder: Path) -> tuple[subprocess.Popen, str]:
+    """Python's HTTP server on ``folder`` (a free port on 127.0.0.1): (process, URL of its shards)."""
+    import socket
+
+    if not folder.is_dir():
+        raise SystemExit(f"--sources http needs --shards to be a folder of shards, not {folder}")
+    names = sorted(p.stem for p in folder.glob("*.tar"))
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    proc = subprocess.Popen([sys.executable, "-m", "http.server", str(port), "--bind", "127.0.0.1", "--directory",
+                             str(folder)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    for _ in range(300):
+        with socket.socket() as s:
+            if s.connect_ex(("127.0.0.1", port)) == 0:
+                break
+        time.sleep(0.1)
+    pattern = names[0] if len(names) == 1 else "{" + ",".join(names) + "}"
+    return proc, f"http://127.0.0.1:{port}/{pattern}.tar"
+
+
 def machine() -> str:
     if torch.cuda.is_available():
         return f"{torch.cuda.get_device_name()} + {os.cpu_count()} CPU cores"
@@ -169,6 +200,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--make", type=int, default=1024, help="images to make when --shards is not given")
     ap.add_argument("--cache", type=Path, default=Path(tempfile.gettempdir()) / "fastmae_bench_shards")
     ap.add_argument("--backends", default="", help="comma list of dali,torch,synthetic (default: all here)")
+    ap.add_argument("--sources", default="local,http",
+                    help="comma list of local (the files, global shuffle) and http (streamed from a local HTTP "
+                         "server); the synthetic backend reads nothing")
     ap.add_argument("--batch-size", type=int, default=64)
     ap.add_argument("--img-size", type=int, default=224)
     ap.add_argument("--workers", type=int, default=os.cpu_count() or 1, help="DALI threads / DataLoader workers")
@@ -183,6 +217,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--out", type=Path, default=None, help="folder for data_throughput.json")
     ap.add_argument("--only", default="", help=argparse.SUPPRESS)
+    ap.add_argument("--source", default="local", help=argparse.SUPPRESS)
+    ap.add_argument("--read", default="global", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
 
     if args.only:  # child process: one backend, one JSON line
@@ -192,29 +228,47 @@ def main(argv: list[str] | None = None) -> int:
         args.shards = str(make_shards(args.cache, args.make))
     backends = args.backends.split(",") if args.backends else (
         ["dali"] if dali_available() else []) + ["torch", "synthetic"]
+    sources = args.sources.split(",")
+    bad = set(sources) - {"local", "http"}
+    if bad:
+        ap.error(f"--sources: unknown {', '.join(sorted(bad))} (local, http)")
+    runs = [(b, "local") for b in backends if b == "synthetic" or "local" in sources]
+    runs += [(b, "http") for b in backends if b != "synthetic" and "http" in sources]
     rows = []
-    for b in backends:
-        cmd = [sys.executable, __file__, "--only", b] + [
-            a for k, v in vars(args).items() if k not in ("only", "out", "backends", "make", "cache")
-            for a in (f"--{k.replace('_', '-')}", str(v))
-        ]
-        res = subprocess.run(cmd, capture_output=True, text=True)
-        if res.returncode != 0:
-            print(f"{b}: failed\n{res.stderr[-2000:]}", file=sys.stderr)
-            continue
-        rows.append(json.loads(res.stdout.strip().splitlines()[-1]))
-    base = next((r["img_per_s"] for r in rows if r["backend"] == "torch"), None)
+    server = None
+    try:
+        for b, source in runs:
+            shards, read = args.shards, "global"
+            if source == "http":
+                if server is None:
+                    server, url = _serve(Path(args.shards))
+                shards, read = url, "stream"
+            cmd = [sys.executable, __file__, "--only", b, "--source", source, "--read", read] + [
+                a for k, v in vars(args).items()
+                if k not in ("only", "out", "backends", "make", "sources", "source", "read")
+                for a in (f"--{k.replace('_', '-')}", str(shards if k == "shards" else v))
+            ]
+            res = subprocess.run(cmd, capture_output=True, text=True)
+            if res.returncode != 0:
+                print(f"{b} ({source}): failed\n{res.stderr[-2000:]}", file=sys.stderr)
+                continue
+            rows.append(json.loads(res.stdout.strip().splitlines()[-1]))
+    finally:
+        if server is not None:
+            server.terminate()
+            server.wait(timeout=30)
+    base = next((r["img_per_s"] for r in rows if r["backend"] == "torch" and r["source"] == "local"), None)
     title = (f"data loaders on {machine()}: batch {args.batch_size}, {args.img_size} px {args.interpolation}, "
              f"{args.workers} workers/threads, shards {args.shards}")
     print(title)
-    print(f"{'backend':<10} {'device':<7} {'img/s (median)':>15} {'min':>8} {'max':>8} {'vs torch':>9} {'start s':>8}"
-          f" {'busy img/s':>11} {'busy/idle':>9}")
+    print(f"{'backend':<10} {'source':<7} {'device':<7} {'img/s (median)':>15} {'min':>8} {'max':>8} "
+          f"{'vs torch':>9} {'start s':>8} {'busy img/s':>11} {'busy/idle':>9}")
     for r in rows:
         rel = f"{r['img_per_s'] / base:.2f}x" if base else "-"
         busy = "-" if r.get("busy_img_per_s") is None else f"{r['busy_img_per_s']:.1f}"
         ratio = "-" if r.get("busy_over_idle") is None else f"{r['busy_over_idle']:.2f}"
-        print(f"{r['backend']:<10} {r['device']:<7} {r['img_per_s']:>15.1f} {r['min']:>8.1f} {r['max']:>8.1f} "
-              f"{rel:>9} {r['startup_and_warmup_s']:>8.1f} {busy:>11} {ratio:>9}")
+        print(f"{r['backend']:<10} {r['source']:<7} {r['device']:<7} {r['img_per_s']:>15.1f} {r['min']:>8.1f} "
+              f"{r['max']:>8.1f} {rel:>9} {r['startup_and_warmup_s']:>8.1f} {busy:>11} {ratio:>9}")
     result = {"machine": machine(), "torch": torch.__version__, "args": {k: str(v) for k, v in vars(args).items()},
               "rows": rows}
     print(json.dumps(result))
