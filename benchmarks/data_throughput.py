@@ -22,6 +22,9 @@ Backends: ``dali`` (``device="mixed"`` nvJPEG on CUDA, the CPU operators elsewhe
 threads), ``torch`` (PIL in ``--workers`` DataLoader processes), ``synthetic`` (random tensors: the
 ceiling with no decoding at all).
 
+DALI's feed (``--feed-workers``): 0 runs it on a thread of the training process (reads, header parse and crop
+boxes in Python there), N > 0 in N worker processes (DALI's parallel external source): each value is a row.
+
 Sources (``--sources``): ``local`` reads the shard files (``data.read=global``: the global shuffle, random
 reads); ``http`` streams the same shards from an HTTP server this script starts on them (Python's
 ``http.server`` on 127.0.0.1; ``data.read=stream``: each rank's run of the shuffled shards, fetched just
@@ -97,7 +100,7 @@ def run_one(args: argparse.Namespace) -> dict[str, Any]:
     cfg = _BenchDataConfig(
         backend=args.only, interpolation=args.interpolation, shards=args.shards, batch_size=args.batch_size,
         num_workers=args.workers, dtype=args.dtype, synthetic_size=10**9, read=args.read,
-        cache_dir=str(args.cache / "spool"),
+        cache_dir=str(args.cache / "spool"), feed_workers=args.feed,
     )
     t0 = time.perf_counter()
     loader = build_loader(cfg, img_size=args.img_size, device=device, seed=0)
@@ -115,6 +118,7 @@ def run_one(args: argparse.Namespace) -> dict[str, Any]:
         close()
     return {
         "backend": loader.backend, "source": args.source, "read": args.read, "device": str(device),
+        "feed_workers": getattr(loader, "feed_workers", None),
         "img_per_s": idle,
         "min": min(rates), "max": max(rates), "repeats": rates, "startup_and_warmup_s": first,
         "num_samples": loader.num_samples, "busy_ms_per_batch": busy_ms if busy else None,
@@ -217,6 +221,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--out", type=Path, default=None, help="folder for data_throughput.json")
     ap.add_argument("--only", default="", help=argparse.SUPPRESS)
+    ap.add_argument("--feed-workers", default="0,2",
+                    help="comma list of DALI data.feed_workers values to time (0: the feed is a thread of the "
+                         "training process; N: N worker processes; -1: the default for the device)")
+    ap.add_argument("--feed", type=int, default=-1, help=argparse.SUPPRESS)
     ap.add_argument("--source", default="local", help=argparse.SUPPRESS)
     ap.add_argument("--read", default="global", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
@@ -232,25 +240,28 @@ def main(argv: list[str] | None = None) -> int:
     bad = set(sources) - {"local", "http"}
     if bad:
         ap.error(f"--sources: unknown {', '.join(sorted(bad))} (local, http)")
-    runs = [(b, "local") for b in backends if b == "synthetic" or "local" in sources]
-    runs += [(b, "http") for b in backends if b != "synthetic" and "http" in sources]
+    feeds = [int(f) for f in args.feed_workers.split(",")]
+    runs = [(b, "local", f) for b in backends for f in (feeds if b == "dali" else [-1])
+            if b == "synthetic" or "local" in sources]
+    runs += [(b, "http", f) for b in backends for f in (feeds if b == "dali" else [-1])
+             if b != "synthetic" and "http" in sources]
     rows = []
     server = None
     try:
-        for b, source in runs:
+        for b, source, feed in runs:
             shards, read = args.shards, "global"
             if source == "http":
                 if server is None:
                     server, url = _serve(Path(args.shards))
                 shards, read = url, "stream"
-            cmd = [sys.executable, __file__, "--only", b, "--source", source, "--read", read] + [
+            cmd = [sys.executable, __file__, "--only", b, "--source", source, "--read", read, "--feed", str(feed)] + [
                 a for k, v in vars(args).items()
-                if k not in ("only", "out", "backends", "make", "sources", "source", "read")
+                if k not in ("only", "out", "backends", "make", "sources", "source", "read", "feed", "feed_workers")
                 for a in (f"--{k.replace('_', '-')}", str(shards if k == "shards" else v))
             ]
             res = subprocess.run(cmd, capture_output=True, text=True)
             if res.returncode != 0:
-                print(f"{b} ({source}): failed\n{res.stderr[-2000:]}", file=sys.stderr)
+                print(f"{b} ({source}, feed {feed}): failed\n{res.stderr[-2000:]}", file=sys.stderr)
                 continue
             rows.append(json.loads(res.stdout.strip().splitlines()[-1]))
     finally:
@@ -261,14 +272,15 @@ def main(argv: list[str] | None = None) -> int:
     title = (f"data loaders on {machine()}: batch {args.batch_size}, {args.img_size} px {args.interpolation}, "
              f"{args.workers} workers/threads, shards {args.shards}")
     print(title)
-    print(f"{'backend':<10} {'source':<7} {'device':<7} {'img/s (median)':>15} {'min':>8} {'max':>8} "
+    print(f"{'backend':<10} {'source':<7} {'feed':>4} {'device':<7} {'img/s (median)':>15} {'min':>8} {'max':>8} "
           f"{'vs torch':>9} {'start s':>8} {'busy img/s':>11} {'busy/idle':>9}")
     for r in rows:
         rel = f"{r['img_per_s'] / base:.2f}x" if base else "-"
         busy = "-" if r.get("busy_img_per_s") is None else f"{r['busy_img_per_s']:.1f}"
         ratio = "-" if r.get("busy_over_idle") is None else f"{r['busy_over_idle']:.2f}"
-        print(f"{r['backend']:<10} {r['source']:<7} {r['device']:<7} {r['img_per_s']:>15.1f} {r['min']:>8.1f} "
-              f"{r['max']:>8.1f} {rel:>9} {r['startup_and_warmup_s']:>8.1f} {busy:>11} {ratio:>9}")
+        feed = "-" if r.get("feed_workers") is None else r["feed_workers"]
+        print(f"{r['backend']:<10} {r['source']:<7} {feed:>4} {r['device']:<7} {r['img_per_s']:>15.1f} "
+              f"{r['min']:>8.1f} {r['max']:>8.1f} {rel:>9} {r['startup_and_warmup_s']:>8.1f} {busy:>11} {ratio:>9}")
     result = {"machine": machine(), "torch": torch.__version__, "args": {k: str(v) for k, v in vars(args).items()},
               "rows": rows}
     print(json.dumps(result))

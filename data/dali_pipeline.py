@@ -18,7 +18,6 @@ import os
 import queue
 import threading
 import warnings
-import weakref
 from collections.abc import Iterator
 from typing import Any
 
@@ -27,7 +26,7 @@ import torch
 from nvidia.dali import fn, pipeline_def, types
 from nvidia.dali.plugin.pytorch import DALIGenericIterator
 
-from .base import EpochLayout, ShardLoader, replacement
+from .base import BatchPlan, EpochLayout, ShardLoader, replacement
 from .constants import IMAGENET_MEAN, IMAGENET_STD
 from .index import ShardError, ShardIndex
 from .randaug import RandAugmentPolicy, dali_apply, dali_params, dali_suite
@@ -39,18 +38,19 @@ _DALI_DTYPE = {torch.float32: types.FLOAT, torch.float16: types.FLOAT16, torch.b
 @pipeline_def(enable_conditionals=True)  # conditionals: RandAugment routes each sample to its op
 def mae_pipeline(
     source: Any, img_size: int, decode_device: str, out_dtype: Any, interp: Any = types.INTERP_CUBIC,
-    randaug: RandAugmentPolicy | None = None, suite: Any = None,
-) -> tuple[Any, Any]:
-    """Encoded JPEG + crop box + flip + label (+ RandAugment op, magnitude bin and sign per layer)
-    -> normalised (3, S, S) image and int64 label."""
-    if randaug is None:
-        jpegs, anchors, shapes, flips, labels = fn.external_source(
-            source=source, num_outputs=5, batch=True, cycle="raise", no_copy=False
-        )
+    randaug: RandAugmentPolicy | None = None, suite: Any = None, parallel: bool = False,
+    source_prefetch: int = 2,
+) -> tuple[Any, Any, Any]:
+    """Encoded JPEG + crop box + flip + label + replaced flag (+ RandAugment op, magnitude bin and sign per
+    layer) -> normalised (3, S, S) image, int64 label and the flag. ``parallel``: ``source`` is a
+    :class:`_BatchSource` run by the pipeline's Python worker processes, ``source_prefetch`` batches ahead."""
+    outputs = 6 if randaug is None else 9
+    if parallel:
+        cols = fn.external_source(source=source, num_outputs=outputs, batch=True, batch_info=True, parallel=True,
+                                  prefetch_queue_depth=source_prefetch)
     else:
-        jpegs, anchors, shapes, flips, labels, ra_ops, ra_bins, ra_signs = fn.external_source(
-            source=source, num_outputs=8, batch=True, cycle="raise", no_copy=False
-        )
+        cols = fn.external_source(source=source, num_outputs=outputs, batch=True, cycle="raise", no_copy=False)
+    jpegs, anchors, shapes, flips, labels, replaced = cols[:6]
     # decode only the window (x, y, w, h): cheaper than decoding the whole image and cropping
     images = fn.decoders.image_slice(
         jpegs, anchors, shapes, device=decode_device, output_type=types.RGB,
@@ -58,36 +58,106 @@ def mae_pipeline(
     )
     images = fn.resize(images, size=[img_size, img_size], interp_type=interp, antialias=True)
     if randaug is not None:  # on the HWC uint8 crop, before flip and normalisation
-        images = dali_apply(images, randaug, suite, ra_ops, ra_bins, ra_signs, img_size)
+        images = dali_apply(images, randaug, suite, *cols[6:], img_size)
     images = fn.crop_mirror_normalize(
         images, mirror=flips, dtype=out_dtype, output_layout="CHW",
         mean=[255 * m for m in IMAGENET_MEAN], std=[255 * s for s in IMAGENET_STD],
     )
     if decode_device == "mixed":
         labels = labels.gpu()
-    return images, labels
+    return images, labels, replaced
 
 
+# data.feed_workers=-1 on a GPU
+AUTO_FEED_WORKERS = 2
 _END = object()
-# jpegs (list of uint8 arrays), anchors (B,2), shapes (B,2), flips (B,), labels (B,)
+# jpegs (list of uint8 arrays), anchors (B,2), shapes (B,2), flips (B,), labels (B,), replaced (B,) int32
 # [, RandAugment op index, magnitude bin, negate flag: (B, n) int32 each]
 Batch = tuple[Any, ...]
 
 
+@dataclasses.dataclass
+class _FeedSpec:
+    """What turning a batch plan into a DALI input batch needs (no loader reference; picklable for the
+    worker processes)."""
+
+    index: ShardIndex
+    img_size: int
+    scale: tuple[float, float]
+    randaug: RandAugmentPolicy | None
+    num_ops: int
+    identity: int
+    skip: bool
+    undecodable: frozenset[int]
+
+    def batch(self, b: BatchPlan) -> Batch:
+        """Read ``b``'s samples and draw their crops; with data.on_error=skip a sample that cannot be used is
+        replaced by :func:`~fastmae.data.base.replacement` and flagged (1 = count it; those DALI already failed
+        on were counted then)."""
+        idx, undecodable = self.index, self.undecodable
+        jpegs, boxes, labels, replaced = [], [], [], []
+        for j, i in enumerate(b.indices):
+            i = int(i)
+            flag = 0
+            try:
+                data, size, label = _read(idx, i, undecodable)
+            except ShardError:
+                if not self.skip:
+                    raise
+                flag = int(i not in undecodable)
+                data, size, label = replacement(idx, i, lambda k: _read(idx, k, undecodable))
+            u = None if b.uniforms is None else b.uniforms[j]
+            boxes.append(sample_crop(u, *size, self.img_size, self.scale))
+            jpegs.append(np.frombuffer(data, dtype=np.uint8))
+            labels.append(PAD_LABEL if b.pad else label)
+            replaced.append(flag)
+        box = np.asarray(boxes, dtype=np.float32)  # (B, 5): x, y, w, h, flip
+        out = (jpegs, np.ascontiguousarray(box[:, 0:2]), np.ascontiguousarray(box[:, 2:4]),
+               box[:, 4].astype(np.int32), np.asarray(labels, dtype=np.int64), np.asarray(replaced, dtype=np.int32))
+        if self.randaug is not None:
+            assert b.randaug is not None
+            out += dali_params(self.randaug, b.randaug, self.num_ops, self.identity)
+        return out
+
+
+def _next_epoch(layout: EpochLayout) -> EpochLayout:
+    """The layout of the epoch after ``layout``'s: from its first sample, in this loader's own order."""
+    return dataclasses.replace(layout, start_sample=0, order_layout=None)
+
+
+class _BatchSource:
+    """The parallel ``external_source`` callback (``data.feed_workers`` > 0): DALI's worker processes call it
+    with the batch's position (epoch since the build, iteration in it) and it returns that batch, a pure
+    function of the position, so no per-sample Python runs in the training process."""
+
+    def __init__(self, spec: _FeedSpec, layout: EpochLayout, epoch: int, start: int) -> None:
+        self.spec, self.layout, self.epoch, self.start = spec, layout, epoch, start
+
+    def __call__(self, info: Any) -> Batch:
+        later = info.epoch_idx > 0
+        layout = _next_epoch(self.layout) if later else self.layout
+        step = (0 if later else self.start) + info.iteration
+        if step >= layout.steps():
+            raise StopIteration
+        try:
+            return self.spec.batch(layout.batch(self.epoch + info.epoch_idx, step))
+        except ShardError as e:  # DALI passes a worker's exception on as RuntimeError(str(e)): keep it findable
+            raise RuntimeError(_SHARD_ERROR + str(e)) from None
+
+
 class _Feed:
-    """The ``external_source`` iterable: one epoch of this rank's batches from a start position; when it
-    ends, the next ``iter`` (DALI prefetches it at once) starts the following epoch at batch 0.
+    """The ``external_source`` iterable of the threaded feed (``data.feed_workers=0``): one epoch of this
+    rank's batches from a start position; when it ends, the next ``iter`` (DALI prefetches it at once)
+    starts the following epoch at batch 0.
 
     A background thread reads the bytes and computes the crops ``prefetch`` batches ahead, so the file
     reads (which release the GIL) overlap the training step instead of running inside ``next(loader)``.
     """
 
-    def __init__(self, loader: DaliLoader, layout: EpochLayout, epoch: int, start: int, prefetch: int = 4) -> None:
-        self._loader = weakref.ref(loader)  # no cycle: dropping the loader frees the pipeline at once
+    def __init__(self, spec: _FeedSpec, layout: EpochLayout, epoch: int, start: int, prefetch: int = 4) -> None:
+        self.spec = spec
         self.next_pos = (layout, epoch, start)
         self.prefetch = prefetch
-        # data.on_error=skip: (epoch, step) -> samples replaced in that batch, read by the loader with the batch
-        self.bad: dict[tuple[int, int], list[str]] = {}
         self._queue: queue.Queue[Any] | None = None
         self._stop: threading.Event | None = None
 
@@ -116,8 +186,9 @@ class _Feed:
             self._stop.set()
         self._queue = self._stop = None
 
-    def _put(self, q: queue.Queue[Any], item: Any, stop: threading.Event) -> bool:
-        while not stop.is_set() and self._loader() is not None:
+    @staticmethod
+    def _put(q: queue.Queue[Any], item: Any, stop: threading.Event) -> bool:
+        while not stop.is_set():
             try:
                 q.put(item, timeout=0.1)
                 return True
@@ -128,50 +199,41 @@ class _Feed:
     def _produce(self, layout: EpochLayout, epoch: int, start: int, q: queue.Queue[Any],
                  stop: threading.Event) -> None:
         try:
-            for batch in self._epoch(layout, epoch, start):
-                if not self._put(q, batch, stop):
+            for b in layout.batches(epoch, start):
+                if not self._put(q, self.spec.batch(b), stop):
                     return
             # before _END: DALI calls iter() again right after StopIteration; the next epoch starts afresh
-            self.next_pos = (dataclasses.replace(layout, start_sample=0), epoch + 1, 0)
+            self.next_pos = (_next_epoch(layout), epoch + 1, 0)
             self._put(q, _END, stop)
         except BaseException as e:  # surfaced in the training process by __next__
             self._put(q, e, stop)
 
-    def _epoch(self, layout: EpochLayout, epoch: int, start: int) -> Iterator[Batch]:
-        ld = self._loader()
-        if ld is None:
-            return
-        idx: ShardIndex = ld.index
-        plan = layout.batches(epoch, start)
-        img_size, scale = ld.img_size, ld.crop_scale
-        randaug, num_ops, identity = ld._randaug, ld._num_ops, ld._identity
-        skip, undecodable = ld.skip_bad, ld._undecodable
-        del ld  # hold no strong reference: the thread must not keep the loader alive
-        for b in plan:
-            jpegs, boxes, labels, bad = [], [], [], []
-            for j, i in enumerate(b.indices):
-                i = int(i)
-                try:
-                    data, size, label = _read(idx, i, undecodable)
-                except ShardError:
-                    if not skip:
-                        raise
-                    if i not in undecodable:  # those were counted when DALI failed on them
-                        bad.append(idx.name(i))
-                    data, size, label = replacement(idx, i, lambda j: _read(idx, j, undecodable))
-                u = None if b.uniforms is None else b.uniforms[j]
-                boxes.append(sample_crop(u, *size, img_size, scale))
-                jpegs.append(np.frombuffer(data, dtype=np.uint8))
-                labels.append(PAD_LABEL if b.pad else label)
-            if bad:
-                self.bad[(epoch, b.step)] = bad
-            box = np.asarray(boxes, dtype=np.float32)  # (B, 5): x, y, w, h, flip
-            out = (jpegs, np.ascontiguousarray(box[:, 0:2]), np.ascontiguousarray(box[:, 2:4]),
-                   box[:, 4].astype(np.int32), np.asarray(labels, dtype=np.int64))
-            if randaug is not None:
-                assert b.randaug is not None
-                out += dali_params(randaug, b.randaug, num_ops, identity)
-            yield out
+
+def _start_method() -> str:
+    """How DALI starts the feed's worker processes: ``spawn`` (a fresh interpreter: safe whatever threads or
+    CUDA context the training process has; ~1-2 s per pipeline build), or ``fork`` when
+    ``FASTMAE_DALI_START_METHOD=fork`` (cheap, but only safe before CUDA and other threads start)."""
+    method = os.environ.get("FASTMAE_DALI_START_METHOD", "spawn")
+    if method not in ("fork", "spawn"):
+        raise ValueError(f"FASTMAE_DALI_START_METHOD={method!r}: use fork or spawn")
+    return method
+
+
+_SHARD_ERROR = "fastmae ShardError: "
+
+
+def _shard_error(e: BaseException | None) -> ShardError | None:
+    """The :class:`ShardError` behind ``e``, if any: raised by the feed thread, or by a feed worker process
+    (DALI re-raises that as an exception caused by ``RuntimeError(str(error))``)."""
+    seen = 0
+    while e is not None and seen < 8:
+        if isinstance(e, ShardError):
+            return e
+        text = str(e)
+        if text.startswith(_SHARD_ERROR):
+            return ShardError(text[len(_SHARD_ERROR):])
+        e, seen = e.__cause__ or e.__context__, seen + 1
+    return None
 
 
 def _read(idx: ShardIndex, i: int, undecodable: set[int]) -> tuple[bytes, tuple[int, int], int]:
@@ -204,8 +266,14 @@ class DaliLoader(ShardLoader):
 
     backend = "dali"
 
-    def __init__(self, index: ShardIndex, **kwargs: Any) -> None:
+    def __init__(self, index: ShardIndex, *, feed_workers: int = -1, **kwargs: Any) -> None:
         super().__init__(index, **kwargs)
+        if feed_workers < -1:
+            raise ValueError(f"data.feed_workers={feed_workers} must be >= 0, or -1 (auto)")
+        # worker processes that read the samples and draw the crops (DALI's parallel external source); 0: a
+        # thread of the training process does it; -1: workers on a GPU, the thread on the CPU twin
+        self.feed_workers = int(feed_workers) if feed_workers >= 0 else (AUTO_FEED_WORKERS if
+                                                                         self.device.type == "cuda" else 0)
         self._iter: DALIGenericIterator | None = None
         self._pipe: Any = None
         self._feed: _Feed | None = None
@@ -230,26 +298,39 @@ class DaliLoader(ShardLoader):
         else:
             self._device_id = None
 
+    @property
+    def prefetch_batches(self) -> int:  # type: ignore[override]
+        # the feed's batches in flight (the thread's queue, or each worker's) + DALI's own queue + one
+        return (self.feed_workers + 1 if self.feed_workers else 4) + 3
+
     def _build(self, epoch: int, start: int) -> None:
         self._release()
         gpu = self._device_id is not None
-        self._feed = _Feed(self, self.layout(), epoch, start)
+        spec = _FeedSpec(self.index, self.img_size, self.crop_scale, self._randaug, self._num_ops, self._identity,
+                         self.skip_bad, frozenset(self._undecodable))
+        source: Any
+        if self.feed_workers:
+            source = _BatchSource(spec, self.layout(), epoch, start)
+        else:
+            source = self._feed = _Feed(spec, self.layout(), epoch, start)
+        parallel = dict(py_num_workers=self.feed_workers, py_start_method=_start_method()) if self.feed_workers else {}
         # DALI's auto_aug calls its own deprecated fn.experimental aliases, and DALI shows those warnings
         # whatever the filters say: record them and pass on every other warning
         with warnings.catch_warnings(record=True) as caught:
             self._pipe = mae_pipeline(
-                source=self._feed, img_size=self.img_size,
+                source=source, parallel=bool(self.feed_workers), source_prefetch=self.feed_workers + 1,
+                img_size=self.img_size,
                 decode_device="mixed" if gpu else "cpu", out_dtype=_DALI_DTYPE[self.dtype],
                 interp=types.INTERP_CUBIC if self.interpolation == "bicubic" else types.INTERP_LINEAR,
                 randaug=self._randaug, suite=self._suite,
                 batch_size=self.batch_size, num_threads=max(1, self.num_workers), device_id=self._device_id,
-                seed=self.seed + 1, prefetch_queue_depth=2, exec_dynamic=True,
+                seed=self.seed + 1, prefetch_queue_depth=2, exec_dynamic=True, **parallel,
             )
             self._pipe.build()
         for w in caught:
             if not (issubclass(w.category, DeprecationWarning) and "nvidia.dali.fn.experimental" in str(w.message)):
                 warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
-        self._iter = DALIGenericIterator(self._pipe, ["images", "labels"], auto_reset=False)
+        self._iter = DALIGenericIterator(self._pipe, ["images", "labels", "replaced"], auto_reset=False)
         self._needs_reset = False
 
     def close(self) -> None:
@@ -263,39 +344,51 @@ class DaliLoader(ShardLoader):
             self._feed.stop()
         self._feed = None
         self._iter = None
+        pool = getattr(self._pipe, "_py_pool", None)
+        if pool is not None:  # the feed's worker processes
+            pool.close()
         self._pipe = None
         self._ready_for = None
 
     def _batches(self, epoch: int, start: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         if start >= self.layout().steps():
             return
-        if self._iter is None or self._ready_for != (epoch, self.start_sample, start):
-            self._build(epoch, start)
-        elif self._needs_reset:
+        build = self._iter is None or self._ready_for != (epoch, self.start_sample, start)
+        if not build and self._needs_reset:
+            assert self._iter is not None
             self._iter.reset()
             self._needs_reset = False
         self._ready_for = None  # until this epoch is consumed to its end, the pipeline's position is unknown
-        assert self._iter is not None
         done = start
         while True:
             try:
+                if build:  # DALI runs the first batches while the iterator is made: errors surface here too
+                    build = False
+                    self._build(epoch, done)
+                assert self._iter is not None
                 out = next(self._iter)
             except StopIteration:
                 break
-            except ShardError:  # raised by the feed (e.g. a bad label): already names the sample
-                self._release()
-                raise
-            except RuntimeError as e:  # DALI stops on an undecodable image without naming it: name suspects
+            except Exception as e:  # noqa: BLE001 - sorted below
+                named = _shard_error(e)
+                if named is not None:  # raised by the feed (e.g. a bad label): it names the sample
+                    self._release()
+                    raise named from None
+                if not isinstance(e, RuntimeError):
+                    self._release()
+                    raise
+                # DALI stops on an undecodable image without naming it: name the suspects
                 if self.skip_bad and self._skip_undecodable(epoch, done):
-                    self._build(epoch, done)  # the feed now replaces them; DALI starts again at this batch
+                    build = True  # the feed now replaces them; DALI starts again at this batch
                     continue
                 self._release()
                 raise ShardError(self._failure(epoch, done, e)) from e
-            assert self._feed is not None
-            bad = self._feed.bad.pop((epoch, done), None)
-            if bad:
+            flags = out[0]["replaced"]
+            if bool(flags.any()):  # samples the feed replaced (data.on_error=skip): count them
+                plan = self.layout().batch(epoch, done)
                 try:
-                    self.note_bad(bad)
+                    self.note_bad([self.index.name(int(i)) for i, f in zip(plan.indices, flags.tolist(), strict=True)
+                                   if f])
                 except ShardError:
                     self._release()
                     raise

@@ -135,7 +135,7 @@ def _make(backend: str, index: ShardIndex, cfg: Any, *, img_size: int, rank: int
     if backend == "dali":
         from .dali_pipeline import DaliLoader
 
-        return DaliLoader(index, **kwargs)
+        return DaliLoader(index, feed_workers=getattr(cfg, "feed_workers", -1), **kwargs)
     from .torch_loader import TorchLoader
 
     return TorchLoader(index, **kwargs)

@@ -96,7 +96,12 @@ class DataConfig:
     # data_bad_samples) until more than max_bad_samples distinct samples were bad on one rank
     on_error: str = "stop"
     max_bad_samples: int = 100
+    # DALI threads / DataLoader worker processes
     num_workers: int = 4
+    # DALI backend: worker processes that read the samples and draw their crops (DALI's parallel external
+    # source), so no per-sample Python runs in the training process; 0 = a thread of the training process;
+    # -1 = auto: 2 on a GPU, 0 on the CPU (same batches either way)
+    feed_workers: int = -1
     crop_scale_min: float = 0.2
     crop_scale_max: float = 1.0
     # resampling of the random crop: bicubic (the paper's recipe) | bilinear (cheaper on CPU)
@@ -418,6 +423,8 @@ def validate(cfg: Config) -> None:
     _choice("data.on_error", d.on_error, ("stop", "skip"))
     _choice("data.read", d.read, ("auto", "global", "stream"))
     _positive("data.shuffle_buffer", d.shuffle_buffer)
+    if d.feed_workers < -1:
+        raise ValueError(f"data.feed_workers={d.feed_workers} must be >= 0, or -1 (auto)")
     _positive("data.max_bad_samples", d.max_bad_samples, allow_zero=True)
     _positive("data.batch_size", d.batch_size)
     _positive("data.num_workers", d.num_workers, allow_zero=True)

@@ -276,17 +276,22 @@ def test_ablation_flips_and_rows_written_one_by_one(tmp_path: Path) -> None:
 
 def test_data_throughput_reports_idle_and_busy_main_thread_rates(tmp_path: Path) -> None:
     """Every loader is timed idle and with the main thread spinning in Python after each batch, on the local
-    files and streamed from a local HTTP server."""
-    from fastmae.data import bundled_sample_dir
+    files and streamed from a local HTTP server; DALI's feed on a thread and in a worker process."""
+    from fastmae.data import bundled_sample_dir, dali_available
 
+    dali = ["dali"] if dali_available() else []
     res = subprocess.run([sys.executable, str(REPO / "benchmarks" / "data_throughput.py"), "--shards",
-                          str(bundled_sample_dir()), "--backends", "torch,synthetic", "--batch-size", "8",
-                          "--img-size", "32", "--workers", "1", "--warmup", "1", "--batches", "2", "--repeats", "2",
-                          "--out", str(tmp_path)], capture_output=True, text=True, timeout=300, cwd=REPO)
+                          str(bundled_sample_dir()), "--backends", ",".join(dali + ["torch", "synthetic"]),
+                          "--feed-workers", "0,1", "--batch-size", "8", "--img-size", "32", "--workers", "1",
+                          "--warmup", "1", "--batches", "2", "--repeats", "2", "--out", str(tmp_path)],
+                         capture_output=True, text=True, timeout=300, cwd=REPO)
     assert res.returncode == 0, res.stderr[-3000:]
-    rows = {(r["backend"], r["source"]): r for r in json.loads((tmp_path / "data_throughput.json").read_text())["rows"]}
-    assert set(rows) == {("torch", "local"), ("torch", "http"), ("synthetic", "local")}
-    assert rows["torch", "http"]["read"] == "stream" and rows["torch", "local"]["read"] == "global"
+    rows = {(r["backend"], r["source"], r["feed_workers"]): r
+            for r in json.loads((tmp_path / "data_throughput.json").read_text())["rows"]}
+    want = {("torch", "local", None), ("torch", "http", None), ("synthetic", "local", None)}
+    want |= {("dali", src, feed) for src in ("local", "http") for feed in (0, 1)} if dali else set()
+    assert set(rows) == want
+    assert rows["torch", "http", None]["read"] == "stream" and rows["torch", "local", None]["read"] == "global"
     for r in rows.values():
         assert r["img_per_s"] > 0 and r["busy_img_per_s"] > 0 and r["busy_ms_per_batch"] > 0
         assert r["busy_over_idle"] == pytest.approx(r["busy_img_per_s"] / r["img_per_s"])

@@ -233,3 +233,18 @@ def test_streamed_http_shards(id_shards: Path, tmp_path: Path) -> None:
         loader.close()
     finally:
         stop(proc)
+
+
+@pytest.mark.skipif(not dali_available(), reason="nvidia.dali not installed")
+def test_streamed_shards_through_dali_feed_worker_processes(s3_env: str, small_shards: Path, tmp_path: Path) -> None:
+    """DALI's feed in worker processes (the GPU default) reads streamed shards from the spool: the batches are
+    those of the threaded feed on the local files."""
+    kw = dict(read="stream", shuffle_buffer=4)
+    remote = build_loader(_cfg("dali", "s3://photos/small/{000000..000011}.tar", tmp_path, feed_workers=2, **kw),
+                          img_size=32, seed=2)
+    local = build_loader(_cfg("dali", str(small_shards), tmp_path, feed_workers=0, **kw), img_size=32, seed=2)
+    got, ref = _epoch(remote), _epoch(local)
+    assert len(got) == len(ref) == 12
+    for (xa, ya), (xb, yb) in zip(got, ref, strict=True):
+        assert torch.equal(ya, yb) and torch.equal(xa, xb)
+    remote.close()
