@@ -384,6 +384,11 @@ class ShardLoader:
         last = {int(x): int(y) for x, y in zip(sid, b, strict=True)}
         return sorted(((s, first[s], last[s]) for s in first), key=lambda u: u[1])
 
+    def gpu_memory_bytes(self) -> int:
+        """The loader's own GPU buffers on this rank, for the memory estimate (0: none beyond the batch the
+        model receives, which the estimate counts with the activations)."""
+        return 0
+
     def close(self) -> None:
         """Stop the spool's fetchers and remove its folder (a no-op for local shards)."""
         if self.spool is not None:

@@ -26,24 +26,30 @@ import torch
 from nvidia.dali import fn, pipeline_def, types
 from nvidia.dali.plugin.pytorch import DALIGenericIterator
 
-from .base import BatchPlan, EpochLayout, ShardLoader, replacement
-from .constants import IMAGENET_MEAN, IMAGENET_STD
+from .base import BatchPlan, EpochLayout, ShardLoader, normalize_uint8, replacement
 from .index import ShardError, ShardIndex
 from .randaug import RandAugmentPolicy, dali_apply, dali_params, dali_suite
 from .sampling import PAD_LABEL, image_size, sample_crop
 
-_DALI_DTYPE = {torch.float32: types.FLOAT, torch.float16: types.FLOAT16, torch.bfloat16: types.FLOAT16}
+# data.hw_decoder_load: the default of DALI's nvImageCodec decoders (its legacy nvJPEG decoder's 0.65 was tuned
+# for A100's 5 hardware JPEG engines; H100 has 7)
+HW_DECODER_LOAD = 0.9
+# batches DALI prepares ahead (its prefetch_queue_depth), and nvJPEG's device_memory_padding default
+PIPELINE_DEPTH = 2
+NVJPEG_DEVICE_PADDING = 16 << 20
 
 
 @pipeline_def(enable_conditionals=True)  # conditionals: RandAugment routes each sample to its op
 def mae_pipeline(
-    source: Any, img_size: int, decode_device: str, out_dtype: Any, interp: Any = types.INTERP_CUBIC,
+    source: Any, img_size: int, decode_device: str, interp: Any = types.INTERP_CUBIC,
     randaug: RandAugmentPolicy | None = None, suite: Any = None, parallel: bool = False,
-    source_prefetch: int = 2,
+    source_prefetch: int = 2, decoder: dict[str, Any] | None = None,
 ) -> tuple[Any, Any, Any]:
     """Encoded JPEG + crop box + flip + label + replaced flag (+ RandAugment op, magnitude bin and sign per
-    layer) -> normalised (3, S, S) image, int64 label and the flag. ``parallel``: ``source`` is a
-    :class:`_BatchSource` run by the pipeline's Python worker processes, ``source_prefetch`` batches ahead."""
+    layer) -> (3, S, S) uint8 image (normalised into the training dtype by torch on the same device: one
+    rounding, a quarter of float32's bytes out of DALI), int64 label and the flag. ``parallel``: ``source`` is
+    a :class:`_BatchSource` run by the pipeline's Python worker processes, ``source_prefetch`` batches ahead.
+    ``decoder``: extra arguments of the ``mixed`` (nvJPEG) decoder."""
     outputs = 6 if randaug is None else 9
     if parallel:
         cols = fn.external_source(source=source, num_outputs=outputs, batch=True, batch_info=True, parallel=True,
@@ -54,15 +60,12 @@ def mae_pipeline(
     # decode only the window (x, y, w, h): cheaper than decoding the whole image and cropping
     images = fn.decoders.image_slice(
         jpegs, anchors, shapes, device=decode_device, output_type=types.RGB,
-        normalized_anchor=False, normalized_shape=False, axis_names="WH",
+        normalized_anchor=False, normalized_shape=False, axis_names="WH", **(decoder or {}),
     )
     images = fn.resize(images, size=[img_size, img_size], interp_type=interp, antialias=True)
     if randaug is not None:  # on the HWC uint8 crop, before flip and normalisation
         images = dali_apply(images, randaug, suite, *cols[6:], img_size)
-    images = fn.crop_mirror_normalize(
-        images, mirror=flips, dtype=out_dtype, output_layout="CHW",
-        mean=[255 * m for m in IMAGENET_MEAN], std=[255 * s for s in IMAGENET_STD],
-    )
+    images = fn.crop_mirror_normalize(images, mirror=flips, dtype=types.UINT8, output_layout="CHW")
     if decode_device == "mixed":
         labels = labels.gpu()
     return images, labels, replaced
@@ -209,6 +212,22 @@ class _Feed:
             self._put(q, e, stop)
 
 
+def dali_gpu_bytes(batch: int, img_size: int, threads: int, decoder: dict[str, Any]) -> int:
+    """Analytic estimate of the DALI pipeline's GPU memory, bytes: the uint8 output of the batches in flight
+    (DALI's queue of ``PIPELINE_DEPTH`` + the one in use); per queued batch the decoded crop windows (on average
+    0.6 of an image under RandomResizedCrop(0.2-1); an image of the pre-allocation hint, else 500 x 375) and the
+    resized crops; nvJPEG's device padding per decoder thread; with a hint, the hardware decoder's pre-allocated
+    buffers for its share of the batch. Not yet checked against a measurement."""
+    out = 3 * img_size**2
+    w = decoder.get("preallocate_width_hint", 500)
+    h = decoder.get("preallocate_height_hint", 375)
+    total = (PIPELINE_DEPTH + 1) * batch * out + PIPELINE_DEPTH * batch * (3 * w * h * 3 // 5 + out)
+    total += NVJPEG_DEVICE_PADDING * max(1, threads)
+    if "preallocate_width_hint" in decoder:
+        total += int(batch * decoder.get("hw_decoder_load", HW_DECODER_LOAD) * 3 * w * h)
+    return total
+
+
 def _start_method() -> str:
     """How DALI starts the feed's worker processes: ``spawn`` (a fresh interpreter: safe whatever threads or
     CUDA context the training process has; ~1-2 s per pipeline build), or ``fork`` when
@@ -266,8 +285,20 @@ class DaliLoader(ShardLoader):
 
     backend = "dali"
 
-    def __init__(self, index: ShardIndex, *, feed_workers: int = -1, **kwargs: Any) -> None:
+    def __init__(self, index: ShardIndex, *, feed_workers: int = -1, hw_decoder_load: float = HW_DECODER_LOAD,
+                 preallocate_hint: tuple[int, int] = (0, 0), **kwargs: Any) -> None:
         super().__init__(index, **kwargs)
+        if not 0.0 <= hw_decoder_load <= 1.0:
+            raise ValueError(f"data.hw_decoder_load={hw_decoder_load} must lie in [0, 1]")
+        if min(preallocate_hint) < 0:
+            raise ValueError(f"data.preallocate_hint={list(preallocate_hint)} must be >= 0")
+        # the nvJPEG ("mixed") decoder: the share of images for the hardware JPEG decoder (A100/H100), the rest
+        # on data.num_workers CPU threads (Huffman) + CUDA; the largest image (width, height) to pre-allocate
+        # the hardware decoder's buffers for (0 = grow as needed)
+        self.decoder: dict[str, Any] = {"hw_decoder_load": float(hw_decoder_load)}
+        if preallocate_hint[0] and preallocate_hint[1]:
+            self.decoder.update(preallocate_width_hint=int(preallocate_hint[0]),
+                                preallocate_height_hint=int(preallocate_hint[1]))
         if feed_workers < -1:
             raise ValueError(f"data.feed_workers={feed_workers} must be >= 0, or -1 (auto)")
         # worker processes that read the samples and draw the crops (DALI's parallel external source); 0: a
@@ -298,6 +329,12 @@ class DaliLoader(ShardLoader):
         else:
             self._device_id = None
 
+    def gpu_memory_bytes(self) -> int:
+        """DALI's GPU memory on this rank (0 on the CPU twin): :func:`dali_gpu_bytes`."""
+        if self._device_id is None:
+            return 0
+        return dali_gpu_bytes(self.batch_size, self.img_size, self.num_workers, self.decoder)
+
     @property
     def prefetch_batches(self) -> int:  # type: ignore[override]
         # the feed's batches in flight (the thread's queue, or each worker's) + DALI's own queue + one
@@ -319,12 +356,12 @@ class DaliLoader(ShardLoader):
         with warnings.catch_warnings(record=True) as caught:
             self._pipe = mae_pipeline(
                 source=source, parallel=bool(self.feed_workers), source_prefetch=self.feed_workers + 1,
-                img_size=self.img_size,
-                decode_device="mixed" if gpu else "cpu", out_dtype=_DALI_DTYPE[self.dtype],
+                img_size=self.img_size, decoder=self.decoder if gpu else None,
+                decode_device="mixed" if gpu else "cpu",
                 interp=types.INTERP_CUBIC if self.interpolation == "bicubic" else types.INTERP_LINEAR,
                 randaug=self._randaug, suite=self._suite,
                 batch_size=self.batch_size, num_threads=max(1, self.num_workers), device_id=self._device_id,
-                seed=self.seed + 1, prefetch_queue_depth=2, exec_dynamic=True, **parallel,
+                seed=self.seed + 1, prefetch_queue_depth=PIPELINE_DEPTH, exec_dynamic=True, **parallel,
             )
             self._pipe.build()
         for w in caught:
@@ -394,9 +431,7 @@ class DaliLoader(ShardLoader):
                     raise
             done += 1
             imgs, labels = out[0]["images"], out[0]["labels"]
-            if imgs.dtype != self.dtype:
-                imgs = imgs.to(self.dtype)
-            yield imgs.to(self.device), labels.to(self.device).view(-1)
+            yield normalize_uint8(imgs.to(self.device), self.dtype), labels.to(self.device).view(-1)
         self._needs_reset = True
         self._ready_for = (epoch + 1, 0, 0)
 

@@ -135,7 +135,10 @@ def _make(backend: str, index: ShardIndex, cfg: Any, *, img_size: int, rank: int
     if backend == "dali":
         from .dali_pipeline import DaliLoader
 
-        return DaliLoader(index, feed_workers=getattr(cfg, "feed_workers", -1), **kwargs)
+        return DaliLoader(index, feed_workers=getattr(cfg, "feed_workers", -1),
+                          hw_decoder_load=getattr(cfg, "hw_decoder_load", 0.9),
+                          preallocate_hint=(getattr(cfg, "preallocate_width_hint", 0),
+                                            getattr(cfg, "preallocate_height_hint", 0)), **kwargs)
     from .torch_loader import TorchLoader
 
     return TorchLoader(index, **kwargs)

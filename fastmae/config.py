@@ -106,8 +106,16 @@ class DataConfig:
     crop_scale_max: float = 1.0
     # resampling of the random crop: bicubic (the paper's recipe) | bilinear (cheaper on CPU)
     interpolation: str = "bicubic"
-    # output dtype of the DALI pipeline on GPU (float32 | bfloat16 | float16)
+    # dtype of the images handed to the model on GPU (float32 | bfloat16 | float16): DALI outputs uint8, torch
+    # normalises it into this dtype on the device
     dtype: str = "float32"
+    # DALI on GPU (nvJPEG, "mixed"): the share of images decoded by the hardware JPEG decoder (A100/H100; the
+    # rest on num_workers CPU threads + CUDA), and the largest image (width, height) its buffers are
+    # pre-allocated for (0 = grow as needed; ImageNet originals: 5980 x 6430; shards written with --resize 320:
+    # the longest side in them)
+    hw_decoder_load: float = 0.9
+    preallocate_width_hint: int = 0
+    preallocate_height_hint: int = 0
     # synthetic backend only: how many distinct images one epoch has
     synthetic_size: int = 1281167
 
@@ -423,6 +431,10 @@ def validate(cfg: Config) -> None:
     _choice("data.on_error", d.on_error, ("stop", "skip"))
     _choice("data.read", d.read, ("auto", "global", "stream"))
     _positive("data.shuffle_buffer", d.shuffle_buffer)
+    if not 0.0 <= d.hw_decoder_load <= 1.0:
+        raise ValueError(f"data.hw_decoder_load={d.hw_decoder_load} must lie in [0, 1]")
+    _positive("data.preallocate_width_hint", d.preallocate_width_hint, allow_zero=True)
+    _positive("data.preallocate_height_hint", d.preallocate_height_hint, allow_zero=True)
     if d.feed_workers < -1:
         raise ValueError(f"data.feed_workers={d.feed_workers} must be >= 0, or -1 (auto)")
     _positive("data.max_bad_samples", d.max_bad_samples, allow_zero=True)

@@ -40,6 +40,8 @@ class MemoryEstimate:
     gradients: int
     optimizer: int
     activations: int
+    # the data loader's own GPU buffers (DALI on a GPU: see DaliLoader.gpu_memory_bytes; 0 elsewhere)
+    loader: int = 0
 
     @property
     def model_states(self) -> int:
@@ -47,12 +49,13 @@ class MemoryEstimate:
 
     @property
     def total(self) -> int:
-        return self.model_states + self.activations
+        return self.model_states + self.activations + self.loader
 
     def describe(self) -> str:
         unit, div = ("GiB", 2**30) if self.total >= 2**30 else ("MiB", 2**20)
+        data = f" + data loader {self.loader / div:.1f}" if self.loader else ""
         return (f"weights {self.weights / div:.1f} + grads {self.gradients / div:.1f} + optimizer "
-                f"{self.optimizer / div:.1f} + activations {self.activations / div:.1f} = "
+                f"{self.optimizer / div:.1f} + activations {self.activations / div:.1f}{data} = "
                 f"{self.total / div:.1f} {unit}")
 
 

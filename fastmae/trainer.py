@@ -16,6 +16,7 @@ Exit status of a training process (``Trainer.run``):
 
 from __future__ import annotations
 
+import dataclasses
 import glob
 import math
 import random
@@ -527,14 +528,20 @@ class Trainer:
         """``train.activation_checkpointing``: on / off, or auto = on only when the task's analytic estimate
         without it exceeds 90% of this GPU's memory."""
         mode, dev = self.cfg.train.activation_checkpointing, self.dist.device
+        loader = int(getattr(self.loader, "gpu_memory_bytes", lambda: 0)())  # DALI's buffers on the GPU
+
+        def estimate(use: bool) -> MemoryEstimate | None:
+            est = self.task.memory_estimate(self, zero_stage, use)
+            return None if est is None else dataclasses.replace(est, loader=loader)
+
         if mode == "auto":
             use = False
-            est = self.task.memory_estimate(self, zero_stage, False)
+            est = estimate(False)
             if dev.type == "cuda" and est is not None:
                 use = est.total > 0.9 * torch.cuda.get_device_properties(dev).total_memory
         else:
             use = mode == "on"
-        return use, self.task.memory_estimate(self, zero_stage, use)
+        return use, estimate(use)
 
     # ------------------------------------------------------------------ resume
     def _choose_resume(self, ckpt_dir: Path) -> tuple[tuple[Path, str] | None, dict[str, Any] | None]:

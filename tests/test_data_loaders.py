@@ -619,3 +619,49 @@ def test_dali_feed_worker_processes_name_bad_samples_and_skip_them(tmp_path: Pat
         assert [v for _, y in loader for v in y.tolist()] == [0, 1, 3, 3, 5, 5]
         assert sorted(loader.bad_samples) == [f"{shard}:broken", f"{shard}:garbage"]
     loader.close()
+
+
+@DALI_ONLY
+def test_dali_decoder_settings_are_checked_and_kept(ids_shards: Path) -> None:
+    """The nvJPEG settings reach the loader (used by the GPU's "mixed" decoder only; the CPU twin is unchanged)."""
+    loader = build_loader(_cfg("dali", ids_shards, hw_decoder_load=0.75, preallocate_width_hint=640,
+                               preallocate_height_hint=480), img_size=16)
+    assert loader.decoder == {"hw_decoder_load": 0.75, "preallocate_width_hint": 640, "preallocate_height_hint": 480}
+    assert build_loader(_cfg("dali", ids_shards), img_size=16).decoder == {"hw_decoder_load": 0.9}
+    with pytest.raises(ValueError, match="hw_decoder_load=1.5"):
+        build_loader(_cfg("dali", ids_shards, hw_decoder_load=1.5), img_size=16)
+
+
+@DALI_ONLY
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU for DALI's mixed (nvJPEG) decoder; "
+                                                          "test_dali_and_torch_agree_on_the_bundled_sample is the "
+                                                          "CPU twin")
+@pytest.mark.parametrize("feed_workers", [0, 2])
+def test_dali_mixed_decoding_matches_the_cpu_twin(ids_shards: Path, feed_workers: int) -> None:
+    cfg = _cfg("dali", ids_shards, batch=4, dtype="bfloat16", feed_workers=feed_workers)
+    gpu = build_loader(cfg, img_size=32, device="cuda", seed=1)
+    cpu = build_loader(cfg, img_size=32, device="cpu", seed=1)
+    for (xg, yg), (xc, yc) in zip(gpu, cpu, strict=True):
+        assert xg.device.type == "cuda" and xg.dtype == torch.bfloat16 and xc.dtype == torch.float32
+        assert torch.equal(yg.cpu(), yc)
+        assert (xg.float().cpu() - xc).abs().mean() < 0.05  # nvJPEG vs libjpeg-turbo IDCT, bf16 rounding
+    gpu.close()
+
+
+@DALI_ONLY
+def test_dali_gpu_memory_enters_the_memory_estimate(ids_shards: Path) -> None:
+    from fastmae.data.dali_pipeline import NVJPEG_DEVICE_PADDING, dali_gpu_bytes
+
+    from fastmae.config import ModelConfig
+    from fastmae.memory import estimate_memory
+
+    # ViT-B batch 256 at 224 px, 4 decoder threads: 3 uint8 batches out + 2 queued batches of crop windows
+    # (0.6 of 500 x 375 x 3) and resized crops + 16 MiB nvJPEG padding per thread
+    got = dali_gpu_bytes(256, 224, 4, {"hw_decoder_load": 0.9})
+    assert got == 3 * 256 * 150528 + 2 * 256 * (337500 + 150528) + 4 * NVJPEG_DEVICE_PADDING
+    hinted = dali_gpu_bytes(256, 224, 4, {"hw_decoder_load": 0.5, "preallocate_width_hint": 1000,
+                                          "preallocate_height_hint": 800})
+    assert hinted > got  # bigger windows + the hardware decoder's buffers for half the batch
+    assert build_loader(_cfg("dali", ids_shards), img_size=16).gpu_memory_bytes() == 0  # the CPU twin: none
+    est = dataclasses.replace(estimate_memory(ModelConfig(), 0.75, 256), loader=got)
+    assert est.total == est.model_states + est.activations + got and "+ data loader 0.4 = " in est.describe()
