@@ -384,6 +384,11 @@ class ShardLoader:
         last = {int(x): int(y) for x, y in zip(sid, b, strict=True)}
         return sorted(((s, first[s], last[s]) for s in first), key=lambda u: u[1])
 
+    def describe(self) -> str:
+        """The backend and how it reads, for the start-up log."""
+        how = f"read={self.read}" + (f", shuffle buffer {self.shuffle_buffer}" if self.read == "stream" else "")
+        return f"{self.backend} ({how})"
+
     def gpu_memory_bytes(self) -> int:
         """The loader's own GPU buffers on this rank, for the memory estimate (0: none beyond the batch the
         model receives, which the estimate counts with the activations)."""

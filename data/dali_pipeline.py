@@ -329,6 +329,10 @@ class DaliLoader(ShardLoader):
         else:
             self._device_id = None
 
+    def describe(self) -> str:
+        feed = f"{self.feed_workers} feed processes" if self.feed_workers else "feed thread"
+        return super().describe()[:-1] + f", {feed})"
+
     def gpu_memory_bytes(self) -> int:
         """DALI's GPU memory on this rank (0 on the CPU twin): :func:`dali_gpu_bytes`."""
         if self._device_id is None:

@@ -19,6 +19,7 @@ from __future__ import annotations
 import atexit
 import os
 import shutil
+import socket
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -198,12 +199,20 @@ class ShardSpool:
                     dest.unlink(missing_ok=True)
 
 
+def _spool_name(rank: int) -> str:
+    """``<host>-<pid>-rank<r>``: the host keeps nodes that share a cache folder (NFS) out of each other's way."""
+    return f"{socket.gethostname()}-{os.getpid()}-rank{rank}"
+
+
 def _clean_stale(root: Path) -> None:
-    """Spool folders of processes that are gone (a killed run) are removed."""
+    """Spool folders of this host's processes that are gone (a killed run) are removed."""
     if not root.is_dir():
         return
+    host = socket.gethostname() + "-"
     for d in root.iterdir():
-        pid = d.name.split("-", 1)[0]
+        if not d.name.startswith(host):
+            continue
+        pid = d.name[len(host):].split("-", 1)[0]
         if pid.isdigit() and not _pid_alive(int(pid)):
             shutil.rmtree(d, ignore_errors=True)
 
@@ -211,7 +220,7 @@ def _clean_stale(root: Path) -> None:
 def open_stream(spec: str, cache_dir: str | os.PathLike[str] | None, rank: int, *, fetchers: int = 2,
                 log: Any = None) -> tuple[StreamIndex, ShardSpool]:
     """The index of the remote shards of ``spec`` (each shard's ``.idx`` read from the store, checked against
-    the shard's size) and this rank's spool (in ``cache_dir/stream/<pid>-rank<r>``)."""
+    the shard's size) and this rank's spool (in ``cache_dir/stream/<host>-<pid>-rank<r>``)."""
     fs = _filesystem(spec)
     urls = expand_remote(spec, fs)
 
@@ -242,7 +251,7 @@ def open_stream(spec: str, cache_dir: str | os.PathLike[str] | None, rank: int, 
                          "with the shards), or set data.read=global to fetch whole shards into data.cache_dir")
     root = (Path(cache_dir).expanduser() if cache_dir else default_cache_dir()) / "stream"
     _clean_stale(root)
-    folder = root / f"{os.getpid()}-rank{rank}"
+    folder = root / _spool_name(rank)
     shutil.rmtree(folder, ignore_errors=True)
     index = StreamIndex(urls, [s for _, s in found], folder)  # type: ignore[misc]
     spool = ShardSpool(fs, urls, [n for n, _ in found], folder, fetchers=fetchers)

@@ -59,7 +59,7 @@ from fastmae.evaluation import PAD_LABEL, evaluate
 from fastmae.flops import block_flops
 from fastmae.memory import MemoryEstimate, estimate_memory
 from fastmae.optim import build_adamw, param_groups
-from fastmae.trainer import EXIT_CONFIG, Task, Trainer
+from fastmae.trainer import EXIT_CONFIG, Task, Trainer, describe_loader
 from fastmae.vit import VisionTransformer, build_classifier, layer_decay_scale
 
 # keys fine-tuning and probing do not use: refused when given
@@ -493,7 +493,7 @@ class ClassifierTask(Task):
         n_train = sum(p.numel() for p in m.parameters() if p.requires_grad)
         randaug = randaug_plan(c)[1] or getattr(tr.loader, "randaug_info", "off")
         return [
-            f"data={tr.loader.backend} | weights: {self.checkpoint_path or '(none)'} -> {self.source}",
+            f"data={describe_loader(tr.loader)} | weights: {self.checkpoint_path or '(none)'} -> {self.source}",
             f"model: img {c.model.img_size} patch {c.model.patch_size} dim {c.model.embed_dim} depth "
             f"{c.model.depth} | {c.cls.num_classes} classes | pool {'avg+fc_norm' if c.cls.global_pool else 'cls'}"
             f" | {n_train / 1e6:.2f} M trainable | optimizer {type(tr.optimizer).__name__}"

@@ -24,7 +24,7 @@ from fastmae.memory import MemoryEstimate, estimate_memory
 from fastmae.model import MaskedAutoencoderViT, resolve_masking_backend
 from fastmae.optim import build_adamw, param_groups
 from fastmae.runtime import mask_seed
-from fastmae.trainer import EXIT_CONFIG, NonFiniteLossError, Task, Trainer
+from fastmae.trainer import EXIT_CONFIG, NonFiniteLossError, Task, Trainer, describe_loader
 
 __all__ = ["NonFiniteLossError", "PretrainTask", "main", "make_loader", "parse_args"]
 
@@ -100,7 +100,7 @@ class PretrainTask(Task):
         act = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[c.train.precision]
         return [f"backends: masking={resolve_masking_backend(c.mask.backend, dev)} "
                 f"attention={resolve_attention_backend(c.model.attention, dev, act)} "
-                f"data={getattr(tr.loader, 'backend', '?')}"]
+                f"data={describe_loader(tr.loader)}"]
 
 
 def train(cfg: Config, ds_config_name: str = "zero2.json") -> dict[str, Any]:

@@ -695,3 +695,8 @@ def _shard_files(folder: Path, rank: int, stage: int) -> list[str]:
     model = f"zero_pp_rank_{rank}_mp_rank_00_model_states.pt" if stage == 3 else "mp_rank_00_model_states.pt"
     return [model, f"*zero_pp_rank_{rank}_mp_rank_00_optim_states.pt"]
 
+
+def describe_loader(loader: Any) -> str:
+    """A loader's line for the start-up log: its backend and how it reads (``describe()`` where it has one)."""
+    describe = getattr(loader, "describe", None)
+    return describe() if callable(describe) else str(getattr(loader, "backend", "?"))

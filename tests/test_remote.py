@@ -63,8 +63,9 @@ def s3_env(s3: str, monkeypatch: pytest.MonkeyPatch) -> str:
 
 
 def _cfg(backend: str, shards: str, cache: Path, batch: int = 4, read: str = "global", **kw: object) -> DataConfig:
-    return dataclasses.replace(DataConfig(), backend=backend, shards=shards, batch_size=batch, drop_last=False,
-                               num_workers=1 if backend == "dali" else 0, cache_dir=str(cache), read=read, **kw)
+    fields: dict[str, object] = dict(backend=backend, shards=shards, batch_size=batch, drop_last=False,
+                                     num_workers=1 if backend == "dali" else 0, cache_dir=str(cache), read=read)
+    return dataclasses.replace(DataConfig(), **{**fields, **kw})
 
 
 def _epoch(loader: object) -> list[tuple[torch.Tensor, torch.Tensor]]:
@@ -235,14 +236,30 @@ def test_streamed_http_shards(id_shards: Path, tmp_path: Path) -> None:
         stop(proc)
 
 
-@pytest.mark.skipif(not dali_available(), reason="nvidia.dali not installed")
-def test_streamed_shards_through_dali_feed_worker_processes(s3_env: str, small_shards: Path, tmp_path: Path) -> None:
-    """DALI's feed in worker processes (the GPU default) reads streamed shards from the spool: the batches are
-    those of the threaded feed on the local files."""
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_streamed_shards_through_worker_processes(backend: str, s3_env: str, small_shards: Path,
+                                                  tmp_path: Path) -> None:
+    """Worker processes (DALI's feed processes, the GPU default; DataLoader workers) read streamed shards from
+    the spool: the batches are those of the in-process readers on the local files. A spool folder left by a
+    killed process of this host is removed at start; another host's is not touched."""
+    import socket
+    import subprocess
+    import sys
+
+    gone = subprocess.Popen([sys.executable, "-c", "pass"])
+    gone.wait()
+    stale = tmp_path / "stream" / f"{socket.gethostname()}-{gone.pid}-rank0"
+    other = tmp_path / "stream" / f"another-host-{gone.pid}-rank0"
+    for d in (stale, other):
+        d.mkdir(parents=True)
+        (d / "000001.tar").write_bytes(b"left behind")
     kw = dict(read="stream", shuffle_buffer=4)
-    remote = build_loader(_cfg("dali", "s3://photos/small/{000000..000011}.tar", tmp_path, feed_workers=2, **kw),
+    workers = dict(feed_workers=2) if backend == "dali" else dict(num_workers=2)
+    in_process = dict(feed_workers=0) if backend == "dali" else dict(num_workers=0)
+    remote = build_loader(_cfg(backend, "s3://photos/small/{000000..000011}.tar", tmp_path, **workers, **kw),
                           img_size=32, seed=2)
-    local = build_loader(_cfg("dali", str(small_shards), tmp_path, feed_workers=0, **kw), img_size=32, seed=2)
+    assert not stale.exists() and other.exists()
+    local = build_loader(_cfg(backend, str(small_shards), tmp_path, **in_process, **kw), img_size=32, seed=2)
     got, ref = _epoch(remote), _epoch(local)
     assert len(got) == len(ref) == 12
     for (xa, ya), (xb, yb) in zip(got, ref, strict=True):
