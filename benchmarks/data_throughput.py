@@ -12,6 +12,10 @@ synchronised at the end of each window). Without ``--shards``, ``--make`` images
 size (500x375 / 375x500, JPEG quality 90, ~100 KB) are cut from scikit-image's photographs and sharded
 once into a cache folder.
 
+Training (``--train PRESET``): each loader is timed a third time with the main thread running one MAE
+training step of the preset (forward, backward, AdamW) on every batch; the ``vs synth`` column is that rate
+over the synthetic loader's, i.e. how close training on real data comes to the model's own speed.
+
 Busy main thread: a training step keeps the training process's main thread running Python (kernel launches,
 the optimizer, logging). Each loader is timed again with the main thread spinning in pure Python after every
 batch for as long as one batch took when it was idle (``--busy-ms`` overrides): a loader whose work needs no
@@ -113,6 +117,7 @@ def run_one(args: argparse.Namespace) -> dict[str, Any]:
     idle = statistics.median(rates)
     busy_ms = args.busy_ms if args.busy_ms > 0 else 1000.0 * args.batch_size / idle
     busy = _windows(stream, args, device, busy_s=busy_ms / 1000.0) if args.busy_ms >= 0 else []
+    train = _windows(stream, args, device, busy_s=0.0, step=_train_step(args.train, device)) if args.train else []
     close = getattr(loader, "close", None)
     if close is not None:
         close()
@@ -124,6 +129,8 @@ def run_one(args: argparse.Namespace) -> dict[str, Any]:
         "num_samples": loader.num_samples, "busy_ms_per_batch": busy_ms if busy else None,
         "busy_img_per_s": statistics.median(busy) if busy else None, "busy_repeats": busy,
         "busy_over_idle": statistics.median(busy) / idle if busy else None,
+        "train_preset": args.train or None, "train_img_per_s": statistics.median(train) if train else None,
+        "train_repeats": train,
     }
 
 
@@ -136,9 +143,31 @@ def _spin(seconds: float) -> None:
             x += i
 
 
-def _windows(stream: Any, args: argparse.Namespace, device: torch.device, busy_s: float) -> list[float]:
+def _train_step(preset: str, device: torch.device) -> Any:
+    """One MAE training step (forward, backward, AdamW) of ``preset`` on a batch, in fp32 (bf16 autocast on
+    CUDA): the end-to-end rate with this loader, against the synthetic loader's."""
+    from fastmae.config import get_preset
+    from fastmae.model import MaskedAutoencoderViT
+
+    cfg = get_preset(preset)
+    model = MaskedAutoencoderViT(cfg.model, cfg.mask).to(device)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, betas=(0.9, 0.95))
+    seed = iter(range(10**9))
+
+    def step(imgs: torch.Tensor) -> None:
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+            loss, _, _ = model(imgs.float(), mask_seed=next(seed))
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    return step
+
+
+def _windows(stream: Any, args: argparse.Namespace, device: torch.device, busy_s: float,
+             step: Any = None) -> list[float]:
     """Images per second over ``--repeats`` windows of ``--batches`` batches, the main thread spinning in
-    Python for ``busy_s`` after each batch."""
+    Python for ``busy_s`` after each batch, or training on it with ``step``."""
     rates = []
     for _ in range(args.repeats):
         t = time.perf_counter()
@@ -148,6 +177,8 @@ def _windows(stream: Any, args: argparse.Namespace, device: torch.device, busy_s
             n += imgs.shape[0]
             if busy_s:
                 _spin(busy_s)
+            if step is not None:
+                step(imgs)
         _sync(device)
         rates.append(n / (time.perf_counter() - t))
     return rates
@@ -218,6 +249,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--busy-ms", type=float, default=0.0,
                     help="Python work on the main thread after each batch in the busy timing (0: one idle batch's "
                          "time; -1: no busy timing)")
+    ap.add_argument("--train", default="", metavar="PRESET",
+                    help="also time training: one MAE step of PRESET per batch (its image size replaces "
+                         "--img-size), reported beside the synthetic loader's rate")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--out", type=Path, default=None, help="folder for data_throughput.json")
     ap.add_argument("--only", default="", help=argparse.SUPPRESS)
@@ -229,6 +263,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--read", default="global", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
 
+    if args.train:
+        from fastmae.config import get_preset
+
+        args.img_size = get_preset(args.train).model.img_size
     if args.only:  # child process: one backend, one JSON line
         print(json.dumps(run_one(args)))
         return 0
@@ -272,15 +310,19 @@ def main(argv: list[str] | None = None) -> int:
     title = (f"data loaders on {machine()}: batch {args.batch_size}, {args.img_size} px {args.interpolation}, "
              f"{args.workers} workers/threads, shards {args.shards}")
     print(title)
+    synth = next((r["train_img_per_s"] for r in rows if r["backend"] == "synthetic"), None)
     print(f"{'backend':<10} {'source':<7} {'feed':>4} {'device':<7} {'img/s (median)':>15} {'min':>8} {'max':>8} "
-          f"{'vs torch':>9} {'start s':>8} {'busy img/s':>11} {'busy/idle':>9}")
+          f"{'vs torch':>9} {'start s':>8} {'busy img/s':>11} {'busy/idle':>9}"
+          + (f" {'train img/s':>12} {'vs synth':>9}" if args.train else ""))
     for r in rows:
         rel = f"{r['img_per_s'] / base:.2f}x" if base else "-"
         busy = "-" if r.get("busy_img_per_s") is None else f"{r['busy_img_per_s']:.1f}"
         ratio = "-" if r.get("busy_over_idle") is None else f"{r['busy_over_idle']:.2f}"
         feed = "-" if r.get("feed_workers") is None else r["feed_workers"]
         print(f"{r['backend']:<10} {r['source']:<7} {feed:>4} {r['device']:<7} {r['img_per_s']:>15.1f} "
-              f"{r['min']:>8.1f} {r['max']:>8.1f} {rel:>9} {r['startup_and_warmup_s']:>8.1f} {busy:>11} {ratio:>9}")
+              f"{r['min']:>8.1f} {r['max']:>8.1f} {rel:>9} {r['startup_and_warmup_s']:>8.1f} {busy:>11} {ratio:>9}"
+              + (f" {r['train_img_per_s']:>12.1f} {r['train_img_per_s'] / synth if synth else 0:>8.2f}x"
+                 if args.train else ""))
     result = {"machine": machine(), "torch": torch.__version__, "args": {k: str(v) for k, v in vars(args).items()},
               "rows": rows}
     print(json.dumps(result))

@@ -282,7 +282,7 @@ def test_data_throughput_reports_idle_and_busy_main_thread_rates(tmp_path: Path)
     dali = ["dali"] if dali_available() else []
     res = subprocess.run([sys.executable, str(REPO / "benchmarks" / "data_throughput.py"), "--shards",
                           str(bundled_sample_dir()), "--backends", ",".join(dali + ["torch", "synthetic"]),
-                          "--feed-workers", "0,1", "--batch-size", "8", "--img-size", "32", "--workers", "1",
+                          "--feed-workers", "0,1", "--batch-size", "8", "--train", "debug", "--workers", "1",
                           "--warmup", "1", "--batches", "2", "--repeats", "2", "--out", str(tmp_path)],
                          capture_output=True, text=True, timeout=300, cwd=REPO)
     assert res.returncode == 0, res.stderr[-3000:]
@@ -295,4 +295,5 @@ def test_data_throughput_reports_idle_and_busy_main_thread_rates(tmp_path: Path)
     for r in rows.values():
         assert r["img_per_s"] > 0 and r["busy_img_per_s"] > 0 and r["busy_ms_per_batch"] > 0
         assert r["busy_over_idle"] == pytest.approx(r["busy_img_per_s"] / r["img_per_s"])
-    assert "busy/idle" in res.stdout
+        assert r["train_preset"] == "debug" and r["train_img_per_s"] > 0  # a real MAE step per batch
+    assert "busy/idle" in res.stdout and "vs synth" in res.stdout
