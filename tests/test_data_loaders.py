@@ -532,10 +532,9 @@ def _labelled_tar(path: Path, samples: list[tuple[str, bytes]]) -> None:
                 tf.addfile(info, io.BytesIO(payload))
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
-def test_on_error_skip_replaces_bad_samples_deterministically(backend: str, tmp_path: Path) -> None:
-    """data.on_error=skip: a damaged JPEG body (found by the decoder) and a damaged header each give their place
-    to the next readable sample, are counted once per run (resumable), and past max_bad_samples the run stops."""
+def _damaged_shard(folder: Path) -> tuple[bytes, bytes]:
+    """``folder/000000.tar``: a, b, broken (a JPEG body only the decoder rejects), c, garbage (no JPEG header),
+    d, labelled 0-5; returns a good JPEG and the garbage."""
     import io
 
     buf = io.BytesIO()
@@ -543,8 +542,16 @@ def test_on_error_skip_replaces_bad_samples_deterministically(backend: str, tmp_
     good = buf.getvalue()
     broken = good[:300] + b"\x00" * 200 + good[500:600]
     garbage = b"\xff\xd8\xff\xe0 not a JPEG " * 3
-    _labelled_tar(tmp_path / "000000.tar", [("a", good), ("b", good), ("broken", broken), ("c", good),
-                                            ("garbage", garbage), ("d", good)])
+    _labelled_tar(folder / "000000.tar", [("a", good), ("b", good), ("broken", broken), ("c", good),
+                                          ("garbage", garbage), ("d", good)])
+    return good, garbage
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_on_error_skip_replaces_bad_samples_deterministically(backend: str, tmp_path: Path) -> None:
+    """data.on_error=skip: a damaged JPEG body (found by the decoder) and a damaged header each give their place
+    to the next readable sample, are counted once per run (resumable), and past max_bad_samples the run stops."""
+    good, garbage = _damaged_shard(tmp_path)
     shard = tmp_path / "000000.tar"
     cfg = _cfg(backend, tmp_path, batch=2, drop_last=False, on_error="skip", max_bad_samples=2)
     loader = build_loader(cfg, img_size=16, mode="eval")
@@ -596,15 +603,7 @@ def test_dali_feed_worker_processes_give_the_same_batches(read: str, ids_shards:
 def test_dali_feed_worker_processes_name_bad_samples_and_skip_them(tmp_path: Path) -> None:
     """A worker's ShardError reaches the training process as a ShardError naming shard and key; with
     data.on_error=skip the replaced samples are counted as with the threaded feed."""
-    import io
-
-    buf = io.BytesIO()
-    Image.fromarray(_gradient(80, 60)).save(buf, "JPEG")
-    good = buf.getvalue()
-    broken = good[:300] + b"\x00" * 200 + good[500:600]
-    garbage = b"\xff\xd8\xff\xe0 not a JPEG " * 3
-    _labelled_tar(tmp_path / "000000.tar", [("a", good), ("b", good), ("broken", broken), ("c", good),
-                                            ("garbage", garbage), ("d", good)])
+    good, garbage = _damaged_shard(tmp_path)
     shard = tmp_path / "000000.tar"
     (tmp_path / "header").mkdir()
     _labelled_tar(tmp_path / "header" / "000000.tar", [("a", good), ("b", good), ("c", good), ("garbage", garbage)])
