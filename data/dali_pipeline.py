@@ -259,13 +259,13 @@ def _read(idx: ShardIndex, i: int, undecodable: set[int]) -> tuple[bytes, tuple[
     """(bytes, (width, height), label) of sample ``i``; :class:`ShardError` naming it when it cannot be used."""
     if i in undecodable:
         raise ShardError(f"{idx.shard(i)}: {idx.key(i)}: image does not decode")
-    data = idx.read_image(i)
+    data, label = idx.read_sample(i)
     try:
         size = image_size(data)
     except Exception as e:  # not a readable image header: name the sample, not the parser's error
         raise ShardError(f"{idx.shard(i)}: {idx.key(i)}: image header unreadable ({type(e).__name__}: {e}); "
                          "`python -m fastmae.data.shards verify` lists every damaged sample") from e
-    return data, size, idx.read_label(i)
+    return data, size, label
 
 
 def _decodes(idx: ShardIndex, i: int) -> bool:

@@ -178,6 +178,8 @@ def check_index_matches(shard: Path | str, idx: Path | str, samples: list[dict[s
 
 
 _FD_BUDGET: int | None = None
+# most bytes between a sample's label and image that one read still covers (their tar headers, padding)
+_ADJACENT = 4096
 
 
 def _fd_budget() -> int:
@@ -307,12 +309,27 @@ class ShardIndex:
         """The encoded image bytes of sample ``i``."""
         return self._read(i, int(self.img_off[i]), int(self.img_len[i]), "jpg")
 
+    def read_sample(self, i: int) -> tuple[bytes, int]:
+        """(encoded image, label) of sample ``i``: one read when the two lie together in the tar (as the
+        writer puts them, a member header apart), else one read each."""
+        img_off, img_len = int(self.img_off[i]), int(self.img_len[i])
+        cls_off, cls_len = int(self.cls_off[i]), int(self.cls_len[i])
+        lo, hi = min(img_off, cls_off), max(img_off + img_len, cls_off + cls_len)
+        if cls_len and hi - lo <= img_len + cls_len + _ADJACENT:
+            raw = os.pread(self._fd(int(self.shard_of[i])), hi - lo, lo)
+            if len(raw) == hi - lo:
+                a, b = img_off - lo, cls_off - lo
+                return raw[a:a + img_len], self._label(i, raw[b:b + cls_len])
+        return self.read_image(i), self.read_label(i)  # (a short read is reported by the member it cuts)
+
     def read_label(self, i: int) -> int:
         """The integer label of sample ``i`` (ASCII ``.cls`` of any digit count; 0 when absent)."""
         n = int(self.cls_len[i])
         if n == 0:
             return 0
-        raw = self._read(i, int(self.cls_off[i]), n, "cls")
+        return self._label(i, self._read(i, int(self.cls_off[i]), n, "cls"))
+
+    def _label(self, i: int, raw: bytes) -> int:
         try:
             return int(raw.strip())
         except ValueError:

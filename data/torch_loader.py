@@ -8,6 +8,7 @@ normalisation happens once per batch on the training device.
 from __future__ import annotations
 
 import io
+import os
 import signal
 import weakref
 from collections.abc import Iterator
@@ -62,14 +63,15 @@ class _Samples(torch.utils.data.Dataset):
         return arr, (PAD_LABEL if pad else label), self.index.name(i)
 
     def _load(self, i: int, u: Any, ra: Any) -> tuple[torch.Tensor, int]:
+        data, label = self.index.read_sample(i)
         try:
-            img = _open_rgb(self.index.read_image(i))
+            img = _open_rgb(data)
             img.load()
         except (OSError, ValueError, SyntaxError) as e:  # PIL's errors for bad data
-            shard = self.index.shard(i)
+            shard = str(self.index.shard(i))
             raise ShardError(
                 f"{shard}: {self.index.key(i)}: image does not decode ({type(e).__name__}: {e}); check the "
-                f"shards with `python -m fastmae.data.shards verify {shard.parent}`"
+                f"shards with `python -m fastmae.data.shards verify {os.path.dirname(shard)}`"
             ) from e
         x, y, w, h, flip = sample_crop(u, *img.size, self.size, self.scale)
         img = img.resize((self.size, self.size), self.resample, box=(x, y, x + w, y + h))
@@ -78,7 +80,7 @@ class _Samples(torch.utils.data.Dataset):
         if self.randaug is not None and ra is not None:  # after crop + flip, as timm's create_transform
             img = self.randaug(img, ra)
         arr = torch.from_numpy(np.asarray(img).copy()).permute(2, 0, 1)
-        return arr, self.index.read_label(i)
+        return arr, label
 
 
 def _collate(items: list[tuple[torch.Tensor, int, str | None]]) -> tuple[torch.Tensor, torch.Tensor, list[str]]:

@@ -234,6 +234,14 @@ def test_exact_epoch_plan(n: int, world: int, batch: int) -> None:
     assert PAD_LABEL < 0
 
 
+def test_one_read_per_sample_gives_the_image_and_the_label() -> None:
+    from fastmae.data import bundled_sample_dir
+
+    index = ShardIndex(expand_shards(bundled_sample_dir()))
+    for i in range(len(index)):
+        assert index.read_sample(i) == (index.read_image(i), index.read_label(i))
+
+
 def test_buffer_shuffle_keeps_every_item_within_its_window() -> None:
     items = np.arange(1000, 2000)
     out = buffer_shuffle(items, 50, np.random.default_rng(1))

@@ -265,3 +265,22 @@ def test_streamed_shards_through_worker_processes(backend: str, s3_env: str, sma
     for (xa, ya), (xb, yb) in zip(got, ref, strict=True):
         assert torch.equal(ya, yb) and torch.equal(xa, xb)
     remote.close()
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_streamed_damaged_image_names_the_url_and_key(backend: str, s3_env: str, small_shards: Path,
+                                                      tmp_path: Path) -> None:
+    from fastmae.data import ShardIndex
+
+    index = ShardIndex([small_shards / "000000.tar"])
+    raw = bytearray((small_shards / "000000.tar").read_bytes())
+    off = int(index.img_off[1])
+    raw[off:off + 4] = b"XXXX"  # no JPEG (or any image) header any more
+    (tmp_path / "000000.tar").write_bytes(bytes(raw))
+    (tmp_path / "000000.idx").write_bytes((small_shards / "000000.idx").read_bytes())
+    upload(s3_env, "photos", "damaged", [tmp_path / "000000.tar", tmp_path / "000000.idx"])
+    loader = build_loader(_cfg(backend, "s3://photos/damaged/000000.tar", tmp_path / "cache", read="stream"),
+                          img_size=32)
+    with pytest.raises(ShardError, match=f"s3://photos/damaged/000000.tar: {index.key(1)}: image"):
+        _epoch(loader)
+    loader.close()
