@@ -26,7 +26,7 @@
 #   memory_vit_h ViT-H/14 at micro batch 256 without and with activation checkpointing, vs the estimate
 #   kernels      benchmarks/masking_kernel.py (fused masking kernel vs reference, GB/s vs copy bandwidth)
 #   deepspeed    a short DeepSpeed ZeRO-2 run of fastmae/train.py (only when deepspeed imports)
-#   pytest_gpu   pytest -m gpu (every GPU-marked test of the repository)
+#   pytest_gpu   the kernel tests, then pytest -m gpu (every GPU-marked test of the repository)
 #   profile      profile_step.py on ViT-L (time split w/ [M] vs w/o [M], top kernels, traces)
 #   data         benchmarks/data_throughput.py (DALI when it imports, else the torch loader)
 # Results: $OUT/<card>-<date>-part<N>.tar.gz + summary.md + gpu_check.log when $OUT is set (three files, for
@@ -269,13 +269,20 @@ fi
 # GPU-marked tests and the device-aware kernel tests (they run on CUDA when it is there);
 # exit 5 (nothing collected) is not a failure. The rehearsal only collects them.
 pytest_gpu() {
-    local files rc
-    files=$( { ls tests/test_kernels.py 2>/dev/null; grep -l -E "mark\.gpu|requires_cuda" tests/test_*.py 2>/dev/null; } | sort -u)
-    [ -z "$files" ] && { echo "no GPU tests found"; return 0; }
+    # the kernel tests whole (their CUDA paths), then every test marked gpu elsewhere (e.g. DALI "mixed")
+    local files rc rc2
+    files=$(grep -l -E "mark\.gpu" tests/test_*.py 2>/dev/null | grep -v test_kernels.py)
     # shellcheck disable=SC2086
-    "$PY" -m pytest -q -rs -p no:cacheprovider ${PYTEST_EXTRA:-} $files
+    "$PY" -m pytest -q -rs -p no:cacheprovider ${PYTEST_EXTRA:-} tests/test_kernels.py
     rc=$?
-    [ "$rc" = 5 ] && { echo "no tests collected"; rc=0; }
+    [ "$rc" = 5 ] && { echo "no kernel tests collected"; rc=0; }
+    if [ -n "$files" ]; then
+        # shellcheck disable=SC2086
+        "$PY" -m pytest -q -rs -p no:cacheprovider -m gpu ${PYTEST_EXTRA:-} $files
+        rc2=$?
+        [ "$rc2" = 5 ] && { echo "no gpu-marked tests collected"; rc2=0; }
+        [ "$rc" = 0 ] && rc=$rc2
+    fi
     return $rc
 }
 if [ "$REHEARSAL" = 1 ]; then

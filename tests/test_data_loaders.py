@@ -632,6 +632,7 @@ def test_dali_decoder_settings_are_checked_and_kept(ids_shards: Path) -> None:
 
 
 @DALI_ONLY
+@pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU for DALI's mixed (nvJPEG) decoder; "
                                                           "test_dali_and_torch_agree_on_the_bundled_sample is the "
                                                           "CPU twin")
