@@ -360,6 +360,8 @@ class ShardLoader:
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         epoch, start = self.epoch, self.batch_in_epoch
+        if self.spool is None and getattr(self.index, "folder", None) is not None:
+            raise RuntimeError("this loader of streamed shards was closed (its spool stopped); build a new one")
         if self.spool is not None:
             self.spool.schedule(self.shard_uses(epoch, start), ahead=self.prefetch_batches + 2)
         for imgs, labels in self._batches(epoch, start):

@@ -174,6 +174,8 @@ def test_streamed_s3_shards(backend: str, world: int, s3_env: str, small_shards:
         folder = loader.spool.folder
         loader.close()
         assert not folder.exists(), "the spool folder goes with the loader"
+        with pytest.raises(RuntimeError, match="was closed"):  # not a wait for shards nobody fetches
+            next(iter(loader))
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
