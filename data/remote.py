@@ -101,8 +101,16 @@ def _remote_size(fs: Any, url: str) -> int | None:
     except PermissionError as e:
         raise ShardError(f"shard {url}: access denied ({e}); set the store's credentials in the environment "
                          "(e.g. AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY / AWS_ENDPOINT_URL)") from None
+    except Exception as e:  # noqa: BLE001 - the store's own errors (no connection, bad endpoint, throttling)
+        raise store_error(url, e) from e
     size = info.get("size")
     return int(size) if size is not None else None
+
+
+def store_error(url: str, e: BaseException) -> ShardError:
+    """A store's failure on ``url`` as an error naming it and what to check."""
+    return ShardError(f"shard {url}: the store failed ({type(e).__name__}: {e}); check the endpoint "
+                      "(AWS_ENDPOINT_URL), the credentials and the network")
 
 
 def _fetch_one(fs: Any, url: str, dest: Path, size: int | None) -> bool:
@@ -130,6 +138,10 @@ def _fetch_one(fs: Any, url: str, dest: Path, size: int | None) -> bool:
                 idx.unlink()  # an index of an older copy
         except FileNotFoundError as e:
             raise ShardError(f"shard {url} could not be read: {e}") from None
+        except ShardError:
+            raise
+        except Exception as e:  # noqa: BLE001 - the store's own errors (a connection cut mid-transfer)
+            raise store_error(url, e) from e
         finally:
             if tmp.exists():
                 tmp.unlink()

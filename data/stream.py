@@ -29,7 +29,7 @@ from typing import Any
 import numpy as np
 
 from .index import ShardError, ShardIndex, check_index_matches, parse_index
-from .remote import _fetch_one, _filesystem, _remote_size, default_cache_dir, expand_remote
+from .remote import _fetch_one, _filesystem, _remote_size, default_cache_dir, expand_remote, store_error
 
 # how long a reader waits for a shard that is being fetched before it gives up (a stalled store)
 WAIT_S = float(os.environ.get("FASTMAE_STREAM_WAIT_S", "600"))
@@ -232,6 +232,8 @@ def open_stream(spec: str, cache_dir: str | os.PathLike[str] | None, rank: int, 
             text = fs.cat_file(_index_url(url)).decode()
         except FileNotFoundError:
             return size, None
+        except Exception as e:  # noqa: BLE001 - the store's own errors
+            raise store_error(_index_url(url), e) from e
         samples = parse_index(text, _index_url(url))
         if size is not None:
             check_index_matches(url, _index_url(url), samples, size)

@@ -286,3 +286,15 @@ def test_streamed_damaged_image_names_the_url_and_key(backend: str, s3_env: str,
     with pytest.raises(ShardError, match=f"s3://photos/damaged/000000.tar: {index.key(1)}: image"):
         _epoch(loader)
     loader.close()
+
+
+def test_an_unreachable_store_is_named(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """No S3 server at the endpoint: a ShardError naming the shard and what to check, for both ways of reading."""
+    from storeutil import free_port
+
+    for k, v in {**S3_CREDENTIALS, "AWS_ENDPOINT_URL": f"http://127.0.0.1:{free_port()}",
+                 "AWS_MAX_ATTEMPTS": "1"}.items():
+        monkeypatch.setenv(k, v)
+    for read in ("stream", "global"):
+        with pytest.raises(ShardError, match=r"shard s3://nowhere/000000.tar: the store failed .*AWS_ENDPOINT_URL"):
+            build_loader(_cfg("torch", "s3://nowhere/{000000..000001}.tar", tmp_path, read=read), img_size=32)
