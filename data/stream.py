@@ -17,6 +17,7 @@ before any image is read (positions are a pure function of seed, epoch and sampl
 from __future__ import annotations
 
 import atexit
+import itertools
 import os
 import shutil
 import socket
@@ -199,9 +200,13 @@ class ShardSpool:
                     dest.unlink(missing_ok=True)
 
 
+_SPOOLS = itertools.count()
+
+
 def _spool_name(rank: int) -> str:
-    """``<host>-<pid>-rank<r>``: the host keeps nodes that share a cache folder (NFS) out of each other's way."""
-    return f"{socket.gethostname()}-{os.getpid()}-rank{rank}"
+    """``<host>-<pid>-rank<r>-<n>``: the host keeps nodes that share a cache folder (NFS) out of each other's
+    way, ``n`` the loaders of one process (fine-tuning streams its training and validation shards)."""
+    return f"{socket.gethostname()}-{os.getpid()}-rank{rank}-{next(_SPOOLS)}"
 
 
 def _clean_stale(root: Path) -> None:
@@ -220,7 +225,7 @@ def _clean_stale(root: Path) -> None:
 def open_stream(spec: str, cache_dir: str | os.PathLike[str] | None, rank: int, *, fetchers: int = 2,
                 log: Any = None) -> tuple[StreamIndex, ShardSpool]:
     """The index of the remote shards of ``spec`` (each shard's ``.idx`` read from the store, checked against
-    the shard's size) and this rank's spool (in ``cache_dir/stream/<host>-<pid>-rank<r>``)."""
+    the shard's size) and this rank's spool (in ``cache_dir/stream/<host>-<pid>-rank<r>-<n>``)."""
     fs = _filesystem(spec)
     urls = expand_remote(spec, fs)
 

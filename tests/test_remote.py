@@ -250,8 +250,8 @@ def test_streamed_shards_through_worker_processes(backend: str, s3_env: str, sma
 
     gone = subprocess.Popen([sys.executable, "-c", "pass"])
     gone.wait()
-    stale = tmp_path / "stream" / f"{socket.gethostname()}-{gone.pid}-rank0"
-    other = tmp_path / "stream" / f"another-host-{gone.pid}-rank0"
+    stale = tmp_path / "stream" / f"{socket.gethostname()}-{gone.pid}-rank0-0"
+    other = tmp_path / "stream" / f"another-host-{gone.pid}-rank0-0"
     for d in (stale, other):
         d.mkdir(parents=True)
         (d / "000001.tar").write_bytes(b"left behind")
@@ -298,3 +298,18 @@ def test_an_unreachable_store_is_named(monkeypatch: pytest.MonkeyPatch, tmp_path
     for read in ("stream", "global"):
         with pytest.raises(ShardError, match=r"shard s3://nowhere/000000.tar: the store failed .*AWS_ENDPOINT_URL"):
             build_loader(_cfg("torch", "s3://nowhere/{000000..000001}.tar", tmp_path, read=read), img_size=32)
+
+
+def test_two_streamed_loaders_of_one_process(s3_env: str, tmp_path: Path) -> None:
+    """Training and validation shards streamed by one process (fine-tuning): each loader has its own spool, and
+    reading them in turn gives each its whole epoch."""
+    url = "s3://photos/small/{000000..000011}.tar"
+    train = build_loader(_cfg("torch", url, tmp_path, read="stream", shuffle_buffer=4), img_size=32, seed=1)
+    val = build_loader(_cfg("torch", url, tmp_path, read="stream"), img_size=32, mode="eval")
+    assert train.spool.folder != val.spool.folder
+    for _ in range(2):
+        got_train = [v for _, y in train for v in y.tolist()]
+        got_val = [v for _, y in val for v in y.tolist()]
+        assert sorted(got_train) == sorted(got_val) == list(range(48)) and got_val == list(range(48))
+    train.close()
+    val.close()
