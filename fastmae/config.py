@@ -432,11 +432,11 @@ def validate(cfg: Config) -> None:
     _choice("data.read", d.read, ("auto", "global", "stream"))
     _positive("data.shuffle_buffer", d.shuffle_buffer)
     if not 0.0 <= d.hw_decoder_load <= 1.0:
-        raise ValueError(f"data.hw_decoder_load={d.hw_decoder_load} must lie in [0, 1]")
+        raise ConfigError(f"data.hw_decoder_load={d.hw_decoder_load} must lie in [0, 1]")
     _positive("data.preallocate_width_hint", d.preallocate_width_hint, allow_zero=True)
     _positive("data.preallocate_height_hint", d.preallocate_height_hint, allow_zero=True)
     if d.feed_workers < -1:
-        raise ValueError(f"data.feed_workers={d.feed_workers} must be >= 0, or -1 (auto)")
+        raise ConfigError(f"data.feed_workers={d.feed_workers} must be >= 0, or -1 (auto)")
     _positive("data.max_bad_samples", d.max_bad_samples, allow_zero=True)
     _positive("data.batch_size", d.batch_size)
     _positive("data.num_workers", d.num_workers, allow_zero=True)
