@@ -5,6 +5,7 @@ non-finite skip policy, resume rules, and the recipe's schedule and weight-decay
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import math
 import os
@@ -369,6 +370,22 @@ def test_http_shards_train(env: dict[str, str], tmp_path: Path, id_shards: Path)
         assert "shards: 3 streamed from http://" in out and sorted(losses(tmp_path / "run")) == [1, 2, 3]
     finally:
         stop(server)
+
+
+@pytest.mark.skipif(importlib.util.find_spec("nvidia.dali") is None, reason="nvidia.dali not installed")
+def test_dali_feed_processes_train_like_the_feed_thread(env: dict[str, str], tmp_path: Path, id_shards: Path) -> None:
+    """2 ranks train with DALI's feed in spawned worker processes (the GPU default) and log the losses of the
+    same run with the feed on a thread, bit for bit."""
+    common = ["--ds_config", "zero2.json", "data.backend=dali", f"data.shards={id_shards}", "data.num_workers=1",
+              "data.batch_size=4", "train.batch_size=8", "train.steps=6", "train.log_interval=1",
+              "train.progress=false", "train.trackers="]
+    got = {}
+    for feed in (0, 1):
+        out = run(launch(2, RUNNER, [*common, f"data.feed_workers={feed}", f"train.output_dir={tmp_path / str(feed)}"]),
+                  env)
+        assert ("1 feed processes" if feed else "feed thread") in out
+        got[feed] = losses(tmp_path / str(feed))
+    assert sorted(got[0]) == list(range(1, 7)) and got[0] == got[1]
 
 
 # ----------------------------------------------------------------------------- preemption
