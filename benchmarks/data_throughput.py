@@ -302,6 +302,7 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"{b} ({source}, feed {feed}): failed\n{res.stderr[-2000:]}", file=sys.stderr)
                 continue
             rows.append(json.loads(res.stdout.strip().splitlines()[-1]))
+            _save(args, rows)  # each row as soon as it is timed: a run cut short keeps what it measured
     finally:
         if server is not None:
             server.terminate()
@@ -323,13 +324,18 @@ def main(argv: list[str] | None = None) -> int:
               f"{r['min']:>8.1f} {r['max']:>8.1f} {rel:>9} {r['startup_and_warmup_s']:>8.1f} {busy:>11} {ratio:>9}"
               + (f" {r['train_img_per_s']:>12.1f} {r['train_img_per_s'] / synth if synth else 0:>8.2f}x"
                  if args.train else ""))
+    print(json.dumps(_save(args, rows)))
+    return 0 if rows else 1
+
+
+def _save(args: argparse.Namespace, rows: list[dict[str, Any]]) -> dict[str, Any]:
+    """The results so far; written to ``--out``/data_throughput.json when given."""
     result = {"machine": machine(), "torch": torch.__version__, "args": {k: str(v) for k, v in vars(args).items()},
               "rows": rows}
-    print(json.dumps(result))
     if args.out:
         args.out.mkdir(parents=True, exist_ok=True)
         (args.out / "data_throughput.json").write_text(json.dumps(result, indent=1) + "\n")
-    return 0 if rows else 1
+    return result
 
 
 if __name__ == "__main__":

@@ -300,9 +300,9 @@ elif [ "$REHEARSAL" = 1 ]; then
     stage data 30 "$PY" benchmarks/data_throughput.py --help
 elif ! "$PY" -c "import nvidia.dali" 2>/dev/null; then
     # no DALI here: still measure the torch (PIL) loader feeding the GPU, beside synthetic
-    stage data 50 "$PY" benchmarks/data_throughput.py --backends torch,synthetic --out "$RES"
+    stage data 50 "$PY" benchmarks/data_throughput.py --backends torch,synthetic --repeats 3 --out "$RES"
 else
-    stage data 50 "$PY" benchmarks/data_throughput.py --out "$RES"
+    stage data 50 "$PY" benchmarks/data_throughput.py --repeats 3 --out "$RES"
 fi
 fi  # part 2
 
