@@ -90,7 +90,8 @@ def build_loader(
     if remote and read == "stream":  # s3:// gs:// http(s)://: fetched just ahead of use, deleted after
         from .stream import open_stream
 
-        index, spool = open_stream(cfg.shards, cache_dir, rank, log=print if rank == 0 else None)
+        index, spool = open_stream(cfg.shards, cache_dir, rank, fetchers=getattr(cfg, "stream_fetchers", 4),
+                                   log=print if rank == 0 else None)
     else:
         if remote:  # fetched once into the local cache
             shards = fetch_shards(cfg.shards, cache_dir, progress=rank == 0, log=print if rank == 0 else None)

@@ -3,10 +3,10 @@
 The order (:func:`fastmae.data.sampling.stream_order`) gives each rank one contiguous run of the epoch's
 shuffled shard sequence, through a seeded shuffle buffer. A rank's :class:`ShardSpool` fetches the shards of
 that run whole, in the order the rank first needs them, a little ahead of use (the batches its backend
-prefetches, plus two shards), into a private folder under ``data.cache_dir``; a shard is deleted as soon as
-the last batch that needs one of its samples has been handed to the trainer. The readers (DataLoader
-workers, DALI's feed thread) read the local files through :class:`StreamIndex`, waiting for a shard that is
-still on its way. A rank therefore holds the shards its shuffle buffer spans and the next two, never the
+prefetches, plus one shard per fetcher thread), into a private folder under ``data.cache_dir``; a shard is
+deleted as soon as the last batch that needs one of its samples has been handed to the trainer. The readers
+(DataLoader workers, DALI's feed) read the local files through :class:`StreamIndex`, waiting for a shard
+that is still on its way. A rank therefore holds the shards its shuffle buffer spans and a few more, never the
 dataset, and a resumed run fetches again only the shards that still have samples to give.
 
 Before the first epoch each shard's DALI index (``x.idx`` next to ``x.tar``, written by ``python -m
@@ -34,8 +34,9 @@ from .remote import _fetch_one, _filesystem, _remote_size, default_cache_dir, ex
 
 # how long a reader waits for a shard that is being fetched before it gives up (a stalled store)
 WAIT_S = float(os.environ.get("FASTMAE_STREAM_WAIT_S", "600"))
-# shards fetched beyond those the prefetched batches need
-EXTRA_SHARDS = 2
+# fetcher threads per rank (data.stream_fetchers): also how many shards are fetched beyond those the
+# prefetched batches need, so each fetcher has one to work on
+FETCHERS = 4
 
 
 def _index_url(url: str) -> str:
@@ -106,7 +107,8 @@ class ShardSpool:
     use; :meth:`advance` tells it how many batches were handed out. ``fetched`` lists every shard fetched.
     """
 
-    def __init__(self, fs: Any, urls: list[str], sizes: list[int | None], folder: Path, fetchers: int = 2) -> None:
+    def __init__(self, fs: Any, urls: list[str], sizes: list[int | None], folder: Path,
+                 fetchers: int = FETCHERS) -> None:
         self.fs, self.urls, self.sizes, self.folder = fs, urls, sizes, folder
         folder.mkdir(parents=True, exist_ok=True)
         self.fetched: list[int] = []
@@ -118,6 +120,7 @@ class ShardSpool:
         self._handed = 0
         self._ahead = 1
         self._live: set[int] = set()  # shards on disk or being fetched
+        self._extra = max(1, fetchers)
         self._closed = False
         self._threads = [threading.Thread(target=self._work, daemon=True, name=f"fastmae-spool-{i}")
                          for i in range(max(1, fetchers))]
@@ -168,11 +171,11 @@ class ShardSpool:
 
     def _wanted(self) -> bool:
         """Whether the next shard of the schedule is due: first needed by a batch that may already be read,
-        or one of the EXTRA_SHARDS after those."""
+        or one of the next ``fetchers`` after those."""
         if self._next >= len(self._uses):
             return False
         due = int(np.searchsorted(self._firsts, self._handed + self._ahead, side="left"))
-        return self._next < due + EXTRA_SHARDS
+        return self._next < due + self._extra
 
     def _work(self) -> None:
         while True:
@@ -222,7 +225,7 @@ def _clean_stale(root: Path) -> None:
             shutil.rmtree(d, ignore_errors=True)
 
 
-def open_stream(spec: str, cache_dir: str | os.PathLike[str] | None, rank: int, *, fetchers: int = 2,
+def open_stream(spec: str, cache_dir: str | os.PathLike[str] | None, rank: int, *, fetchers: int = FETCHERS,
                 log: Any = None) -> tuple[StreamIndex, ShardSpool]:
     """The index of the remote shards of ``spec`` (each shard's ``.idx`` read from the store, checked against
     the shard's size) and this rank's spool (in ``cache_dir/stream/<host>-<pid>-rank<r>-<n>``)."""

@@ -81,8 +81,10 @@ class DataConfig:
     # rank's samples through a seeded shuffle buffer, every shard one sequential read; remote shards are fetched
     # just ahead of use and deleted after) | auto (stream for s3/gs/http(s) shards, global for local ones)
     read: str = "auto"
-    # data.read=stream: samples in each rank's shuffle buffer
+    # data.read=stream: samples in each rank's shuffle buffer; threads fetching remote shards per rank (each
+    # one sequential read of a whole shard; also how many shards are fetched ahead of need)
     shuffle_buffer: int = 10000
+    stream_fetchers: int = 4
     # local folder for remote shards (put it on NVMe): the whole copy (read=global) or each rank's spool of the
     # shards in use (read=stream); "" = $FASTMAE_CACHE_DIR or ~/.cache/fastmae/shards
     cache_dir: str = ""
@@ -431,6 +433,7 @@ def validate(cfg: Config) -> None:
     _choice("data.on_error", d.on_error, ("stop", "skip"))
     _choice("data.read", d.read, ("auto", "global", "stream"))
     _positive("data.shuffle_buffer", d.shuffle_buffer)
+    _positive("data.stream_fetchers", d.stream_fetchers)
     if not 0.0 <= d.hw_decoder_load <= 1.0:
         raise ConfigError(f"data.hw_decoder_load={d.hw_decoder_load} must lie in [0, 1]")
     _positive("data.preallocate_width_hint", d.preallocate_width_hint, allow_zero=True)

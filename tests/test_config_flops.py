@@ -50,6 +50,7 @@ def test_overrides_both_syntaxes_and_types() -> None:
     ("train.compile=maybe", "valid choices: auto, on, off"),
     ("data.read=random", "data.read='random' is not valid; valid choices: auto, global, stream"),
     ("data.shuffle_buffer=0", "data.shuffle_buffer=0 must be > 0"),
+    ("data.stream_fetchers=0", "data.stream_fetchers=0 must be > 0"),
     ("data.feed_workers=-2", "data.feed_workers=-2 must be >= 0, or -1"),
     ("data.hw_decoder_load=1.5", "data.hw_decoder_load=1.5 must lie in"),
     ("data.preallocate_width_hint=-1", "data.preallocate_width_hint=-1 must be >= 0"),

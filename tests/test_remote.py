@@ -146,8 +146,8 @@ def test_streamed_s3_shards(backend: str, world: int, s3_env: str, small_shards:
     ranks), holds only the shards in use (each fetched once per epoch) and leaves nothing behind."""
     url = "s3://photos/small/{000000..000011}.tar"
     kw = dict(read="stream", shuffle_buffer=4)
-    remote = [build_loader(_cfg(backend, url, tmp_path, **kw), img_size=32, rank=r, world_size=world, seed=5)
-              for r in range(world)]
+    remote = [build_loader(_cfg(backend, url, tmp_path, stream_fetchers=1, **kw), img_size=32, rank=r,
+                           world_size=world, seed=5) for r in range(world)]
     assert "12 streamed from s3://photos/small/" in capsys.readouterr().out  # "auto" picks stream for remote shards
     local = [build_loader(_cfg(backend, str(small_shards), tmp_path, **kw), img_size=32, rank=r, world_size=world,
                           seed=5) for r in range(world)]
@@ -166,7 +166,7 @@ def test_streamed_s3_shards(backend: str, world: int, s3_env: str, small_shards:
             mine = [v for _, y in got for v in y.tolist()]
             shards = sorted({v // 4 for v in mine})
             assert len(shards) == 12 // world, shards  # a run of whole shards of the shuffled sequence
-            assert max(held) <= 7, held  # the shards in use and the next ones, never the whole dataset
+            assert max(held) <= 7, held  # the shards in use and the next one, never the whole dataset
             assert sorted(spool.fetched[-len(shards):]) == shards, "each shard of the run fetched once"
             labels += mine
         assert sorted(labels) == list(range(48)), f"epoch {epoch}: every sample exactly once across ranks"
