@@ -109,7 +109,6 @@ class EpochLayout:
         for step in range(start, self.steps()):
             yield rank_batch(order, step, self.rank, self.world_size, self.batch_size)
 
-
     def batch(self, epoch: int, step: int) -> BatchPlan:
         """This rank's batch at ``step`` of ``epoch``."""
         return next(self.batches(epoch, step))
@@ -188,6 +187,9 @@ class ShardLoader:
         # across ranks, each rank's run through a seeded shuffle buffer (sequential reads; see sampling)
         self.read = read
         self.shuffle_buffer = int(shuffle_buffer)
+        # samples per shard: what the streamed order is made of (fixed for the loader's life)
+        self._shard_sizes = (tuple(np.bincount(index.shard_of, minlength=len(index.shards)).tolist())
+                             if read == "stream" else None)
         # remote shards streamed: the rank's ShardSpool (fastmae.data.stream), told what each epoch needs
         self.spool = spool
         # a sample that cannot be read or decoded: stop (naming shard and key) or skip it, i.e. put the next
@@ -332,10 +334,8 @@ class ShardLoader:
 
     def layout(self) -> EpochLayout:
         """This rank's epoch layout, detached from the loader (safe to hand to a feed thread)."""
-        sizes = (tuple(np.bincount(self.index.shard_of, minlength=len(self.index.shards)).tolist())
-                 if self.read == "stream" else None)
         return EpochLayout(self.num_samples, self.world_size, self.rank, self.batch_size, self.seed, self.shuffle,
-                           self.randaug.n if self.randaug else 0, self.start_sample, self.drop_last, sizes,
+                           self.randaug.n if self.randaug else 0, self.start_sample, self.drop_last, self._shard_sizes,
                            self.shuffle_buffer, self.order_layout)
 
     @property
@@ -388,8 +388,10 @@ class ShardLoader:
 
     def describe(self) -> str:
         """The backend and how it reads, for the start-up log."""
-        how = f"read={self.read}" + (f", shuffle buffer {self.shuffle_buffer}" if self.read == "stream" else "")
-        return f"{self.backend} ({how})"
+        return f"{self.backend} ({', '.join(self._how())})"
+
+    def _how(self) -> list[str]:
+        return [f"read={self.read}"] + ([f"shuffle buffer {self.shuffle_buffer}"] if self.read == "stream" else [])
 
     def gpu_memory_bytes(self) -> int:
         """The loader's own GPU buffers on this rank, for the memory estimate (0: none beyond the batch the

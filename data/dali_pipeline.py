@@ -291,7 +291,8 @@ class DaliLoader(ShardLoader):
         if not 0.0 <= hw_decoder_load <= 1.0:
             raise ValueError(f"data.hw_decoder_load={hw_decoder_load} must lie in [0, 1]")
         if min(preallocate_hint) < 0:
-            raise ValueError(f"data.preallocate_hint={list(preallocate_hint)} must be >= 0")
+            raise ValueError(f"data.preallocate_width_hint / data.preallocate_height_hint={list(preallocate_hint)} "
+                             "must be >= 0")
         # the nvJPEG ("mixed") decoder: the share of images for the hardware JPEG decoder (A100/H100), the rest
         # on data.num_workers CPU threads (Huffman) + CUDA; the largest image (width, height) to pre-allocate
         # the hardware decoder's buffers for (0 = grow as needed)
@@ -329,9 +330,8 @@ class DaliLoader(ShardLoader):
         else:
             self._device_id = None
 
-    def describe(self) -> str:
-        feed = f"{self.feed_workers} feed processes" if self.feed_workers else "feed thread"
-        return super().describe()[:-1] + f", {feed})"
+    def _how(self) -> list[str]:
+        return [*super()._how(), f"{self.feed_workers} feed processes" if self.feed_workers else "feed thread"]
 
     def gpu_memory_bytes(self) -> int:
         """DALI's GPU memory on this rank (0 on the CPU twin): :func:`dali_gpu_bytes`."""

@@ -219,9 +219,9 @@ class ShardIndex:
                 per_shard = samples[sid]
             elif not Path(shard).is_file():
                 raise ShardError(f"shard {shard} does not exist")
-            elif index_path(Path(shard)).is_file():
-                per_shard = read_index(index_path(Path(shard)))
-                check_index_matches(shard, index_path(Path(shard)), per_shard, Path(shard).stat().st_size)
+            elif (idx := index_path(Path(shard))).is_file():
+                per_shard = read_index(idx)
+                check_index_matches(shard, idx, per_shard, Path(shard).stat().st_size)
             else:
                 per_shard = scan_tar(Path(shard))
             for s in per_shard:

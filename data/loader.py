@@ -9,7 +9,7 @@ from typing import Any
 import torch
 
 from .base import BatchPlan, EpochLayout, ShardLoader, normalize_uint8
-from .constants import DTYPES, IMAGENET_MEAN, IMAGENET_STD, INTERPOLATIONS, MODES
+from .constants import DTYPES, IMAGENET_MEAN, IMAGENET_STD, INTERPOLATIONS, MODES, READS
 from .index import ShardError, ShardIndex, expand_shards
 from .randaug import parse_policy, unavailable_reason
 from .remote import fetch_shards, is_remote
@@ -115,7 +115,7 @@ def build_loader(
 
 def resolve_read(read: str, remote: bool) -> str:
     """``auto`` -> ``stream`` for remote shards, ``global`` for local ones; others are checked and returned."""
-    valid = ("auto", "global", "stream")
+    valid = ("auto", *READS)
     if read not in valid:
         raise ValueError(f"data.read={read!r} is not valid; valid choices: {', '.join(valid)}")
     if read == "auto":

@@ -107,6 +107,14 @@ def _remote_size(fs: Any, url: str) -> int | None:
     return int(size) if size is not None else None
 
 
+def require_present(spec: str, urls: list[str], sizes: list[int | None]) -> None:
+    """Every shard must exist (``sizes`` from :func:`_remote_size`, -1 = missing), checked before any is read."""
+    missing = [u for u, n in zip(urls, sizes, strict=True) if n == -1]
+    if missing:
+        raise ShardError(f"{len(missing)} of {len(urls)} shards of {spec!r} do not exist (or are not readable with "
+                         f"the credentials in the environment), e.g. {missing[0]}")
+
+
 def store_error(url: str, e: BaseException) -> ShardError:
     """A store's failure on ``url`` as an error naming it and what to check."""
     return ShardError(f"shard {url}: the store failed ({type(e).__name__}: {e}); check the endpoint "
@@ -137,7 +145,8 @@ def _fetch_one(fs: Any, url: str, dest: Path, size: int | None) -> bool:
             if idx.exists():
                 idx.unlink()  # an index of an older copy
         except FileNotFoundError as e:
-            raise ShardError(f"shard {url} could not be read: {e}") from None
+            raise ShardError(f"shard {url} could not be read: it is no longer in the store ({type(e).__name__})") \
+                from None
         except ShardError:
             raise
         except Exception as e:  # noqa: BLE001 - the store's own errors (a connection cut mid-transfer)
@@ -181,10 +190,7 @@ def fetch_shards(spec: str, cache_dir: str | os.PathLike[str] | None = None, *, 
     try:
         with ThreadPoolExecutor(max(1, min(workers, len(urls)))) as pool:
             sizes = list(pool.map(lambda u: _remote_size(fs, u), urls))  # every shard is checked before any fetch
-            missing = [u for u, n in zip(urls, sizes, strict=True) if n == -1]
-            if missing:
-                raise ShardError(f"{len(missing)} of {len(urls)} shards of {spec!r} do not exist (or are not "
-                                 f"readable with the credentials in the environment), e.g. {missing[0]}")
+            require_present(spec, urls, sizes)
             list(pool.map(one, range(len(urls))))
     finally:
         if bar is not None:

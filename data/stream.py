@@ -30,7 +30,15 @@ from typing import Any
 import numpy as np
 
 from .index import ShardError, ShardIndex, check_index_matches, parse_index
-from .remote import _fetch_one, _filesystem, _remote_size, default_cache_dir, expand_remote, store_error
+from .remote import (
+    _fetch_one,
+    _filesystem,
+    _remote_size,
+    default_cache_dir,
+    expand_remote,
+    require_present,
+    store_error,
+)
 
 # how long a reader waits for a shard that is being fetched before it gives up (a stalled store)
 WAIT_S = float(os.environ.get("FASTMAE_STREAM_WAIT_S", "600"))
@@ -249,10 +257,7 @@ def open_stream(spec: str, cache_dir: str | os.PathLike[str] | None, rank: int, 
 
     with ThreadPoolExecutor(max(1, min(16, len(urls)))) as pool:
         found = list(pool.map(meta, urls))
-    missing = [u for u, (n, _) in zip(urls, found, strict=True) if n == -1]
-    if missing:
-        raise ShardError(f"{len(missing)} of {len(urls)} shards of {spec!r} do not exist (or are not readable with "
-                         f"the credentials in the environment), e.g. {missing[0]}")
+    require_present(spec, urls, [n for n, _ in found])
     unindexed = [u for u, (_, s) in zip(urls, found, strict=True) if s is None]
     if unindexed:
         raise ShardError(f"{len(unindexed)} of {len(urls)} shards of {spec!r} have no index next to them, e.g. "
