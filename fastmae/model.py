@@ -126,24 +126,21 @@ class MaskedAutoencoderViT(nn.Module):
         x: torch.Tensor,
         mask_ratio: float,
         noise: torch.Tensor | None = None,
-        seed: int | None = None,
+        seed: int | torch.Tensor | None = None,
         pos_embed: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Per-sample random masking through the configured backend; returns (x_vis, mask, ids_restore).
 
-        ``seed`` makes the mask a pure function of (seed, sample): the training program passes one per
-        step and rank so a resumed run masks exactly as the uninterrupted one.
+        ``seed`` (an int, or an int64 tensor on the device) makes the mask a pure function of (seed, sample),
+        the same on both backends: the training program passes one per micro batch so a resumed run masks
+        exactly as the uninterrupted one.
         """
         backend = resolve_masking_backend(self.masking_backend, x.device)
         if backend == "triton":
             from .kernels.masking import random_masking
 
             return random_masking(x, mask_ratio, noise=noise, seed=seed, pos_embed=pos_embed)
-        generator = None
-        if noise is None and seed is not None:
-            generator = torch.Generator(device=x.device)
-            generator.manual_seed(int(seed))
-        return random_masking_ref(x, mask_ratio, noise=noise, generator=generator, pos_embed=pos_embed)
+        return random_masking_ref(x, mask_ratio, noise=noise, pos_embed=pos_embed, seed=seed)
 
     # ------------------------------------------------------------------ encoder / decoder
     def encode(
@@ -151,7 +148,7 @@ class MaskedAutoencoderViT(nn.Module):
         imgs: torch.Tensor,
         mask_ratio: float,
         noise: torch.Tensor | None = None,
-        seed: int | None = None,
+        seed: int | torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Encoder on the visible tokens: returns latent (B, 1+K, D) (or (B, 1+N, D) with mask tokens),
         mask (B, N) and ids_restore (B, N)."""
@@ -216,7 +213,7 @@ class MaskedAutoencoderViT(nn.Module):
         imgs: torch.Tensor,
         noise: torch.Tensor | float | None = None,
         mask_ratio: float | None = None,
-        mask_seed: int | None = None,
+        mask_seed: int | torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Returns (loss, pred (B, N, p*p*C), mask (B, N)).
 

@@ -13,7 +13,7 @@ One kernel replaces the official MAE sequence ``argsort(noise) -> argsort -> gat
 * **Forward, ``split``** (``_masking_sort_kernel`` + ``_gather_rows_kernel``): one sort per sample
   (grid ``(B,)``) writes mask, ids_restore and ``ids_keep`` (B, K) int32 (50 KB at ViT-L), then a
   sort-free gather over ``(B, K-chunks, D-chunks)``. Two launches instead of B*D/BLOCK_D redundant
-  sorts; which one is faster on a given card is for ``benchmarks/kernels.py`` to say (both give
+  sorts; which one is faster on a given card is for ``benchmarks/masking_kernel.py`` to say (both give
   identical outputs; ``DEFAULT_STRATEGY`` picks).
 * **Sort keys.** There is no ``tl.argsort``: each key is packed into one int64 as
   ``(random or noise key) << b | index`` so that sorting the packed values sorts by key with the
@@ -28,8 +28,10 @@ One kernel replaces the official MAE sequence ``argsort(noise) -> argsort -> gat
     its order are uniform for all practical purposes. No [B, N] noise tensor exists. Sample b's mask
     is a pure function of ``(seed, b, N, K)``: the training program passes one seed per (step, rank)
     so every step, sample and rank differs and a resumed run masks exactly as the uninterrupted one.
-    An int seed is a plain kernel argument; without one, a seed is drawn by torch's generator on the
-    device into a 1-element tensor that the kernel reads (follows ``torch.manual_seed``, no sync).
+    An int seed is a plain kernel argument, a 1-element int64 device tensor is read by the kernel (the
+    training step passes one, so no host sync and one compiled graph serve every seed); without one, a
+    seed is drawn by torch's generator on the device (follows ``torch.manual_seed``, no sync). The torch
+    reference computes the same Philox keys (``masking_keys``): both backends mask identically.
 * **Backward** (``_masking_bwd_kernel``), grid ``(B, cdiv(N, BLOCK_N), cdiv(D, BLOCK_D))``: for every
   token n it reads ``j = ids_restore[b, n]`` and writes ``grad_x[b, n] = grad_x_vis[b, j]`` if
   ``j < K`` else 0. Writing every row (zeros included) means no memset, and reads by inverse
@@ -37,7 +39,10 @@ One kernel replaces the official MAE sequence ``argsort(noise) -> argsort -> gat
   ``_pos_grad_kernel`` sums the same rows over the batch in fp32 (deterministic, no atomics).
 
 Values: ``x_vis = round(float32(x) + float32(pos_embed))`` in ``promote_types(x, pos_embed)``, the same
-single rounding torch's add does, so the noise path equals :func:`random_masking_ref` bit for bit.
+single rounding torch's add does, so both paths equal :func:`random_masking_ref` bit for bit.
+
+The launchers are torch custom ops (``fastmae::masking_fwd`` and its backward ops, with shape-only fake
+versions): ``torch.compile`` treats each as one node, so a whole training step compiles without a break.
 
 Runs on CUDA tensors, or on CPU tensors under the Triton interpreter (``TRITON_INTERPRET=1``), which
 is how the tests run without a GPU.
@@ -50,7 +55,6 @@ import os
 import torch
 import triton
 import triton.language as tl
-from torch.autograd.function import once_differentiable
 
 from .masking_ref import num_kept
 
@@ -60,7 +64,7 @@ __all__ = [
 
 MAX_TOKENS = 4096  # sorted in registers (compiled for sm_90 without spills); ViT-H/14 at 448 px: 1024
 STRATEGIES = ("fused", "split")
-DEFAULT_STRATEGY = "fused"  # until benchmarks/kernels.py has measured both on a GPU
+DEFAULT_STRATEGY = "fused"  # until benchmarks/masking_kernel.py has measured both on a GPU
 _INT64_MAX = tl.constexpr(0x7FFFFFFFFFFFFFFF)  # padding key: sorts after every real key
 
 
@@ -550,45 +554,71 @@ def pos_embed_grad(
     return grad if out is None else out.copy_(grad)
 
 
-# ----------------------------------------------------------------------------- autograd
+# ----------------------------------------------------------------------------- torch ops (autograd, compile)
+#
+# The launchers are registered as torch custom ops with shape-only "fake" versions: torch.compile sees each as one
+# opaque node (no graph break, no tracing into Python launch code; a whole training step compiles into one graph
+# and CUDA graphs can capture it), and autograd runs the backward kernels through ``register_autograd``.
 
 
-class RandomMaskingFunction(torch.autograd.Function):
-    """Autograd wrapper: differentiable in x and pos_embed; mask and ids_restore are not."""
+@torch.library.custom_op("fastmae::masking_fwd", mutates_args=())
+def _masking_fwd_op(x: torch.Tensor, K: int, pos_embed: torch.Tensor | None, noise: torch.Tensor | None,
+                    seed: torch.Tensor | None, seed_int: int, block_d: int, strategy: str
+                    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    return masking_fwd(x, K, pos_embed=pos_embed, noise=noise, seed=seed if seed is not None else seed_int,
+                       block_d=block_d or None, strategy=strategy)
 
-    @staticmethod
-    def forward(
-        ctx,
-        x: torch.Tensor,
-        pos_embed: torch.Tensor | None,
-        noise: torch.Tensor | None,
-        seed: torch.Tensor | int | None,
-        K: int,
-        block_d: int | None,
-        strategy: str,
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        x_vis, mask, ids_restore = masking_fwd(
-            x, K, pos_embed=pos_embed, noise=noise, seed=seed, block_d=block_d, strategy=strategy
-        )
-        ctx.save_for_backward(ids_restore)
-        ctx.x_dtype = x.dtype
-        ctx.pos_dtype = pos_embed.dtype if pos_embed is not None else None
-        ctx.D = x.shape[2]
-        ctx.mark_non_differentiable(mask, ids_restore)
-        return x_vis, mask, ids_restore
 
-    @staticmethod
-    @once_differentiable
-    def backward(ctx, grad_x_vis: torch.Tensor, _grad_mask: torch.Tensor, _grad_ids: torch.Tensor):
-        (ids_restore,) = ctx.saved_tensors
-        if grad_x_vis.stride(-1) != 1:
-            grad_x_vis = grad_x_vis.contiguous()
-        grad_x = grad_pos = None
-        if ctx.needs_input_grad[0]:
-            grad_x = masking_bwd(grad_x_vis, ids_restore, ctx.D, ctx.x_dtype)  # (B, N, D)
-        if ctx.needs_input_grad[1]:
-            grad_pos = pos_embed_grad(grad_x_vis, ids_restore, ctx.D, ctx.pos_dtype)  # (N, D)
-        return grad_x, grad_pos, None, None, None, None, None
+@_masking_fwd_op.register_fake
+def _(x, K, pos_embed, noise, seed, seed_int, block_d, strategy):
+    B, N, D = x.shape
+    dtype = x.dtype if pos_embed is None else torch.promote_types(x.dtype, pos_embed.dtype)
+    return (x.new_empty((B, K, D), dtype=dtype), x.new_empty((B, N), dtype=dtype),
+            x.new_empty((B, N), dtype=torch.int64))
+
+
+@torch.library.custom_op("fastmae::masking_bwd", mutates_args=())
+def _masking_bwd_op(grad_x_vis: torch.Tensor, ids_restore: torch.Tensor, D: int, dtype: torch.dtype) -> torch.Tensor:
+    return masking_bwd(grad_x_vis, ids_restore, D, dtype)
+
+
+@_masking_bwd_op.register_fake
+def _(grad_x_vis, ids_restore, D, dtype):
+    return grad_x_vis.new_empty((*ids_restore.shape, D), dtype=dtype)
+
+
+@torch.library.custom_op("fastmae::pos_embed_grad", mutates_args=())
+def _pos_embed_grad_op(grad_x_vis: torch.Tensor, ids_restore: torch.Tensor, D: int, dtype: torch.dtype
+                       ) -> torch.Tensor:
+    return pos_embed_grad(grad_x_vis, ids_restore, D, dtype)
+
+
+@_pos_embed_grad_op.register_fake
+def _(grad_x_vis, ids_restore, D, dtype):
+    return grad_x_vis.new_empty((ids_restore.shape[1], D), dtype=dtype)
+
+
+def _setup_context(ctx, inputs, output) -> None:
+    x, _K, pos_embed, *_ = inputs
+    ctx.save_for_backward(output[2])  # ids_restore
+    ctx.x_dtype, ctx.D = x.dtype, x.shape[2]
+    ctx.pos_dtype = pos_embed.dtype if pos_embed is not None else None
+    ctx.mark_non_differentiable(output[1], output[2])
+
+
+def _backward(ctx, grad_x_vis: torch.Tensor, _grad_mask: torch.Tensor, _grad_ids: torch.Tensor):
+    """grad x (B, N, D) by inverse permutation, zeros at masked rows; grad pos_embed (N, D) summed over B."""
+    (ids_restore,) = ctx.saved_tensors
+    grad_x_vis = grad_x_vis.contiguous()
+    grad_x = grad_pos = None
+    if ctx.needs_input_grad[0]:
+        grad_x = _masking_bwd_op(grad_x_vis, ids_restore, ctx.D, ctx.x_dtype)  # (B, N, D)
+    if ctx.needs_input_grad[2]:
+        grad_pos = _pos_embed_grad_op(grad_x_vis, ids_restore, ctx.D, ctx.pos_dtype)  # (N, D)
+    return grad_x, None, grad_pos, None, None, None, None, None
+
+
+_masking_fwd_op.register_autograd(_backward, setup_context=_setup_context)
 
 
 # ----------------------------------------------------------------------------- public API
@@ -600,7 +630,7 @@ def random_masking(
     x: torch.Tensor,
     mask_ratio: float,
     noise: torch.Tensor | None = None,
-    seed: int | None = None,
+    seed: int | torch.Tensor | None = None,
     pos_embed: torch.Tensor | None = None,
     block_d: int | None = None,
     strategy: str | None = None,
@@ -619,8 +649,10 @@ def random_masking(
             and the outputs equal the reference's exactly. float64/integer noise is first replaced by
             its exact per-sample ranks (two torch argsorts), which preserves the order.
         seed: used when ``noise`` is None: sample b's mask is a pure function of (seed, b, N, K)
-            (Philox in the kernel). None draws a seed from torch's default generator on x's device
-            (follows ``torch.manual_seed``; no host sync).
+            (Philox in the kernel; the torch reference computes the same keys). An int in [0, 2^63) (a
+            kernel argument) or a one-element int64 tensor on x's device (read by the kernel: no host
+            sync, one compiled graph for every seed). None draws a seed from torch's default generator on
+            x's device (follows ``torch.manual_seed``; no host sync).
         pos_embed: optional (N, D) or (1, N, D), added to the gathered rows (``x + pos_embed``); the
             outputs then have ``promote_types(x.dtype, pos_embed.dtype)`` like the reference.
         block_d: channels per program (power of two); None picks a default. For tests and tuning.
@@ -671,10 +703,17 @@ def random_masking(
         noise = noise.contiguous()
     elif seed is None:
         seed_arg = torch.empty(1, dtype=torch.int64, device=x.device).random_()  # on device: no host sync
+    elif isinstance(seed, torch.Tensor):
+        if seed.numel() != 1 or seed.dtype != torch.int64 or seed.device != x.device:
+            raise ValueError(f"a tensor seed must be one int64 element on {x.device}, got {seed.dtype} "
+                             f"{tuple(seed.shape)} on {seed.device}")
+        seed_arg = seed.reshape(1)
     else:
         seed_arg = int(seed) % (1 << 63)  # a plain kernel argument: no tensor, no extra launch
 
     strategy = DEFAULT_STRATEGY if strategy is None else strategy
     if strategy not in STRATEGIES:
         raise ValueError(f"unknown masking strategy {strategy!r}; valid: {', '.join(STRATEGIES)}")
-    return RandomMaskingFunction.apply(x, pos_embed, noise, seed_arg, K, block_d, strategy)
+    seed_tensor = seed_arg if isinstance(seed_arg, torch.Tensor) else None
+    seed_int = 0 if seed_tensor is not None else int(seed_arg or 0)
+    return _masking_fwd_op(x, K, pos_embed, noise, seed_tensor, seed_int, block_d or 0, strategy)

@@ -206,6 +206,36 @@ def test_philox_seeds() -> None:
     assert not torch.equal(d1[2], d2[2])
 
 
+def test_philox_known_answers() -> None:
+    """The torch Philox4x32-10 that the reference masks with gives Random123's known-answer vectors."""
+    from fastmae.kernels.masking_ref import philox4x32
+
+    cases = [((0, 0, 0, 0), 0, (0x6627E8D5, 0xE169C58D, 0xBC57AC4C, 0x9B00DBD8)),
+             ((0x243F6A88, 0x85A308D3, 0x13198A2E, 0x03707344), 0x299F31D0A4093822,
+              (0xD16CFE09, 0x94FDCCEB, 0x5001E420, 0x24126EA1))]
+    for counter, key, want in cases:
+        got = philox4x32(key, *(torch.tensor([c]) for c in counter))
+        assert tuple(int(g) for g in got) == want
+        got_t = philox4x32(torch.tensor(key), *(torch.tensor([c]) for c in counter))  # the key as a tensor
+        assert tuple(int(g) for g in got_t) == want
+
+
+@pytest.mark.parametrize("strategy", km.STRATEGIES)
+@pytest.mark.parametrize("B,N,D,dtype,pos", [(2, 196, 24, BF16, True), (3, 64, 5, F32, False), (4, 17, 3, F16, True)])
+def test_seeded_kernel_equals_seeded_reference(strategy: str, B: int, N: int, D: int, dtype: torch.dtype,
+                                               pos: bool) -> None:
+    """With a seed (an int kernel argument or an int64 device tensor) the kernel's in-register Philox keys and
+    the torch reference's give the same masks, order and values bit for bit: both backends mask identically."""
+    x = torch.randn(B, N, D, device=DEVICE, dtype=dtype)
+    pe = torch.randn(1, N, D, device=DEVICE, dtype=dtype) if pos else None
+    for seed in (7, 2**62 + 12345, torch.tensor(1234, device=DEVICE)):
+        want = random_masking_ref(x, 0.75, seed=seed, pos_embed=pe)
+        got = random_masking(x, 0.75, seed=seed, pos_embed=pe, strategy=strategy)
+        _assert_same(got, want)
+    with pytest.raises(ValueError, match="one int64 element"):
+        random_masking(x, 0.75, seed=torch.tensor(3.0, device=DEVICE))
+
+
 def test_philox_keep_frequency_uniform() -> None:
     """Chi-square: over 128 samples (fixed seed) every position is kept with frequency K/N."""
     B, N, ratio = 128, 16, 0.75
