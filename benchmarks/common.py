@@ -324,9 +324,13 @@ def gpu_check_summary(res: Path) -> str:
 
 
 def deepspeed_available() -> bool:
-    import importlib.util
-
-    return importlib.util.find_spec("deepspeed") is not None
+    """True when deepspeed imports (not merely installed: a wheel that fails to import would turn every
+    fastmae row into an error instead of the plain torch step)."""
+    try:
+        import deepspeed  # noqa: F401
+    except Exception:
+        return False
+    return True
 
 
 def deepspeed_engine(model: nn.Module, optimizer: torch.optim.Optimizer, zero_stage: int, micro_batch: int,

@@ -178,6 +178,16 @@ class Prepared:
     step: Callable[[], None] | None = None
     last: list[torch.Tensor] = dataclasses.field(default_factory=list)
     times: list[float] = dataclasses.field(default_factory=list)
+    engine: Any = None  # the DeepSpeed engine of the row, destroyed by release()
+
+    def release(self, device: torch.device) -> None:
+        """Free what the row built: ZeRO's gradient hooks keep engine, model and optimizer alive after ``del``
+        until ``engine.destroy()``, and every later row's peak memory would include them."""
+        if self.engine is not None:
+            self.engine.destroy()
+        self.engine = self.step = None
+        self.last.clear()
+        common.free_device_memory(device)
 
 
 def fail(row: dict[str, Any], e: BaseException) -> None:
@@ -243,7 +253,7 @@ def prepare_row(*, preset: str, variant: str, label: str, build: Callable[[], nn
         imgs = torch.randn(batch, 3, cfg.img_size, cfg.img_size, device=device, generator=gen)
 
         if s.zero_stage >= 0:  # the training programs' engine and step
-            engine = common.deepspeed_engine(model, opt, s.zero_stage, batch, common.dtype_name(dtype))
+            engine = prep.engine = common.deepspeed_engine(model, opt, s.zero_stage, batch, common.dtype_name(dtype))
 
             def step() -> None:
                 with common.autocast(device, dtype):
@@ -306,8 +316,7 @@ def time_sequential(jobs: list[dict[str, Any]], kw: dict[str, Any], peak: float 
             except Exception as e:
                 fail(prep.row, e)
         rows.append(finish_row(prep, peak, peak_gb))
-        prep.step = None
-        common.free_device_memory(device)
+        prep.release(device)
         report_row(rows[-1])
         if on_row is not None:
             on_row(rows)
@@ -337,8 +346,8 @@ def time_interleaved(jobs: list[dict[str, Any]], kw: dict[str, Any], peak: float
     rows = [finish_row(prep, peak, None) for prep in preps]
     for r in rows:
         report_row(r)
-    del preps
-    common.free_device_memory(device)
+    for prep in preps:
+        prep.release(device)
     return rows
 
 

@@ -22,6 +22,9 @@ DATA_BACKENDS = ("auto", "dali", "torch", "synthetic")
 PRECISIONS = ("bf16", "fp16", "fp32")
 ON_NONFINITE = ("stop", "skip")
 AUGMENT_IMPLS = ("auto", "timm", "fastmae")
+# train.compile: auto (blocks on CUDA, off on CPU) | off | blocks | step | cudagraphs (fastmae.parallelize);
+# on/true and false are read as blocks and off
+COMPILE_CHOICES = ("auto", "off", "blocks", "step", "cudagraphs")
 # schedule settings a resumed run must share with its checkpoint (train.resume_allow_changes lifts the check)
 SCHEDULE_KEYS = ("train.batch_size", "train.epochs", "optim.warmup_epochs", "optim.base_lr", "optim.lr",
                  "optim.min_lr", "train.seed", "mask.ratio")
@@ -161,8 +164,10 @@ class TrainConfig:
     # per-block activation checkpointing: auto (on only when fastmae.memory's estimate exceeds 90% of the
     # GPU's memory: prefer the largest batch that fits without recompute) | on | off
     activation_checkpointing: str = "auto"
-    # torch.compile of every block (fullgraph, no graph break): auto (on CUDA only: CPU compiles cost more than
-    # they save on short runs) | on | off (true/false are accepted for on/off)
+    # torch.compile (fastmae/parallelize.py), never with a graph break: blocks (each block, fullgraph) | step (the
+    # whole forward with its loss as one graph) | cudagraphs (step replayed as CUDA graphs) | off | auto (blocks on
+    # CUDA, off on CPU, where compiling costs more than it saves on short runs); on/true = blocks, false = off.
+    # Under ZeRO-3, step and cudagraphs run per block (DeepSpeed gathers parameters in hooks between modules)
     compile: str = "auto"
     # a NaN/inf loss: stop (every rank, naming the step) | skip (the micro batch, on every rank)
     on_nonfinite: str = "stop"
@@ -472,8 +477,8 @@ def validate(cfg: Config) -> None:
     _choice("train.precision", t.precision, PRECISIONS)
     _choice("train.on_nonfinite", t.on_nonfinite, ON_NONFINITE)
     _choice("train.activation_checkpointing", t.activation_checkpointing, ("auto", "on", "off"))
-    t.compile = {"true": "on", "false": "off"}.get(str(t.compile).lower(), str(t.compile).lower())
-    _choice("train.compile", t.compile, ("auto", "on", "off"))
+    t.compile = {"true": "blocks", "on": "blocks", "false": "off"}.get(str(t.compile).lower(), str(t.compile).lower())
+    _choice("train.compile", t.compile, COMPILE_CHOICES)
     _positive("train.dist_timeout_s", t.dist_timeout_s)
     from .trackers import validate_trackers
 

@@ -461,7 +461,8 @@ class ClassifierTask(Task):
         c = tr.cfg
         m = dataclasses.replace(c.model, encoder_mask_tokens=True, decoder_depth=0)
         return estimate_memory(m, 0.5, c.data.batch_size, zero_stage, tr.dist.world_size, c.train.precision,
-                               activation_checkpointing, c.model.attention)
+                               activation_checkpointing, c.model.attention, tr.reduce_bucket_size,
+                               tr.plan.grad_accum)
 
     def build_optimizer(self, tr: Trainer, model: nn.Module, lr: float) -> torch.optim.Optimizer:
         o = tr.cfg.optim

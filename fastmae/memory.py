@@ -1,35 +1,44 @@
-"""Analytic GPU memory estimate of MAE pre-training per rank: model states by ZeRO stage + activations.
+"""Analytic GPU memory estimate of MAE training per rank: the model states DeepSpeed holds + activations.
 
-Model states (P trainable parameters, W data-parallel ranks), bytes, by ``train.precision``
-(:mod:`fastmae.precision`):
+Model states for P trainable parameters on W data-parallel ranks, in bytes, as measured on DeepSpeed 0.19's fp32
+engine (``train.precision`` bf16 or fp32; live tensor storages after a step, at the end of the next backward):
 
-==============  ===============================  ===========================  ====================
-                bf16 (autocast, fp32 weights)    fp16 (DeepSpeed fp16 mode)   fp32
-==============  ===============================  ===========================  ====================
-weights         4P + 2P bf16 copies autocast      2P    (ZeRO-3: 2P/W)         4P  (ZeRO-3: 4P/W)
-                keeps for backward (ZeRO-3: /W)
-gradients       4P    (ZeRO-2/3: 4P/W)           2P    (ZeRO-2/3: 2P/W)       4P  (ZeRO-2/3: 4P/W)
-AdamW states    8P/W  (m, v; the weights are      12P/W (fp32 master, m, v)    8P/W (m, v)
-                the master weights)
-==============  ===============================  ===========================  ====================
+* ZeRO-0: weights 4P + gradients 4P + AdamW m, v 8P = 16P (nothing partitioned);
+* ZeRO-1/2: weights 4P + a flat fp32 copy of this rank's partition 4P/W (DeepSpeed keeps it even for fp32
+  weights) + gradients 4P/W (reduced into partitioned buffers) + AdamW 8P/W = 20P on one rank;
+* ZeRO-3: weights 4P/W + fp32 partition 4P/W + gradients 4P/W + AdamW 8P/W + the gradient bucket
+  (4 bytes x ``reduce_bucket_size`` with ``contiguous_gradients``: 200 MB with the bundled ``zero3.json``,
+  2 GB at DeepSpeed's default) = 20P/W + 200 MB.
 
-(ZeRO-1/2/3 all partition the optimizer states; bucket buffers are ignored.)
+ZeRO-1 with gradient accumulation keeps four more full fp32 copies of the gradients between micro batches
+(+16P, measured on one rank; ZeRO-2 accumulates into its partitions): prefer ZeRO-2 when accumulating.
+``fp16`` (DeepSpeed's fp16 mode, not measurable on CPU) halves weights and gradients and keeps fp32 master
+weights with the AdamW states (12P, ZeRO-1/2/3: 12P/W). Under bf16 autocast every weight is also cast to bf16
+once per step and the copy is kept for backward (2P, in full even under ZeRO-3, since each block's gathered
+weights are cast): counted apart as ``weight_copies``, memory of the activation peak, not a model state.
 
-Activations kept for backward by one pre-norm block, per token, with e bytes per activation element
-(2 for bf16/fp16), n bytes per LayerNorm input/output element (4 under bf16 autocast: LayerNorm runs in fp32
-and the residual stream stays fp32; e otherwise) and width h (no dropout in MAE):
-LayerNorm inputs 2nh + LayerNorm outputs 2nh + q, k, v 3eh + attention output eh + fc1 output 4eh +
-GELU output 4eh, plus fp32 LayerNorm statistics (16 B) and the attention's fp32 log-sum-exp per
-head (FlashAttention/SDPA) - or the full softmax, e * heads * tokens, with ``math`` attention. With activation
-checkpointing a block keeps only its input (nh per token) and one block at a time is recomputed.
+Activations kept for backward by one pre-norm block, per token, with e bytes per activation element (2 for
+bf16/fp16), n bytes per LayerNorm input/output element (4 under bf16 autocast: LayerNorm runs in fp32 and the
+residual stream stays fp32; e otherwise) and width h (no dropout in MAE): LayerNorm inputs 2nh + LayerNorm
+outputs 2nh + q, k, v 3eh + attention output eh + fc1 output 4eh + GELU output 4eh, plus fp32 LayerNorm
+statistics (16 B) and the attention's fp32 log-sum-exp per head (FlashAttention/SDPA) - or the full softmax,
+e * heads * tokens, with ``math`` attention. With activation checkpointing a block keeps only its input (nh per
+token) and one block at a time is recomputed.
 """
 
 from __future__ import annotations
 
+import ctypes
+import gc
 from dataclasses import dataclass
+
+import torch
 
 from .config import ModelConfig
 from .kernels import num_kept
+
+# the ZeRO-3 gradient bucket of the bundled zero3.json (reduce_bucket_size, elements; DeepSpeed's default is 5e8)
+ZERO3_BUCKET = 50_000_000
 
 
 @dataclass(frozen=True)
@@ -38,24 +47,32 @@ class MemoryEstimate:
 
     weights: int
     gradients: int
+    # AdamW states, with DeepSpeed's fp32 partition copy (ZeRO-1/2/3) or fp32 master weights (fp16)
     optimizer: int
     activations: int
     # the data loader's own GPU buffers (DALI on a GPU: see DaliLoader.gpu_memory_bytes; 0 elsewhere)
     loader: int = 0
+    # ZeRO's fixed buffers (ZeRO-3: the gradient bucket)
+    buffers: int = 0
+    # bf16 copies of the weights that autocast keeps for backward (train.precision=bf16)
+    weight_copies: int = 0
 
     @property
     def model_states(self) -> int:
-        return self.weights + self.gradients + self.optimizer
+        """What DeepSpeed holds between steps (plus the gradients of the step in flight)."""
+        return self.weights + self.gradients + self.optimizer + self.buffers
 
     @property
     def total(self) -> int:
-        return self.model_states + self.activations + self.loader
+        return self.model_states + self.weight_copies + self.activations + self.loader
 
     def describe(self) -> str:
         unit, div = ("GiB", 2**30) if self.total >= 2**30 else ("MiB", 2**20)
+        buffers = f" + ZeRO buffers {self.buffers / div:.1f}" if self.buffers else ""
+        copies = f" + bf16 weight copies {self.weight_copies / div:.1f}" if self.weight_copies else ""
         data = f" + data loader {self.loader / div:.1f}" if self.loader else ""
         return (f"weights {self.weights / div:.1f} + grads {self.gradients / div:.1f} + optimizer "
-                f"{self.optimizer / div:.1f} + activations {self.activations / div:.1f}{data} = "
+                f"{self.optimizer / div:.1f}{buffers}{copies} + activations {self.activations / div:.1f}{data} = "
                 f"{self.total / div:.1f} {unit}")
 
 
@@ -80,19 +97,35 @@ def block_activation_bytes(tokens: int, dim: int, heads: int, mlp_ratio: float, 
     return int(tokens * per_token)
 
 
+def model_state_bytes(P: int, zero_stage: int = 2, world_size: int = 1, precision: str = "bf16",
+                      reduce_bucket_size: int = ZERO3_BUCKET, grad_accum: int = 1) -> tuple[int, int, int, int]:
+    """(weights, gradients, optimizer, buffers) bytes per rank of P trainable parameters (module docstring)."""
+    W = max(1, world_size)
+    part = W if zero_stage >= 1 else 1  # ZeRO-1/2/3 partition the optimizer (and DeepSpeed's fp32 copy)
+    half = precision == "fp16"
+    weights = (2 if half else 4) * P // (W if zero_stage >= 3 else 1)
+    grads = (2 if half else 4) * P // part
+    if zero_stage == 1 and grad_accum > 1:
+        grads += 4 * (2 if half else 4) * P
+    if half:
+        optim = 12 * P // part  # fp32 master weights + m + v
+    else:
+        optim = 8 * P // part + (4 * P // W if zero_stage >= 1 else 0)  # m + v (+ the fp32 partition copy)
+    buffers = 4 * reduce_bucket_size if zero_stage >= 3 else 0
+    return weights, grads, optim, buffers
+
+
 def estimate_memory(m: ModelConfig, mask_ratio: float, micro_batch: int, zero_stage: int = 2,
                     world_size: int = 1, precision: str = "bf16", activation_checkpointing: bool = False,
-                    attention: str = "sdpa") -> MemoryEstimate:
+                    attention: str = "sdpa", reduce_bucket_size: int = ZERO3_BUCKET,
+                    grad_accum: int = 1) -> MemoryEstimate:
     """Per-rank bytes of one training step at the activation peak (end of the forward pass)."""
     P = trainable_params(m)
-    W = max(1, world_size)
+    weights, grads, optim, buffers = model_state_bytes(P, zero_stage, world_size, precision, reduce_bucket_size,
+                                                       grad_accum)
+    copies = 2 * P if precision == "bf16" else 0
     e = 4 if precision == "fp32" else 2  # activations
     ln = 4 if precision in ("bf16", "fp32") else 2  # LayerNorm inputs/outputs, the residual stream
-    w_bytes = {"bf16": 4 + 2, "fp16": 2, "fp32": 4}[precision]
-    g_bytes = 2 if precision == "fp16" else 4
-    weights = w_bytes * P // (W if zero_stage >= 3 else 1)
-    grads = g_bytes * P // (W if zero_stage >= 2 else 1)
-    optim = (12 if precision == "fp16" else 8) * P // W
 
     n = (m.img_size // m.patch_size) ** 2
     t_enc = (n if m.encoder_mask_tokens else num_kept(n, mask_ratio)) + 1
@@ -112,4 +145,26 @@ def estimate_memory(m: ModelConfig, mask_ratio: float, micro_batch: int, zero_st
     else:
         tokens = e * n * m.embed_dim * 2
     other = 4 * 3 * m.img_size**2 + tokens + e * 3 * t_dec * m.decoder_embed_dim + 4 * 4 * n * pd
-    return MemoryEstimate(weights, grads, optim, micro_batch * (blocks + other))
+    return MemoryEstimate(weights, grads, optim, micro_batch * (blocks + other), buffers=buffers,
+                          weight_copies=copies)
+
+
+class _MallInfo2(ctypes.Structure):
+    _fields_ = [(name, ctypes.c_size_t) for name in (
+        "arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks", "fsmblks", "uordblks", "fordblks", "keepcost")]
+
+
+def allocated_bytes(device: torch.device | str = "cpu") -> int:
+    """Bytes allocated now on ``device``: CUDA's caching allocator, or on the CPU the C heap in use (glibc's
+    ``mallinfo2``: small blocks in use + mmapped blocks, where every tensor storage lives whether or not Python
+    holds a reference to it). Used to check the estimate against DeepSpeed and the benchmarks' clean-up."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        return torch.cuda.memory_allocated(device)
+    gc.collect()
+    libc = ctypes.CDLL(None)
+    if not hasattr(libc, "mallinfo2"):
+        raise RuntimeError("measuring CPU memory needs glibc >= 2.33 (mallinfo2)")
+    libc.mallinfo2.restype = _MallInfo2
+    info = libc.mallinfo2()
+    return int(info.uordblks + info.hblkhd)

@@ -1,11 +1,18 @@
 """Performance toggles applied outside the model, in one place and one order (torchtitan style):
 
-1. activation checkpointing per transformer block (recompute the block in backward),
-2. ``torch.compile`` per block (after checkpointing, so the compiled region includes the recompute),
-3. DeepSpeed ZeRO wraps the result (in the program).
+1. under ZeRO-3 with compilation, every transformer block becomes a DeepSpeed "leaf" module (its parameters are
+   gathered by one eager hook on the block, none on its sub-modules), so the block's computation has no hook
+   inside it and compiles as one graph;
+2. activation checkpointing per transformer block (recompute the block in backward);
+3. ``torch.compile`` (after checkpointing, so the compiled region includes the recompute), one of
+   ``blocks`` (each block's forward, ``fullgraph=True``), ``step`` (the model's whole forward with its loss,
+   ``fullgraph=True``: masking, encoder, decoder and loss in one graph) or ``cudagraphs`` (``step`` captured as
+   CUDA graphs, ``mode="reduce-overhead"``). Shapes are static (``dynamic=False``): encoder and decoder each
+   compile once for their token count;
+4. DeepSpeed wraps the result (in the program).
 
-Both keep parameter names unchanged (the blocks' ``forward`` is wrapped, the module tree is not), so
-checkpoints stay in the official MAE naming.
+Every toggle keeps parameter names unchanged (``forward`` is wrapped, the module tree is not), so checkpoints
+stay in the official MAE naming.
 """
 
 from __future__ import annotations
@@ -15,6 +22,9 @@ import functools
 import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
+
+# train.compile after resolving auto/on/off (fastmae.config.COMPILE_CHOICES holds what a user may write)
+COMPILE_MODES = ("off", "blocks", "step", "cudagraphs")
 
 
 def transformer_blocks(model: nn.Module) -> list[nn.Module]:
@@ -36,21 +46,72 @@ def apply_activation_checkpointing(model: nn.Module, blocks: str = "all") -> int
     return len(targets)
 
 
-def apply_compile(model: nn.Module) -> int:
-    """``torch.compile`` every block in place (``Module.compile``: names unchanged, and blocks of one shape
-    share one compiled graph), ``fullgraph=True``: a graph break is an error, not a silent slow path (the
-    blocks have none with any attention backend; tested). Returns how many blocks were compiled."""
-    targets = transformer_blocks(model)
-    for blk in targets:
-        blk.compile(fullgraph=True)
-    return len(targets)
+def apply_compile(model: nn.Module, mode: str = "blocks") -> str:
+    """``torch.compile`` the model in place (see the module docstring for the modes); returns what was done.
+
+    ``blocks`` compiles each block's ``forward`` (not ``Module.__call__``, so module hooks such as ZeRO-3's stay
+    outside the graph); blocks of one shape share one compiled graph. A graph break is an error, not a silent
+    slow path: the blocks and the MAE's whole training forward have none (tested).
+    """
+    if mode == "blocks":
+        targets = transformer_blocks(model)
+        for blk in targets:
+            blk.forward = torch.compile(blk.forward, fullgraph=True, dynamic=False)
+        return f"torch.compile per block ({len(targets)} blocks)"
+    if mode in ("step", "cudagraphs"):
+        extra = {"mode": "reduce-overhead"} if mode == "cudagraphs" else {}
+        model.forward = torch.compile(model.forward, fullgraph=True, dynamic=False, **extra)
+        return "torch.compile of the whole forward and loss" + (" as CUDA graphs" if extra else "")
+    raise ValueError(f"unknown compile mode {mode!r}; valid: {', '.join(COMPILE_MODES)}")
 
 
-def apply_performance_toggles(model: nn.Module, activation_checkpointing: bool, compile: bool) -> list[str]:
-    """Apply the toggles in the documented order; returns what was applied, for the start-up log."""
+def resolve_compile(choice: str, device: torch.device) -> str:
+    """``train.compile`` (after config normalisation) -> one of :data:`COMPILE_MODES` on ``device``: ``auto`` is
+    ``blocks`` on CUDA and ``off`` elsewhere (a CPU compile costs more than it saves on short runs)."""
+    if choice == "auto":
+        return "blocks" if torch.device(device).type == "cuda" else "off"
+    if choice not in COMPILE_MODES:
+        raise ValueError(f"unknown compile mode {choice!r}; valid: auto, {', '.join(COMPILE_MODES)}")
+    return choice
+
+
+def compile_mode_for(mode: str, zero_stage: int) -> tuple[str, str]:
+    """The compile mode that runs under ``zero_stage`` for the asked one, and why it differs ("" if not).
+
+    ZeRO-3 gathers and frees each module's parameters in eager hooks between modules, so a graph can span at
+    most one block (a leaf module whose one hook sits outside its compiled forward)."""
+    if zero_stage >= 3 and mode in ("step", "cudagraphs"):
+        return "blocks", (f"train.compile={mode} runs per block under ZeRO-3 (DeepSpeed gathers each block's "
+                          "parameters in an eager hook, so no graph can span blocks)")
+    return mode, ""
+
+
+def mark_zero3_leaf_blocks(model: nn.Module) -> int:
+    """Make every transformer block a ZeRO-3 leaf module (DeepSpeed gathers all its parameters in one hook on
+    the block, none on its sub-modules); call before ``deepspeed.initialize``. Returns how many."""
+    from deepspeed.utils import set_z3_leaf_modules
+
+    classes = list({type(b) for b in transformer_blocks(model)})
+    return len(set_z3_leaf_modules(model, classes)) if classes else 0
+
+
+def apply_performance_toggles(model: nn.Module, activation_checkpointing: bool, compile: str | bool = "off",
+                              zero_stage: int = 0) -> list[str]:
+    """Apply the toggles in the documented order; returns what was applied, for the start-up log.
+
+    ``compile``: one of :data:`COMPILE_MODES` (True means ``blocks``); ``zero_stage``: the DeepSpeed stage the
+    model will run under (3 changes how it compiles, see :func:`compile_mode_for`)."""
+    mode = {True: "blocks", False: "off"}.get(compile, compile) if isinstance(compile, bool) else compile
+    if mode not in COMPILE_MODES:
+        raise ValueError(f"unknown compile mode {mode!r}; valid: {', '.join(COMPILE_MODES)}")
     applied = []
+    mode, why = compile_mode_for(mode, zero_stage)
+    if why:
+        applied.append(why)
+    if mode != "off" and zero_stage >= 3:
+        applied.append(f"ZeRO-3 leaf blocks ({mark_zero3_leaf_blocks(model)})")
     if activation_checkpointing:
         applied.append(f"activation checkpointing ({apply_activation_checkpointing(model)} blocks)")
-    if compile:
-        applied.append(f"torch.compile ({apply_compile(model)} blocks)")
+    if mode != "off":
+        applied.append(apply_compile(model, mode))
     return applied

@@ -396,7 +396,45 @@ def fill_ds_config(
     if ds.get("optimizer") or ds.get("scheduler"):
         raise ConfigError("remove 'optimizer'/'scheduler' from the DeepSpeed config: fastmae builds both "
                           "from its optim section (the paper's recipe)")
+    _fill_zero_sync_settings(ds, world_size, precision, clip_grad)
     return ds
+
+
+def _fill_zero_sync_settings(ds: dict[str, Any], world_size: int, precision: str, clip_grad: float) -> None:
+    """The ``"auto"`` ZeRO settings that decide host syncs in the step (the bundled configs use them):
+
+    * ``overlap_comm``: on only with more than one rank. Overlapping the gradient reduction with the backward
+      pass makes DeepSpeed synchronise the device with the host before each bucket; on one rank there is no
+      reduction to overlap.
+    * ``compute_grad_norm`` (ZeRO-1/2): off when nothing needs the norm every step (no clipping, no fp16 loss
+      scaling). The fp32 engine otherwise computes it and reads ``bool(norm is finite)`` on the host every step;
+      the trainer asks for it only on the steps it logs (:func:`set_grad_norm_needed`).
+    """
+    zero = ds.get("zero_optimization")
+    if not isinstance(zero, dict):
+        return
+    stage = int(zero.get("stage", 0))
+    if zero.get("overlap_comm") == "auto":
+        zero["overlap_comm"] = world_size > 1
+    if zero.get("compute_grad_norm") == "auto":
+        on_demand = stage in (1, 2) and not clip_grad and precision != "fp16"
+        if on_demand:
+            zero["compute_grad_norm"] = False
+        else:
+            del zero["compute_grad_norm"]  # DeepSpeed's default (ZeRO-0/3 accept no other value)
+
+
+def zero3_bucket_elements(ds_config: dict[str, Any]) -> int:
+    """Elements of ZeRO-3's contiguous gradient bucket (allocated once, fp32) under ``ds_config``; 0 if none."""
+    zero = ds_config.get("zero_optimization") or {}
+    if int(zero.get("stage", 0)) < 3 or not zero.get("contiguous_gradients", True):
+        return 0
+    return int(float(zero.get("reduce_bucket_size", 5e8)))  # DeepSpeed's default: 5e8
+
+
+def grad_norm_on_demand(ds_config: dict[str, Any]) -> bool:
+    """True when the filled config computes the gradient norm only when asked (see :func:`set_grad_norm_needed`)."""
+    return (ds_config.get("zero_optimization") or {}).get("compute_grad_norm") is False
 
 
 def make_engine(model: torch.nn.Module, optimizer: torch.optim.Optimizer, ds_config: dict[str, Any],
@@ -411,4 +449,13 @@ def make_engine(model: torch.nn.Module, optimizer: torch.optim.Optimizer, ds_con
     engine, _, _, _ = deepspeed.initialize(
         model=model, optimizer=optimizer, lr_scheduler=scheduler, config=ds_config,
         model_parameters=[p for p in model.parameters() if p.requires_grad])
+    engine.fastmae_grad_norm_on_demand = grad_norm_on_demand(ds_config)
     return engine
+
+
+def set_grad_norm_needed(engine: Any, needed: bool) -> None:
+    """Whether the next optimizer step computes the gradient norm (``engine.get_global_grad_norm()``), for an
+    engine whose config computes it on demand (ZeRO-1/2 without clipping); a no-op otherwise. Only the steps
+    that report the norm pay for it and for the host read that comes with it."""
+    if getattr(engine, "fastmae_grad_norm_on_demand", False):
+        engine.optimizer.compute_grad_norm = bool(needed)

@@ -69,6 +69,9 @@ class PretrainTask(Task):
     name = PROGRAM
     ignored = IGNORED
 
+    def __init__(self) -> None:
+        self._seed: torch.Tensor | None = None  # the mask seed of the current micro batch, on the device
+
     def setup(self, tr: Trainer) -> None:
         tr.loader = make_loader(tr.cfg, tr.dist.rank, tr.dist.world_size, tr.dist.device)
 
@@ -78,7 +81,8 @@ class PretrainTask(Task):
     def memory_estimate(self, tr: Trainer, zero_stage: int, activation_checkpointing: bool) -> MemoryEstimate:
         c = tr.cfg
         return estimate_memory(c.model, c.mask.ratio, c.data.batch_size, zero_stage, tr.dist.world_size,
-                               c.train.precision, activation_checkpointing, c.model.attention)
+                               c.train.precision, activation_checkpointing, c.model.attention,
+                               tr.reduce_bucket_size, tr.plan.grad_accum)
 
     def build_optimizer(self, tr: Trainer, model: nn.Module, lr: float) -> torch.optim.Optimizer:
         groups = param_groups(model, tr.cfg.optim.weight_decay, model.no_weight_decay())
@@ -86,8 +90,13 @@ class PretrainTask(Task):
 
     def loss(self, tr: Trainer, imgs: torch.Tensor, labels: torch.Tensor, micro_id: int) -> torch.Tensor:
         # the mask of a global micro batch is a pure function of (seed, micro batch): resumed runs, and runs of
-        # any shape (1 rank x accumulation 2 = 2 ranks x accumulation 1), mask the same samples the same way
-        loss, _, _ = tr.engine(imgs, mask_seed=mask_seed(tr.cfg.train.seed, micro_id))
+        # any shape (1 rank x accumulation 2 = 2 ranks x accumulation 1), mask the same samples the same way.
+        # The seed travels as a device tensor written by a fill kernel: no host sync, and a compiled step sees
+        # one input rather than a new constant (a recompile) each micro batch
+        if self._seed is None or self._seed.device != imgs.device:
+            self._seed = torch.zeros((), dtype=torch.int64, device=imgs.device)
+        self._seed.fill_(mask_seed(tr.cfg.train.seed, micro_id))
+        loss, _, _ = tr.engine(imgs, mask_seed=self._seed)
         return loss
 
     def flops_per_image(self, tr: Trainer) -> float:

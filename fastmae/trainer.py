@@ -34,10 +34,10 @@ from torch import nn
 
 from . import checkpoint as ckpt
 from .config import SCHEDULE_KEYS, Config, ConfigError
-from .memory import MemoryEstimate
+from .memory import ZERO3_BUCKET, MemoryEstimate
 from .metrics import MetricsLogger, format_line, peak_tflops
 from .optim import StepPlan, build_scheduler, peak_lr, plan_steps
-from .parallelize import apply_performance_toggles
+from .parallelize import apply_performance_toggles, resolve_compile
 from .precision import Precision
 from .runtime import (
     DistInfo,
@@ -49,7 +49,9 @@ from .runtime import (
     load_ds_config,
     make_engine,
     seed_everything,
+    set_grad_norm_needed,
     shutdown_distributed,
+    zero3_bucket_elements,
 )
 
 EXIT_OK, EXIT_ERROR, EXIT_CONFIG, EXIT_PREEMPTED = 0, 1, 2, 75
@@ -157,6 +159,8 @@ class Trainer:
         self.scheduler: Any = None
         self.plan: StepPlan | None = None
         self.zero_stage = 0
+        self.compile_mode = "off"
+        self.reduce_bucket_size = ZERO3_BUCKET
         self.step = 0
         self.logger: MetricsLogger | None = None
         self._signal: int | None = None
@@ -278,10 +282,11 @@ class Trainer:
         # ---- model, toggles, optimizer, engine
         ds_cfg = load_ds_config(self.ds_config_name)
         self.zero_stage = stage = int(ds_cfg.get("zero_optimization", {}).get("stage", 0))
+        self.reduce_bucket_size = zero3_bucket_elements(ds_cfg)
         model = task.build_model(self)
         use_ac, estimate = self._decide_activation_checkpointing(stage)
-        compile_blocks = t.compile == "on" or (t.compile == "auto" and dist.device.type == "cuda")
-        toggles = apply_performance_toggles(model, use_ac, compile_blocks)
+        self.compile_mode = resolve_compile(t.compile, dist.device)
+        toggles = apply_performance_toggles(model, use_ac, self.compile_mode, stage)
         self.optimizer = task.build_optimizer(self, model, lr)
         self.scheduler = build_scheduler(self.optimizer, total_steps, warmup_steps, o.min_lr / lr)
         ds_config = fill_ds_config(ds_cfg, micro_batch=micro, grad_accum=plan.grad_accum,
@@ -382,6 +387,8 @@ class Trainer:
                 # accumulation 2 as with 2 ranks x accumulation 1, so runs of any shape draw the same randomness
                 micro_id = micro_step * dist.world_size + dist.rank
                 seed_micro_batch(t.seed, micro_id)
+                if self.compile_mode == "cudagraphs":  # the last replay's outputs are consumed: new graph step
+                    torch.compiler.cudagraph_mark_step_begin()
                 with self.autocast():
                     loss = task.loss(self, imgs, labels, micro_id)
                 if t.on_nonfinite == "skip":
@@ -390,6 +397,8 @@ class Trainer:
                 else:
                     flags[n_loss] = ~torch.isfinite(loss.detach())
                 engine.backward(loss)
+                if (micro_step + 1) % accum == 0:  # this engine.step() updates the weights: the norm is logged?
+                    set_grad_norm_needed(engine, (step + 1) % t.log_interval == 0 or step + 1 == plan.budget)
                 engine.step()
                 loss_sum += loss.detach().float()
                 n_loss += 1

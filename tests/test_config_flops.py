@@ -47,7 +47,7 @@ def test_overrides_both_syntaxes_and_types() -> None:
         ("train.resume_allow_changes=model.depth", "'model.depth' is not a schedule setting; valid: train.batch_size"),
     ("depth=3", "must be section.key"),
     ("train.precision=fp8", "valid choices: bf16, fp16, fp32"),
-    ("train.compile=maybe", "valid choices: auto, on, off"),
+    ("train.compile=maybe", "valid choices: auto, off, blocks, step, cudagraphs"),
     ("data.read=random", "data.read='random' is not valid; valid choices: auto, global, stream"),
     ("data.shuffle_buffer=0", "data.shuffle_buffer=0 must be > 0"),
     ("data.stream_fetchers=0", "data.stream_fetchers=0 must be > 0"),
@@ -84,9 +84,11 @@ def test_unknown_preset_lists_presets() -> None:
 
 def test_compile_defaults_to_auto_and_takes_booleans() -> None:
     assert build_config("debug", []).train.compile == "auto"
-    assert build_config("debug", ["train.compile=true"]).train.compile == "on"
+    assert build_config("debug", ["train.compile=true"]).train.compile == "blocks"
+    assert build_config("debug", ["train.compile=on"]).train.compile == "blocks"
     assert build_config("debug", ["train.compile=False"]).train.compile == "off"
-    assert config_from_dict({"train": {"compile": True}}).train.compile == "on"  # configs saved before "auto"
+    assert build_config("debug", ["train.compile=step"]).train.compile == "step"
+    assert config_from_dict({"train": {"compile": True}}).train.compile == "blocks"  # configs saved before "auto"
 
 
 def test_override_without_value() -> None:

@@ -5,7 +5,6 @@ non-finite skip policy, resume rules, and the recipe's schedule and weight-decay
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import math
 import os
@@ -22,6 +21,7 @@ import psutil
 import pytest
 import torch
 from dsutil import REPO, deepspeed_env, free_port, once_per_run, run_job
+from fastmae.data.loader import dali_available
 from storeutil import S3_CREDENTIALS, start_http_server, start_s3_server, stop, upload
 
 import fastmae
@@ -372,7 +372,7 @@ def test_http_shards_train(env: dict[str, str], tmp_path: Path, id_shards: Path)
         stop(server)
 
 
-@pytest.mark.skipif(importlib.util.find_spec("nvidia.dali") is None, reason="nvidia.dali not installed")
+@pytest.mark.skipif(not dali_available(), reason="needs NVIDIA DALI: pip install -e '.[dali]'")
 def test_dali_feed_processes_train_like_the_feed_thread(env: dict[str, str], tmp_path: Path, id_shards: Path) -> None:
     """2 ranks train with DALI's feed in spawned worker processes (the GPU default) and log the losses of the
     same run with the feed on a thread, bit for bit."""
