@@ -13,6 +13,8 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 # one cache for DeepSpeed's CPU comm op, compiled once per machine (~30-60 s)
 EXTENSIONS_DIR = Path(os.environ.get("TORCH_EXTENSIONS_DIR", REPO / ".cache" / "torch_extensions"))
+# one torch.compile cache for every compiled run the tests start: the same graphs compile once (~20-60 s on CPU)
+INDUCTOR_CACHE = Path(os.environ.get("TORCHINDUCTOR_CACHE_DIR", REPO / ".cache" / "inductor"))
 _BUILD = ("import deepspeed, deepspeed.ops, torch\n"
           "from deepspeed.accelerator import get_accelerator\n"
           "b = get_accelerator().create_op_builder('ShareMemCommBuilder')\n"
@@ -43,9 +45,11 @@ def build_comm_op() -> None:
 
 
 def deepspeed_env() -> dict[str, str]:
-    """Environment for DeepSpeed subprocesses: one thread per rank, the built comm op's cache, unbuffered output."""
+    """Environment for DeepSpeed subprocesses: one thread per rank, the built comm op's cache, a shared
+    torch.compile cache, unbuffered output."""
     build_comm_op()
-    env = dict(os.environ, OMP_NUM_THREADS="1", TORCH_EXTENSIONS_DIR=str(EXTENSIONS_DIR), PYTHONUNBUFFERED="1")
+    env = dict(os.environ, OMP_NUM_THREADS="1", TORCH_EXTENSIONS_DIR=str(EXTENSIONS_DIR), PYTHONUNBUFFERED="1",
+               TORCHINDUCTOR_CACHE_DIR=str(INDUCTOR_CACHE))
     env.pop("FASTMAE_TEST_NAN_AT", None)
     return env
 

@@ -410,7 +410,27 @@ def test_finetune_nonfinite_skip_progress_bar_and_toggles(env: dict[str, str], p
     code = proc.wait(timeout=300)
     out = b"".join(chunks).decode(errors="replace")
     assert code == 0, out[-4000:]
-    assert "toggles: activation checkpointing (4 blocks), torch.compile (4 blocks)" in out
+    assert "toggles: activation checkpointing (4 blocks), torch.compile per block (4 blocks)" in out
     assert "skipping a micro batch with non-finite loss at step 3" in out
     assert re.search(r"4/4 \[[0-9:<]+, *[0-9.?]+ *(step/s|s/step)\]", out), out[-2000:]  # tqdm's bar
     assert all(math.isfinite(v) for v in train_losses(tmp_path).values())
+
+
+@pytest.mark.parametrize("stage", [0, 1, 2, 3])
+def test_finetune_compiled_on_two_ranks_with_every_zero_config(stage: int, env: dict[str, str], pretrained: Path,
+                                                                tmp_path: Path) -> None:
+    """Fine-tuning on 2 ranks with train.compile=on (every classifier block compiled, fullgraph) trains and
+    validates with each bundled ZeRO config; under ZeRO-3 the blocks are leaf modules whose hook stays outside
+    the compiled forward."""
+    e = dict(env, FASTMAE_TEST_PROGRAM="finetune")
+    cmd = [str(Path(sys.executable).parent / "deepspeed"), "--num_gpus", "2", "--master_port", str(free_port()),
+           "tests/train_runner.py", *FT, "--ds_config", f"zero{stage}.json", "--checkpoint", str(pretrained),
+           "train.steps=2", "train.compile=on", f"train.output_dir={tmp_path}"]
+    proc = run_job(cmd, env=e, timeout=600)
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == 0, out[-4000:]
+    assert f"ZeRO stage {stage}" in out and "2 rank(s)" in out and "val top-1" in out
+    assert "torch.compile per block (4 blocks)" in out
+    assert ("ZeRO-3 leaf blocks (4)" in out) == (stage == 3)
+    got = train_losses(tmp_path)
+    assert sorted(got) == [1, 2] and all(math.isfinite(v) for v in got.values())

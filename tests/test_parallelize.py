@@ -121,18 +121,23 @@ def test_whole_training_forward_and_loss_trace_without_graph_breaks(masking: str
         assert explained.graph_count == 1, checkpointed
 
 
-def test_whole_step_compile_equals_eager_and_compiles_once() -> None:
+@pytest.mark.parametrize("mode", ["step", "cudagraphs"])
+def test_whole_step_compile_equals_eager_and_compiles_once(mode: str) -> None:
     """The compiled whole forward + loss gives the eager loss and gradients, and a new mask seed (a device
-    tensor) reuses the graph instead of recompiling."""
+    tensor) reuses the graph instead of recompiling. ``cudagraphs`` is the same graph for CUDA-graph replay (on
+    the CPU it runs without capture), stepped as the trainer steps it."""
     from torch._dynamo.utils import counters
 
     torch._dynamo.reset()
     counters.clear()
     plain, comp = _pair(depth=1, decoder_depth=1)
-    assert apply_performance_toggles(comp, False, "step") == ["torch.compile of the whole forward and loss"]
+    suffix = " as CUDA graphs" if mode == "cudagraphs" else ""
+    assert apply_performance_toggles(comp, False, mode) == [f"torch.compile of the whole forward and loss{suffix}"]
     assert list(comp.state_dict()) == list(plain.state_dict())
     imgs = torch.randn(2, 3, 64, 64)
     for seed in (3, 4):
+        if mode == "cudagraphs":
+            torch.compiler.cudagraph_mark_step_begin()
         plain.zero_grad()
         comp.zero_grad()
         l1, _, m1 = plain(imgs, mask_seed=torch.tensor(seed))

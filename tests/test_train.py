@@ -218,7 +218,7 @@ def test_torchrun_starts_two_ranks(env: dict[str, str], tmp_path: Path) -> None:
            f"train.output_dir={tmp_path}"]
     out = run(cmd, env)
     assert "2 rank(s) on cpu (launcher: torchrun/deepspeed)" in out
-    assert "torch.compile (6 blocks)" in out
+    assert "torch.compile per block (6 blocks)" in out
     assert all(math.isfinite(v) for v in losses(tmp_path).values())
     assert sorted(losses(tmp_path)) == [1, 2]
     assert (tmp_path / "metrics.csv").read_text().startswith("time,")
@@ -246,6 +246,55 @@ def test_zero_stage_two_ranks_matches_one_rank(stage: int, env: dict[str, str], 
     for s, ref in one_rank_reference.items():
         assert math.isfinite(got[s]) and got[s] == pytest.approx(ref, rel=2e-3), (s, got[s], ref)
     assert got[5] < got[1]
+
+
+# ----------------------------------------------------------------------------- host syncs in the hot loop
+
+
+@pytest.mark.parametrize("stage", [0, 1, 2, 3])
+def test_no_host_sync_between_log_steps(stage: int, env: dict[str, str], tmp_path: Path) -> None:
+    """Between log steps a training step neither synchronises the device with the host nor reads a tensor value on
+    the host, with each bundled config on one rank (fused AdamW, as on CUDA; ZeRO-1/2 take DeepSpeed's CUDA code
+    paths). ZeRO-3 keeps DeepSpeed's own finiteness check of the gradient norm: one read per step."""
+    counts_file = tmp_path / "syncs.json"
+    e = dict(env, MASTER_PORT=str(free_port()), FASTMAE_TEST_SYNCS=str(counts_file),
+             FASTMAE_TEST_SYNCS_AS_CUDA="0" if stage == 3 else "1")
+    run([sys.executable, RUNNER, "--ds_config", f"zero{stage}.json", *SMALL, "train.steps=8", "train.log_interval=4",
+         "optim.fused=on", f"train.output_dir={tmp_path / 'run'}"], e)
+    events: dict[int, dict[str, int]] = {}
+    for key, n in json.loads(counts_file.read_text()).items():
+        step, kind, where = key.split("|")
+        events.setdefault(int(step), {})[f"{kind} {where}"] = n
+    assert any("_check_finite" in k for k in events[4]) and any("_check_finite" in k for k in events[8]), events
+    for step in (3, 5, 6, 7):  # not a log or checkpoint step, nor one of the first two (tracing, first-step checks)
+        got = events.get(step, {})
+        if stage == 3:
+            assert got == {"__bool__ utils.py:is_invalid_grad_norm": 1}, (step, got)
+        else:
+            assert got == {}, (step, got)
+
+
+@pytest.mark.parametrize("stage,mode", [(0, "blocks"), (1, "blocks"), (2, "step"), (3, "step")])
+def test_compiled_training_matches_eager_with_every_zero_config(stage: int, mode: str, env: dict[str, str],
+                                                                tmp_path: Path,
+                                                                one_rank_reference: dict[int, float]) -> None:
+    """2 ranks train compiled with each bundled ZeRO config and log the eager one-rank run's losses (within 2e-3):
+    per block, and the whole forward + loss as one graph. Under ZeRO-3 the whole-step mode compiles each block (a
+    ZeRO-3 leaf module) and says so."""
+    out = run(launch(2, RUNNER, ["--ds_config", f"zero{stage}.json", *SMALL, "train.steps=5", f"train.compile={mode}",
+                                 f"train.output_dir={tmp_path}"]), env, timeout=600)
+    assert f"ZeRO stage {stage}" in out
+    if stage == 3:
+        assert "train.compile=step runs per block under ZeRO-3" in out
+        assert "ZeRO-3 leaf blocks (6), torch.compile per block (6 blocks)" in out
+    elif mode == "blocks":
+        assert "torch.compile per block (6 blocks)" in out
+    else:
+        assert "torch.compile of the whole forward and loss" in out
+    got = losses(tmp_path)
+    assert sorted(got) == [1, 2, 3, 4, 5]
+    for s, ref in one_rank_reference.items():
+        assert math.isfinite(got[s]) and got[s] == pytest.approx(ref, rel=2e-3), (s, got[s], ref)
 
 
 # ----------------------------------------------------------------------------- kill -9, resume on 2 and on 1 rank

@@ -5,6 +5,12 @@ or plain python).
 * ``FASTMAE_TEST_PROGRAM``: ``train`` (default), ``finetune`` or ``linprobe``.
 * ``FASTMAE_TEST_NAN_AT=k`` (with ``FASTMAE_TEST_NAN_RANK=r``, default 0): rank r's k-th micro batch of this
   process (0-based) becomes NaN images.
+* ``FASTMAE_TEST_SYNCS=FILE``: counts, per optimizer step, every host synchronisation of the step (calls of
+  DeepSpeed's accelerator ``synchronize``) and every read of a tensor value on the host (``item``, ``bool``,
+  ``float``, ``int``, ``tolist``), with the code location that made it; written to FILE as JSON at the end.
+  With ``FASTMAE_TEST_SYNCS_AS_CUDA=1`` DeepSpeed takes the code paths it takes on CUDA, where a device does not
+  order dependent work by itself (``resolves_data_dependency`` is False: ZeRO-1/2 then synchronise around
+  overlapped reductions); the CPU accelerator's ``synchronize`` does nothing either way.
 * ``FASTMAE_TEST_RECORD=DIR``: every rank appends one JSON line per micro batch to ``DIR/rank<r>.jsonl``:
   the optimizer step it belongs to, the epoch, the rank, its labels (test shards label each image uniquely) and the
   optimizer's parameter groups as [weight decay, lr].
@@ -50,15 +56,63 @@ def hooks() -> list:
     return out
 
 
+def count_syncs(path: str) -> tuple[list, dict]:
+    """Install the counters of FASTMAE_TEST_SYNCS; returns (the batch hook that tells them the step, the counts)."""
+    import traceback
+
+    import torch
+    from deepspeed.accelerator import get_accelerator
+
+    counts: dict[str, int] = {}
+    state = {"step": None}
+
+    def note(kind: str) -> None:
+        if state["step"] is None:
+            return
+        frame = next(f for f in reversed(traceback.extract_stack()[:-2]) if not f.filename.endswith("_tensor.py"))
+        key = f"{state['step']}|{kind}|{os.path.basename(frame.filename)}:{frame.name}"
+        counts[key] = counts.get(key, 0) + 1
+
+    acc = get_accelerator()
+    if os.environ.get("FASTMAE_TEST_SYNCS_AS_CUDA") == "1":
+        acc.resolves_data_dependency = lambda: False
+    sync = acc.synchronize
+    acc.synchronize = lambda *a, **k: (note("synchronize"), sync(*a, **k))[1]
+    for name in ("item", "__bool__", "__float__", "__int__", "tolist"):
+        original = getattr(torch.Tensor, name)
+
+        def read(self, *a, _original=original, _name=name, **k):
+            note(_name)
+            return _original(self, *a, **k)
+
+        setattr(torch.Tensor, name, read)
+
+    def hook(tr, imgs, labels):  # calls until the next hook belong to optimizer step tr.step + 1
+        state["step"] = tr.step + 1
+
+    return [hook], counts
+
+
 def main() -> int:
+    syncs = os.environ.get("FASTMAE_TEST_SYNCS")
+    if syncs:
+        extra, counts = count_syncs(syncs)
+        try:
+            return _main(extra)
+        finally:
+            Path(syncs).write_text(json.dumps(counts, indent=1))
+    return _main([])
+
+
+def _main(extra: list) -> int:
     program = os.environ.get("FASTMAE_TEST_PROGRAM", "train")
     if program == "train":
         import fastmae.train as prog
 
-        return prog.main(sys.argv[1:], hooks=hooks())
+        return prog.main(sys.argv[1:], hooks=hooks() + extra)
     import fastmae.finetune as ft
 
-    return ft.main(sys.argv[1:], probe=program == "linprobe", hooks=hooks())
+    return ft.main(sys.argv[1:], probe=program == "linprobe", hooks=hooks() + extra)
 
 
 if __name__ == "__main__":
