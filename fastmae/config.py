@@ -160,6 +160,8 @@ class TrainConfig:
     # "auto" continues from the newest complete checkpoint in output_dir; a path loads that one; "" = fresh
     resume: str = "auto"
     checkpoint_interval: int = 1000
+    # save a checkpoint when the run ends (false for smoke runs and benchmarks that nothing resumes)
+    checkpoint_at_end: bool = True
     keep_last: int = 3
     # per-block activation checkpointing: auto (on only when fastmae.memory's estimate exceeds 90% of the
     # GPU's memory: prefer the largest batch that fits without recompute) | on | off

@@ -86,11 +86,10 @@ def init_distributed(timeout_s: float = 600.0) -> DistInfo:
     timeout = datetime.timedelta(seconds=timeout_s)
     set_default_timeouts(timeout)
     cuda = torch.cuda.is_available()
+    gpu = 0
     if cuda:
-        if env.local_rank >= torch.cuda.device_count():
-            raise RuntimeError(f"local rank {env.local_rank} ({env.source}) has no GPU: this node shows "
-                               f"{torch.cuda.device_count()}; start at most that many processes per node")
-        torch.cuda.set_device(env.local_rank)
+        gpu = cuda_device_index(env.local_rank, torch.cuda.device_count(), env.source)
+        torch.cuda.set_device(gpu)
     if not dist.is_initialized():
         deepspeed.init_distributed(dist_backend="nccl" if cuda else "gloo", timeout=timeout,
                                    auto_mpi_discovery=False, verbose=False)
@@ -99,8 +98,45 @@ def init_distributed(timeout_s: float = 600.0) -> DistInfo:
                            f"the launcher ({env.source}) said rank {env.rank} of {env.world_size}")
     if not cuda and os.environ.get("LOCAL_SIZE") == str(env.world_size):  # the op's own test: all ranks local
         _unlink_cpu_comm_segment(env.rank)
-    device = torch.device("cuda", env.local_rank) if cuda else torch.device("cpu")
+    if cuda and env.world_size > 1:
+        _refuse_shared_gpus(gpu)
+    device = torch.device("cuda", gpu) if cuda else torch.device("cpu")
     return DistInfo(env.rank, env.local_rank, env.world_size, device, env.source)
+
+
+def shared_gpus(placements: list[tuple[str, str]]) -> list[list[int]]:
+    """Groups of ranks that would share one GPU, from each rank's (host, GPU UUID)."""
+    seen: dict[tuple[str, str], list[int]] = {}
+    for rank, place in enumerate(placements):
+        seen.setdefault(place, []).append(rank)
+    return [ranks for ranks in seen.values() if len(ranks) > 1]
+
+
+def _refuse_shared_gpus(gpu: int) -> None:
+    """Every rank on its own GPU: two processes of a node that each see one device (a scheduler's per-task GPU,
+    or a one-GPU machine started with two processes) must not both be on the same card."""
+    import socket
+
+    import torch.distributed as dist
+
+    placements: list[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(placements, (socket.gethostname(), str(torch.cuda.get_device_properties(gpu).uuid)))
+    shared = shared_gpus([tuple(p) for p in placements])
+    if shared:
+        raise RuntimeError(f"ranks {shared[0]} would share one GPU: start one process per GPU (this node shows "
+                           f"{torch.cuda.device_count()} to each process)")
+
+
+def cuda_device_index(local_rank: int, visible: int, source: str = "the launcher") -> int:
+    """The CUDA device of this process among the ``visible`` ones: its local rank when the node's GPUs are all
+    visible to every process, device 0 when the scheduler gave the process a GPU of its own (Slurm
+    ``--gpus-per-task=1`` or ``--gpu-bind=single:1``: every task sees one device, whatever its local rank)."""
+    if visible == 1:
+        return 0
+    if local_rank < visible:
+        return local_rank
+    raise RuntimeError(f"local rank {local_rank} ({source}) has no GPU: this process sees {visible}; start at "
+                       "most that many processes per node, or give each process its own GPU")
 
 
 SHM_DIR = "/dev/shm"

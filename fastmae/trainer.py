@@ -462,7 +462,8 @@ class Trainer:
         self._agree.drain()
         epoch_done = self.loader.epoch + (1 if self.loader.batch_in_epoch else 0)
         task.on_epoch_end(self, epoch_done, final=True)
-        self.save(ckpt_dir, micro_step)
+        if t.checkpoint_at_end:
+            self.save(ckpt_dir, micro_step)
         if bar is not None:
             bar.close()
             self._bar = None

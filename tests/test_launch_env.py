@@ -222,3 +222,16 @@ def test_deepspeed_openmpi_launcher_starts_the_training_program(tmp_path: Path) 
     assert "2 rank(s) on cpu (launcher: openmpi)" in out, out[-3000:]
     assert "micro 8 x accum 1 x ranks 2 = 16" in out
     assert (tmp_path / "out" / "checkpoints" / "step_00000002").is_dir()
+
+
+def test_gpu_of_a_process_follows_what_it_sees() -> None:
+    """All of a node's GPUs visible: the local rank picks one. One GPU per task (Slurm --gpus-per-task=1): each
+    task uses the one it sees, whatever its local rank. Ranks that would share a card are named."""
+    from fastmae.runtime import cuda_device_index, shared_gpus
+
+    assert [cuda_device_index(r, 8) for r in (0, 3, 7)] == [0, 3, 7]
+    assert [cuda_device_index(r, 1) for r in (0, 1, 5)] == [0, 0, 0]
+    with pytest.raises(RuntimeError, match="local rank 4 .* sees 4"):
+        cuda_device_index(4, 4)
+    assert shared_gpus([("n1", "GPU-a"), ("n1", "GPU-b"), ("n2", "GPU-a")]) == []
+    assert shared_gpus([("n1", "GPU-a"), ("n1", "GPU-a"), ("n2", "GPU-b")]) == [[0, 1]]

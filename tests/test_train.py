@@ -255,12 +255,15 @@ def test_zero_stage_two_ranks_matches_one_rank(stage: int, env: dict[str, str], 
 def test_no_host_sync_between_log_steps(stage: int, env: dict[str, str], tmp_path: Path) -> None:
     """Between log steps a training step neither synchronises the device with the host nor reads a tensor value on
     the host, with each bundled config on one rank (fused AdamW, as on CUDA; ZeRO-1/2 take DeepSpeed's CUDA code
-    paths). ZeRO-3 keeps DeepSpeed's own finiteness check of the gradient norm: one read per step."""
+    paths). ZeRO-3 keeps DeepSpeed's own finiteness check of the gradient norm: one read per step. (Without
+    checkpoints: train.checkpoint_at_end=false leaves none.)"""
     counts_file = tmp_path / "syncs.json"
     e = dict(env, MASTER_PORT=str(free_port()), FASTMAE_TEST_SYNCS=str(counts_file),
              FASTMAE_TEST_SYNCS_AS_CUDA="0" if stage == 3 else "1")
     run([sys.executable, RUNNER, "--ds_config", f"zero{stage}.json", *SMALL, "train.steps=8", "train.log_interval=4",
-         "optim.fused=on", f"train.output_dir={tmp_path / 'run'}"], e)
+         "optim.fused=on", "train.checkpoint_interval=0", "train.checkpoint_at_end=false",
+         f"train.output_dir={tmp_path / 'run'}"], e)
+    assert not list((tmp_path / "run").glob("checkpoints/step_*"))  # a smoke run without any checkpoint
     events: dict[int, dict[str, int]] = {}
     for key, n in json.loads(counts_file.read_text()).items():
         step, kind, where = key.split("|")
