@@ -24,6 +24,7 @@ device. Prints one table and, with ``--out``, writes ``throughput.json`` and ``t
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import importlib.util
 import json
@@ -31,7 +32,7 @@ import math
 import os
 import sys
 import traceback
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -50,7 +51,7 @@ from fastmae.attention import resolve_attention_backend  # noqa: E402
 from fastmae.config import ModelConfig, get_preset  # noqa: E402
 from fastmae.flops import encoder_skip_flops_ratio, train_flops  # noqa: E402
 from fastmae.memory import estimate_memory  # noqa: E402
-from fastmae.parallelize import apply_performance_toggles  # noqa: E402
+from fastmae.parallelize import apply_performance_toggles, resolve_compile  # noqa: E402
 
 SCHEMA = 1
 ALL_PRESETS = ("debug", "mae_vit_base_patch16", "mae_vit_large_patch16", "mae_vit_huge_patch14")
@@ -65,11 +66,13 @@ ROW_FIELDS = (
     "compile", "fused_optimizer", "activation_checkpointing", "encoder_mask_tokens", "patch_embed_order",
     "engine", "mask_ratio",
     "norm_pix_loss", "params_m", "warmup", "repeats", "step_time_ms", "step_time_ms_min", "step_time_ms_all",
+    "first_step_s", "cold_compile_s",
     "img_per_s", "train_gflop_per_img", "counted_train_gflop_per_img", "counted_over_analytic",
     "achieved_tflops", "mfu", "peak_mem_gb", "est_mem_gb", "loss",
 )
-# the switches --ablations flips, most telling first
-ABLATIONS = ("compile", "masking", "attention", "fused_optimizer", "precision", "patch_embed", "zero")
+# the switches --ablations flips; the rows come in the order of ablation_flips: those that reuse the base row's
+# compiled blocks first, those that need a cold compile (new block graphs, or a whole-step graph) last
+ABLATIONS = ("fused_optimizer", "zero", "masking", "patch_embed", "compile", "attention", "precision")
 GOALS = {
     "encoder_skip_flops_ratio_vit_l": "3.2-3.4x (paper Table 1c: 3.3x); counted within 2% of analytic",
     "encoder_skip_wallclock_vit_l_h100": ">= 3.0x (paper Table 2: 2.8x ViT-L, 3.5x ViT-H on TPU-v3)",
@@ -108,7 +111,8 @@ class Settings:
 
     masking: str
     attention: str
-    compile: bool
+    # fastmae.parallelize.COMPILE_MODES: off | blocks | step | cudagraphs
+    compile: str
     fused_optimizer: bool
     activation_checkpointing: bool = False
     patch_embed_order: str = "gather_first"
@@ -241,12 +245,13 @@ def prepare_row(*, preset: str, variant: str, label: str, build: Callable[[], nn
                               attention="math" if s.attention.startswith("math") else "sdpa")
         row["est_mem_gb"] = est.total / 1e9
         if hasattr(model, "blocks"):  # fastmae and official-style: the package's toggles, in its order
-            apply_performance_toggles(model, s.activation_checkpointing, s.compile)
+            apply_performance_toggles(model, s.activation_checkpointing, s.compile, max(s.zero_stage, 0))
         else:  # HF: its own per-layer gradient checkpointing (non-reentrant); compile the whole model
             if s.activation_checkpointing:
                 model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-            if s.compile:
+            if s.compile != "off":
                 model = torch.compile(model)
+        graph_step = s.compile == "cudagraphs"  # each step begins a new CUDA-graph replay, as in the trainer
         opt = common.make_adamw(model, s.fused_optimizer)
         fwd = model
         gen = torch.Generator(device=device).manual_seed(0)
@@ -256,6 +261,8 @@ def prepare_row(*, preset: str, variant: str, label: str, build: Callable[[], nn
             engine = prep.engine = common.deepspeed_engine(model, opt, s.zero_stage, batch, common.dtype_name(dtype))
 
             def step() -> None:
+                if graph_step:
+                    torch.compiler.cudagraph_mark_step_begin()
                 with common.autocast(device, dtype):
                     loss = loss_fn(engine, imgs)
                 engine.backward(loss)
@@ -263,6 +270,8 @@ def prepare_row(*, preset: str, variant: str, label: str, build: Callable[[], nn
                 prep.last[:] = [loss.detach()]
         else:
             def step() -> None:
+                if graph_step:
+                    torch.compiler.cudagraph_mark_step_begin()
                 with common.autocast(device, dtype):
                     loss = loss_fn(fwd, imgs)
                 loss.backward()
@@ -290,6 +299,8 @@ def finish_row(prep: Prepared, peak: float | None, peak_gb: float | None) -> dic
     row["achieved_tflops"] = row["train_gflop_per_img"] * 1e9 * batch / t / 1e12
     row["mfu"] = row["achieved_tflops"] / peak if peak else None
     row["peak_mem_gb"] = peak_gb
+    if row["first_step_s"] is not None and row["compile"] not in (None, "off"):
+        row["cold_compile_s"] = max(0.0, row["first_step_s"] - t)  # the first step compiles, the median does not
     loss_value = float(prep.last[0].float().item())
     row["loss"] = loss_value
     if not math.isfinite(loss_value):
@@ -311,7 +322,8 @@ def time_sequential(jobs: list[dict[str, Any]], kw: dict[str, Any], peak: float 
         if prep.step is not None:
             try:
                 with common.peak_memory(device) as mem:
-                    prep.times = common.time_steps(prep.step, device, warmup, repeats)
+                    prep.row["first_step_s"] = common.time_once(prep.step, device)
+                    prep.times = common.time_steps(prep.step, device, max(warmup - 1, 0), repeats)
                 peak_gb = mem["peak_gb"]
             except Exception as e:
                 fail(prep.row, e)
@@ -332,7 +344,8 @@ def time_interleaved(jobs: list[dict[str, Any]], kw: dict[str, Any], peak: float
     for prep in preps:
         if prep.step is not None:
             try:
-                common.time_steps(prep.step, device, warmup, 0)
+                prep.row["first_step_s"] = common.time_once(prep.step, device)
+                common.time_steps(prep.step, device, max(warmup - 1, 0), 0)
             except Exception as e:
                 fail(prep.row, e)
                 prep.step = None
@@ -359,34 +372,17 @@ def report_row(row: dict[str, Any]) -> None:
 
 def ablation_flips(base: Settings, which: list[str], cuda: bool, kernel_ok: bool, ds_ok: bool,
                    dtype: str) -> list[tuple[str, Settings | str]]:
-    """(label, settings) of each ablation row in ``ABLATIONS`` order: ``base`` with one switch flipped, or
-    (label, "skipped: why") where the switch cannot flip here."""
+    """(label, settings) of each ablation row: ``base`` with one switch flipped, or (label, "skipped: why") where
+    the switch cannot flip here. Rows that reuse the base row's compiled blocks come first, the ones that compile
+    new graphs last (attention and precision change the blocks; the whole-step modes compile the whole model), so
+    a run cut short by its time limit loses the costliest rows."""
     flips: list[tuple[str, Settings | str]] = []
+    cold: list[tuple[str, Settings | str]] = []  # rows that compile new graphs
+    compiled = base.compile != "off"
     for name in (a for a in ABLATIONS if a in which):
-        if name == "compile":
-            flips.append((f"compile={'off' if base.compile else 'on'}",
-                          dataclasses.replace(base, compile=not base.compile)))
-        elif name == "masking":
-            if base.masking == "triton":
-                flips.append(("masking=torch", dataclasses.replace(base, masking="torch")))
-            elif kernel_ok and cuda:
-                flips.append(("masking=triton", dataclasses.replace(base, masking="triton")))
-            else:
-                flips.append(("masking=triton", "skipped: fused kernel needs CUDA and kernels/masking.py"))
-        elif name == "attention":
-            if base.attention != "math":
-                flips.append(("attention=math", dataclasses.replace(base, attention="math")))
-            if base.attention == "flash":
-                flips.append(("attention=sdpa", dataclasses.replace(base, attention="sdpa")))
-        elif name == "fused_optimizer":
+        if name == "fused_optimizer":
             flips.append((f"fused_optimizer={'off' if base.fused_optimizer else 'on'}",
                           dataclasses.replace(base, fused_optimizer=not base.fused_optimizer)))
-        elif name == "precision":
-            other = "fp32" if dtype == "bf16" else "bf16"
-            flips.append((f"precision={other}", dataclasses.replace(base, dtype=other)))
-        elif name == "patch_embed":
-            other = "embed_first" if base.patch_embed_order == "gather_first" else "gather_first"
-            flips.append((f"patch_embed_order={other}", dataclasses.replace(base, patch_embed_order=other)))
         elif name == "zero":
             for stage in (-1, 0, 1, 2):
                 if stage == base.zero_stage:
@@ -396,7 +392,34 @@ def ablation_flips(base: Settings, which: list[str], cuda: bool, kernel_ok: bool
                     flips.append((label, "skipped: deepspeed does not import"))
                 else:
                     flips.append((label, dataclasses.replace(base, zero_stage=stage)))
-    return flips
+        elif name == "masking":
+            if base.masking == "triton":
+                flips.append(("masking=torch", dataclasses.replace(base, masking="torch")))
+            elif kernel_ok and cuda:
+                flips.append(("masking=triton", dataclasses.replace(base, masking="triton")))
+            else:
+                flips.append(("masking=triton", "skipped: fused kernel needs CUDA and kernels/masking.py"))
+        elif name == "patch_embed":
+            other = "embed_first" if base.patch_embed_order == "gather_first" else "gather_first"
+            flips.append((f"patch_embed_order={other}", dataclasses.replace(base, patch_embed_order=other)))
+        elif name == "compile":
+            modes = [m for m in ("off", "blocks", "step", "cudagraphs") if m != base.compile]
+            for mode in modes:
+                row = dataclasses.replace(base, compile=mode)
+                if mode == "cudagraphs" and not cuda:
+                    row = "skipped: CUDA graphs need CUDA (on the CPU the mode is compile=step)"
+                (flips if mode == "off" else cold).append((f"compile={mode}", row))
+        elif name == "attention":
+            others = (["math"] if base.attention != "math" else []) + (["sdpa"] if base.attention == "flash" else [])
+            for other in others:
+                (cold if compiled else flips).append((f"attention={other}",
+                                                      dataclasses.replace(base, attention=other)))
+        elif name == "precision":
+            other = "fp32" if dtype == "bf16" else "bf16"
+            (cold if compiled else flips).append((f"precision={other}", dataclasses.replace(base, dtype=other)))
+    # whole-step graphs last of all: their cold compile is the longest
+    cold.sort(key=lambda item: item[0] in ("compile=step", "compile=cudagraphs"))
+    return flips + cold
 
 
 # ----------------------------------------------------------------------------- FLOPs table
@@ -407,7 +430,7 @@ def flops_table(presets: list[str], ratio: float) -> dict[str, dict[str, float]]
     out: dict[str, dict[str, float]] = {}
     for p in presets:
         cfg = get_preset(p).model
-        s = Settings(masking="torch", attention="sdpa", compile=False, fused_optimizer=False)
+        s = Settings(masking="torch", attention="sdpa", compile="off", fused_optimizer=False)
         entry: dict[str, float] = {}
         for tag, with_m in (("without_m", False), ("with_m", True)):
             analytic = train_flops(cfg, ratio, encoder_mask_tokens=with_m)
@@ -457,20 +480,43 @@ def sdpa_backend_probe(cfg: ModelConfig, ratio: float, batch: int, device: torch
 # ----------------------------------------------------------------------------- correctness mode
 
 
-def check(presets: list[str], device: torch.device, dtype: torch.dtype, batch: int, ratio: float
-          ) -> dict[str, Any]:
-    """One training step per preset (finite loss and grads), attention backends agree, masking kernel
-    equals its reference, official-style baseline equals fastmae on shared weights."""
+class Checks:
+    """The results of ``--check``: each named check passes, fails or is skipped with a reason."""
+
+    def __init__(self) -> None:
+        self.results: dict[str, Any] = {"passed": True, "checks": []}
+
+    def record(self, name: str, ok: bool | None, detail: str) -> None:
+        self.results["checks"].append({"name": name, "ok": None if ok is None else bool(ok), "detail": detail})
+        if ok is not None:
+            self.results["passed"] &= bool(ok)
+        print(f"[{'SKIP' if ok is None else 'PASS' if ok else 'FAIL'}] {name}: {detail}", flush=True)
+
+    def guarded(self, name: str, fn: Callable[[], None]) -> None:
+        """Run ``fn``; an exception is a failed check named ``name``."""
+        try:
+            fn()
+        except Exception as e:
+            self.record(name, False, f"{type(e).__name__}: {e}")
+
+
+@contextlib.contextmanager
+def exact_matmuls() -> Iterator[None]:
+    """TF32 off for matrix products and cuDNN convolutions: a comparison at 1e-4 between two implementations must
+    not measure TF32's rounding (cuDNN runs convolutions in TF32 by default, fastmae's patch embedding is a
+    linear layer)."""
+    saved = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+    try:
+        yield
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
+
+
+def check_attention(c: Checks, device: torch.device, dtype: torch.dtype) -> None:
+    """sdpa (and flash) against math in fp32 accumulation."""
     from fastmae.attention import Attention, flash_attn_available
 
-    results: dict[str, Any] = {"passed": True, "checks": []}
-
-    def record(name: str, ok: bool, detail: str) -> None:
-        results["checks"].append({"name": name, "ok": bool(ok), "detail": detail})
-        results["passed"] &= bool(ok)
-        print(f"[{'PASS' if ok else 'FAIL'}] {name}: {detail}", flush=True)
-
-    # attention backends: sdpa (and flash) against math in fp32 accumulation
     torch.manual_seed(0)
     for dt in ([torch.float32] + ([dtype] if dtype != torch.float32 else [])):
         for dim, heads, tokens in ((768, 12, 50), (512, 16, 197), (1280, 16, 65)):
@@ -487,39 +533,47 @@ def check(presets: list[str], device: torch.device, dtype: torch.dtype, batch: i
                     out = attn(x).float()
                     rel = ((out - ref).norm() / ref.norm()).item()
                     tol = 2e-5 if dt == torch.float32 else 2e-2
-                    tol = 1e-3 if (dt == torch.float32 and device.type == "cuda") else tol  # tf32 matmuls
-                    record(f"attention {b} vs fp32 math ({common.dtype_name(dt)}, D={dim}, T={tokens})",
-                           rel < tol and math.isfinite(rel), f"rel err {rel:.2e} (tol {tol:g})")
+                    tol = 1e-3 if (dt == torch.float32 and device.type == "cuda") else tol  # fused fp32 kernels
+                    c.record(f"attention {b} vs fp32 math ({common.dtype_name(dt)}, D={dim}, T={tokens})",
+                             rel < tol and math.isfinite(rel), f"rel err {rel:.2e} (tol {tol:g})")
 
-    # masking kernel vs reference, exact
+
+def check_masking(c: Checks, device: torch.device, dtype: torch.dtype, ratio: float) -> None:
+    """The Triton kernel equals the torch reference exactly, from noise and from a seed (its in-kernel Philox
+    against the reference's torch Philox), and the seeded reference masks the same on this device as on the CPU."""
+    from fastmae.kernels import random_masking_ref
+
     interpreter = device.type == "cpu" and os.environ.get("TRITON_INTERPRET") == "1"
-    if masking_kernel_available() and (device.type == "cuda" or interpreter):
-        try:
-            from fastmae.kernels import random_masking_ref
-            from fastmae.kernels.masking import random_masking
+    shapes = ((4, 196, 768), (3, 256, 1280), (5, 64, 96)) if not interpreter else ((5, 64, 96),)
+    for (B, N, D) in shapes:
+        x = torch.randn(B, N, D, device=device, dtype=dtype)
+        pos = torch.randn(1, N, D, device=device, dtype=dtype)
+        seed = torch.tensor(20261203, device=device)
+        cpu = random_masking_ref(x.cpu(), ratio, seed=20261203, pos_embed=pos.cpu())
+        here = random_masking_ref(x, ratio, seed=seed, pos_embed=pos)
+        same = all(torch.equal(a.cpu(), b) for a, b in zip(here, cpu, strict=True))
+        c.record(f"seeded masking {device.type} vs cpu (B={B}, N={N}, D={D})", same, "exact" if same else "mismatch")
+        if not (masking_kernel_available() and (device.type == "cuda" or interpreter)):
+            c.record("masking triton vs torch", None, "skipped: needs CUDA (or TRITON_INTERPRET=1) and "
+                                                      "kernels/masking.py")
+            continue
+        from fastmae.kernels.masking import random_masking
 
-            shapes = ((4, 196, 768), (3, 256, 1280), (5, 64, 96)) if not interpreter else ((5, 64, 96),)
-            for (B, N, D) in shapes:
-                x = torch.randn(B, N, D, device=device, dtype=dtype)
-                pos = torch.randn(1, N, D, device=device, dtype=dtype)
-                noise = torch.rand(B, N, device=device)
-                got = random_masking(x, ratio, noise=noise, pos_embed=pos)
-                ref = random_masking_ref(x, ratio, noise=noise, pos_embed=pos)
-                ok = all(torch.equal(a, b) for a, b in zip(got, ref, strict=True))
-                record(f"masking triton vs torch (B={B}, N={N}, D={D})", ok, "exact" if ok else "mismatch")
-        except Exception as e:
-            record("masking triton vs torch", False, f"{type(e).__name__}: {e}")
-    else:
-        results["checks"].append({"name": "masking triton vs torch", "ok": None,
-                                  "detail": "skipped: needs CUDA (or TRITON_INTERPRET=1) and kernels/masking.py"})
-        print("[SKIP] masking triton vs torch: needs CUDA (or TRITON_INTERPRET=1) and kernels/masking.py",
-              flush=True)
+        noise = torch.rand(B, N, device=device)
+        for how, kw in (("noise", {"noise": noise}), ("seed", {"seed": seed})):
+            got = random_masking(x, ratio, pos_embed=pos, **kw)
+            ref = random_masking_ref(x, ratio, pos_embed=pos, **kw)
+            ok = all(torch.equal(a, b) for a, b in zip(got, ref, strict=True))
+            c.record(f"masking triton vs torch from {how} (B={B}, N={N}, D={D})", ok, "exact" if ok else "mismatch")
 
-    # official-style baseline computes the same loss on the same weights and noise
-    cfg = get_preset(presets[0]).model
+
+def check_official(c: Checks, preset: str, device: torch.device, ratio: float) -> None:
+    """The official-style baseline computes the same loss on the same weights and noise (fp32; TF32 is off for
+    every check, see :func:`exact_matmuls`)."""
+    cfg = get_preset(preset).model
     torch.manual_seed(0)
     with torch.device(device):
-        ours = fastmae.create_model(presets[0], masking="torch", attention="math")
+        ours = fastmae.create_model(preset, masking="torch", attention="math")
         theirs = OfficialStyleMAE(cfg, ratio)
     theirs.load_state_dict(ours.state_dict(), strict=True)
     n = (cfg.img_size // cfg.patch_size) ** 2
@@ -529,36 +583,65 @@ def check(presets: list[str], device: torch.device, dtype: torch.dtype, batch: i
         a = ours(imgs, noise=noise)[0].item()
         b = theirs(imgs, noise=noise)[0].item()
     rel = abs(a - b) / abs(a)
-    record(f"official-style == fastmae on shared weights ({presets[0]}, fp32)", rel < 1e-4,
-           f"loss {a:.6f} vs {b:.6f}")
-    del ours, theirs
+    c.record(f"official-style == fastmae on shared weights ({preset}, fp32)", rel < 1e-4, f"loss {a:.6f} vs {b:.6f}")
 
-    # one training step per preset in the benchmark dtype: finite loss and grads
+
+def check_graph_breaks(c: Checks, preset: str, device: torch.device, dtype: torch.dtype, kernel: str) -> None:
+    """train.compile=step's graph: the whole training forward + loss under the precision policy, no break."""
+    torch._dynamo.reset()
+    with torch.device(device):
+        model = fastmae.create_model(preset, masking=kernel)
+    size = model.config.img_size
+    imgs = torch.randn(2, 3, size, size, device=device)
+    with common.autocast(device, dtype):
+        explained = torch._dynamo.explain(model)(imgs, mask_seed=torch.tensor(1, device=device))
+    c.record(f"graph breaks in the training forward + loss ({preset}, masking {kernel}, "
+             f"{common.dtype_name(dtype)})", explained.graph_break_count == 0,
+             f"{explained.graph_break_count} breaks in {explained.graph_count} graph(s) "
+             f"{[str(r.reason)[:200] for r in explained.break_reasons]}")
+
+
+def check_train_step(c: Checks, preset: str, device: torch.device, dtype: torch.dtype, batch: int,
+                     kernel: str) -> None:
+    """One training step in the benchmark dtype: finite loss, gradients and parameters."""
+    cfg = get_preset(preset).model
+    with torch.device(device):
+        model = fastmae.create_model(preset, masking=kernel)
+    opt = common.make_adamw(model, common.resolve_fused("auto", device))
+    x = torch.randn(batch, 3, cfg.img_size, cfg.img_size, device=device)
+    with common.autocast(device, dtype):
+        loss = model(x)[0]
+    loss.backward()
+    grads_ok = all(torch.isfinite(q.grad).all().item() for q in model.parameters() if q.grad is not None)
+    opt.step()
+    params_ok = all(torch.isfinite(q).all().item() for q in model.parameters())
+    lv = loss.item()
+    c.record(f"train step {preset} ({common.dtype_name(dtype)}, batch {batch}, masking {kernel})",
+             math.isfinite(lv) and grads_ok and params_ok,
+             f"loss {lv:.4f}, grads finite {grads_ok}, params finite {params_ok}")
+
+
+def check(presets: list[str], device: torch.device, dtype: torch.dtype, batch: int, ratio: float
+          ) -> dict[str, Any]:
+    """Attention backends agree, the masking kernel equals its reference (noise and seed paths; the seeded
+    reference equals the CPU's), the official-style baseline equals fastmae on shared weights, the training forward
+    compiles without a graph break, and one training step per preset is finite."""
+    c = Checks()
+    with exact_matmuls():
+        run_checks(c, presets, device, dtype, batch, ratio)
+    return c.results
+
+
+def run_checks(c: Checks, presets: list[str], device: torch.device, dtype: torch.dtype, batch: int,
+               ratio: float) -> None:
+    c.guarded("attention", lambda: check_attention(c, device, dtype))
+    c.guarded("masking", lambda: check_masking(c, device, dtype, ratio))
+    c.guarded("official-style", lambda: check_official(c, presets[0], device, ratio))
     kernel = "triton" if device.type == "cuda" and masking_kernel_available() else "torch"
     for p in presets:
-        cfg = get_preset(p).model
-        try:
-            with torch.device(device):
-                model = fastmae.create_model(p, masking=kernel)
-            opt = common.make_adamw(model, common.resolve_fused("auto", device))
-            x = torch.randn(batch, 3, cfg.img_size, cfg.img_size, device=device)
-            with common.autocast(device, dtype):
-                loss = model(x)[0]
-            loss.backward()
-            grads = [q.grad for q in model.parameters() if q.grad is not None]
-            grads_ok = all(torch.isfinite(g).all().item() for g in grads)
-            opt.step()
-            params_ok = all(torch.isfinite(q).all().item() for q in model.parameters())
-            lv = loss.item()
-            record(f"train step {p} ({common.dtype_name(dtype)}, batch {batch}, masking {kernel})",
-                   math.isfinite(lv) and grads_ok and params_ok,
-                   f"loss {lv:.4f}, grads finite {grads_ok}, params finite {params_ok}")
-        except Exception as e:
-            record(f"train step {p}", False, f"{type(e).__name__}: {e}")
-        finally:
-            model = opt = None
-            common.free_device_memory(device)
-    return results
+        c.guarded(f"graph breaks {p}", lambda p=p: check_graph_breaks(c, p, device, dtype, kernel))
+        c.guarded(f"train step {p}", lambda p=p: check_train_step(c, p, device, dtype, batch, kernel))
+        common.free_device_memory(device)
 
 
 # ----------------------------------------------------------------------------- report
@@ -570,16 +653,17 @@ def fmt(v: Any, spec: str) -> str:
 
 def table(rows: list[dict[str, Any]]) -> str:
     """Markdown table of the rows."""
-    head = ("| preset | contender | batch | step ms | min ms | img/s | GFLOP/img | TFLOP/s | MFU | peak GB | "
-            "est GB | status |")
+    head = ("| preset | contender | compile | batch | step ms | min ms | img/s | GFLOP/img | TFLOP/s | MFU | "
+            "peak GB | est GB | cold compile s | status |")
     lines = [head, "|" + "---|" * (head.count("|") - 1)]
     for r in rows:
         lines.append(
-            f"| {SHORT.get(r['preset'], r['preset'])} | {r['label']} | {r['batch_size']} | "
+            f"| {SHORT.get(r['preset'], r['preset'])} | {r['label']} | {r['compile'] or '-'} | {r['batch_size']} | "
             f"{fmt(r['step_time_ms'], '.1f')} | {fmt(r['step_time_ms_min'], '.1f')} | {fmt(r['img_per_s'], '.1f')} | "
             f"{fmt(r['train_gflop_per_img'], '.2f')} | {fmt(r['achieved_tflops'], '.3f')} | "
             f"{'-' if r['mfu'] is None else format(100 * r['mfu'], '.1f') + '%'} | "
-            f"{fmt(r['peak_mem_gb'], '.2f')} | {fmt(r['est_mem_gb'], '.2f')} | {r['status']} |"
+            f"{fmt(r['peak_mem_gb'], '.2f')} | {fmt(r['est_mem_gb'], '.2f')} | {fmt(r['cold_compile_s'], '.1f')} | "
+            f"{r['status']} |"
         )
     return "\n".join(lines)
 
@@ -605,6 +689,8 @@ def summarize(rows: list[dict[str, Any]], presets: list[str], flops: dict[str, A
             "speedup_vs_official": ratio(base and base["img_per_s"],
                                          by.get("official", {}).get("img_per_s")),
             "speedup_vs_hf": ratio(base and base["img_per_s"], by.get("hf", {}).get("img_per_s")),
+            # the training default's first step minus a steady one: what compiling costs once per run
+            "cold_compile_s": base and base["cold_compile_s"],
             # the same from the fastest step of each contender: steadier on a shared, loaded CPU
             "encoder_skip_wallclock_ratio_min": ratio(wm and wm["step_time_ms_min"],
                                                       base and base["step_time_ms_min"]),
@@ -638,7 +724,9 @@ def summary_text(summary: dict[str, Any]) -> str:
             f"{x(s['encoder_skip_flops_ratio_counted'])} counted, wall-clock "
             f"{x(s['encoder_skip_wallclock_ratio'])}; fastmae vs official-style "
             f"{x(s['speedup_vs_official'])}, "
-            f"vs HF ViTMAE {x(s['speedup_vs_hf'])} (from the fastest steps: wall-clock "
+            f"vs HF ViTMAE {x(s['speedup_vs_hf'])}; cold compile "
+            f"{'-' if s['cold_compile_s'] is None else format(s['cold_compile_s'], '.1f') + ' s'} "
+            f"(from the fastest steps: wall-clock "
             f"{x(s['encoder_skip_wallclock_ratio_min'])}, vs official-style {x(s['speedup_vs_official_min'])}, "
             f"vs HF {x(s['speedup_vs_hf_min'])})"
         )
@@ -677,8 +765,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--repeats", type=int, default=-1, help="timed steps, median reported (default 10)")
     ap.add_argument("--masking", default="auto", choices=("auto", "triton", "torch"))
     ap.add_argument("--attention", default="auto", choices=("auto", "flash", "sdpa", "math"))
-    ap.add_argument("--compile", action="store_true",
-                    help="torch.compile fastmae's blocks (fastmae.parallelize, as train.py does)")
+    ap.add_argument("--compile", nargs="?", const="blocks", default="auto",
+                    choices=("auto", "off", "blocks", "step", "cudagraphs"),
+                    help="torch.compile of fastmae's rows (fastmae.parallelize, as train.py does; auto: the training "
+                         "default, blocks on CUDA and off on CPU; --compile alone: blocks)")
     ap.add_argument("--fused-optimizer", default="auto", choices=("auto", "on", "off"))
     ap.add_argument("--activation-checkpointing", default="off", choices=("off", "on", "both"),
                     help="checkpoint every block (fastmae.parallelize: torch.utils.checkpoint per block, "
@@ -752,13 +842,19 @@ def main(argv: list[str] | None = None) -> int:
         zero = -1 if args.zero_stage == "none" else int(args.zero_stage)
     if zero >= 0 and not ds_ok:
         raise SystemExit(f"--zero-stage {zero} needs deepspeed, which does not import here (or --zero-stage none)")
-    step_desc = Settings("", "", False, False, zero_stage=zero).engine
+    step_desc = Settings("", "", "off", False, zero_stage=zero).engine
+    compile_mode = resolve_compile(args.compile, device)
+    n_rows = len(presets) * len(variants) * len(ac_values)
+    if zero == 3 and (n_rows > 1 or args.ablations):
+        raise SystemExit("--zero-stage 3 times one row per process: DeepSpeed keeps a ZeRO-3 engine's memory after "
+                         "destroy(), so later rows would measure it; pass one preset and --variants fastmae")
+    common.allow_recompiles()
     bad_ablate = set(a for a in args.ablate.split(",") if a) - set(ABLATIONS)
     if bad_ablate:
         raise SystemExit(f"unknown --ablate {sorted(bad_ablate)}; valid: {', '.join(ABLATIONS)}")
     hf_ok = transformers_available()
     interleave = args.interleave == "on" or (args.interleave == "auto" and not cuda)
-    print(f"fastmae backends: masking={masking} attention={attention} compile={args.compile} "
+    print(f"fastmae backends: masking={masking} attention={attention} compile={compile_mode} "
           f"fused_adamw={fused} dtype={common.dtype_name(dtype)} step={step_desc}"
           f"{'' if ds_ok else ' (deepspeed not importable)'} | HF baseline: "
           f"{'yes' if hf_ok else 'no (transformers not importable)'}", flush=True)
@@ -780,7 +876,7 @@ def main(argv: list[str] | None = None) -> int:
         # the meta-device FLOP count runs the torch masking path (the kernel needs real tensors)
         fm_count = lambda s, with_m, fm=fm: fm(dataclasses.replace(s, masking="torch"), with_m)
         for ac in ac_values:
-            base = Settings(masking, attention, args.compile, fused, ac, zero_stage=zero)
+            base = Settings(masking, attention, compile_mode, fused, ac, zero_stage=zero)
             tag = " +AC" if ac else ""
             if "fastmae" in variants:
                 jobs.append(dict(variant="fastmae", label="fastmae" + tag, s=base, with_m=False,
@@ -788,16 +884,16 @@ def main(argv: list[str] | None = None) -> int:
             if "fastmae_with_m" in variants:
                 jobs.append(dict(variant="fastmae_with_m", label="fastmae w/ [M]" + tag, s=base, with_m=True,
                                  loss_fn=mae_loss, build=fm(base, True), count_build=fm_count(base, True)))
-            eager = Settings("torch (argsort+gather)", "math (eager softmax)", False, fused, ac, "embed_first")
+            eager = Settings("torch (argsort+gather)", "math (eager softmax)", "off", fused, ac, "embed_first")
             if "official" in variants:
                 jobs.append(dict(variant="official", label="official-style" + tag, s=eager, with_m=False,
                                  build=official_builder(cfg, args.mask_ratio), loss_fn=mae_loss))
             if "hf" in variants and hf_ok:
-                hs = Settings("torch (argsort+gather)", "sdpa", False, fused, ac, "embed_first")
+                hs = Settings("torch (argsort+gather)", "sdpa", "off", fused, ac, "embed_first")
                 jobs.append(dict(variant="hf", label="HF ViTMAE (sdpa)" + tag, s=hs, with_m=False,
                                  build=hf_builder(cfg, args.mask_ratio), loss_fn=hf_loss))
         if args.ablations:
-            base = Settings(masking, attention, args.compile, fused, False, zero_stage=zero)
+            base = Settings(masking, attention, compile_mode, fused, False, zero_stage=zero)
             flips = ablation_flips(base, [a for a in args.ablate.split(",") if a], cuda, kernel_ok, ds_ok,
                                    common.dtype_name(dtype))
             for label, s in flips:
@@ -836,7 +932,7 @@ def main(argv: list[str] | None = None) -> int:
         "peak_source": peak_source,
         "settings": {"presets": presets, "variants": variants, "dtype": common.dtype_name(dtype),
                      "mask_ratio": args.mask_ratio, "warmup": warmup, "repeats": repeats, "masking": masking,
-                     "attention": attention, "compile": args.compile, "fused_optimizer": fused,
+                     "attention": attention, "compile": compile_mode, "fused_optimizer": fused,
                      "activation_checkpointing": args.activation_checkpointing, "ablations": args.ablations,
                      "step": step_desc,
                      "timing": "interleaved rounds" if interleave else "one contender at a time",

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import sys
+from pathlib import Path
 
 import torch
 
@@ -27,6 +28,7 @@ from fastmae.runtime import (
     zero3_bucket_elements,
 )
 
+REPO = Path(__file__).resolve().parents[1]
 # a mid-size MAE (12 M parameters at 64 px): the per-parameter terms outweigh ZeRO's fixed buffers
 OVERRIDES = ["model.embed_dim=384", "model.num_heads=6", "model.depth=6", "model.decoder_embed_dim=256",
              "model.decoder_num_heads=8", "mask.backend=torch", "train.precision=fp32"]
@@ -59,7 +61,36 @@ def measure(stage: int, world_size: int, accum: int = 1, overrides: list[str] = 
             "params": params, "held": held, "estimate": est.model_states, "left_after_destroy": after}
 
 
+def benchmark_rows(path: str) -> None:
+    """``benchmarks/throughput.py``'s rows one after another (DeepSpeed ZeRO-2, 0, 1 and the plain torch step):
+    the bytes allocated before and after each, which must be the same once a row is done."""
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    import throughput
+
+    cfg = build_config("debug", ["train.precision=fp32"]).model
+    kw = dict(cfg=cfg, ratio=0.75, batch=4, device=torch.device("cpu"), dtype=torch.float32, warmup=1, repeats=1,
+              count=False)
+
+    def job(stage: int) -> dict:
+        s = throughput.Settings("torch", "sdpa", "off", False, zero_stage=stage)
+        return dict(preset="debug", variant="fastmae", label=f"engine {stage}", s=s, with_m=False,
+                    build=throughput.fastmae_builder("debug", cfg, 0.75, s, False), loss_fn=throughput.mae_loss)
+
+    throughput.time_sequential([job(2)], kw, None)  # what the first engine allocates for good
+    with open(path, "a") as f:
+        for stage in (2, 0, 1, -1, 2):
+            before = allocated_bytes()
+            (row,) = throughput.time_sequential([job(stage)], kw, None)
+            f.write(json.dumps({"stage": stage, "status": row["status"], "params_m": row["params_m"],
+                                "before": before, "after": allocated_bytes()}) + "\n")
+
+
 def main() -> int:
+    if sys.argv[1] == "--benchmark-rows":
+        init_distributed()
+        benchmark_rows(sys.argv[2])
+        shutdown_distributed()
+        return 0
     dist = init_distributed()
     for stage in (0, 1, 2, 3):  # once with the tiny preset: what the first engine of each kind allocates for good
         measure(stage, dist.world_size, 1, ["mask.backend=torch", "train.precision=fp32"])

@@ -5,6 +5,7 @@ Timing targets are never asserted (they are for benchmarks on a GPU, not for tes
 
 from __future__ import annotations
 
+import dataclasses
 import gzip
 import importlib.util
 import json
@@ -90,7 +91,7 @@ def test_official_style_computes_the_same_loss() -> None:
 def test_counted_flops_match_analytic_for_vit_l() -> None:
     """FlopCounterMode on the meta device agrees with fastmae.flops within 2% for both encoder variants."""
     cfg = fastmae.get_preset("mae_vit_large_patch16").model
-    s = throughput.Settings(masking="torch", attention="sdpa", compile=False, fused_optimizer=False)
+    s = throughput.Settings(masking="torch", attention="sdpa", compile="off", fused_optimizer=False)
     for with_m in (False, True):
         build = throughput.fastmae_builder("mae_vit_large_patch16", cfg, 0.75, s, with_m)
         counted = common.counted_flops(build, throughput.mae_loss, 2, cfg.img_size)
@@ -248,14 +249,25 @@ def test_gpu_check_summary_names_stages_that_did_not_run(tmp_path: Path) -> None
 def test_ablation_flips_and_rows_written_one_by_one(tmp_path: Path) -> None:
     """Every switch flips in the documented order (a switch that cannot flip here is a named skip), and the
     sequential timer hands over the rows after each one (throughput.py writes its JSON then)."""
-    base = throughput.Settings("torch", "sdpa", False, False, zero_stage=2)
+    base = throughput.Settings("torch", "sdpa", "off", False, zero_stage=2)
     flips = throughput.ablation_flips(base, list(throughput.ABLATIONS), cuda=False, kernel_ok=True, ds_ok=True,
                                       dtype="fp32")
     assert [label for label, _ in flips] == [
-        "compile=on", "masking=triton", "attention=math", "fused_optimizer=on", "precision=bf16",
-        "patch_embed_order=embed_first", "step=torch (no DeepSpeed)", "zero=0", "zero=1"]
-    assert flips[1][1] == "skipped: fused kernel needs CUDA and kernels/masking.py"
-    assert all(isinstance(s, throughput.Settings) for label, s in flips if label != "masking=triton")
+        "fused_optimizer=on", "step=torch (no DeepSpeed)", "zero=0", "zero=1", "masking=triton",
+        "patch_embed_order=embed_first", "attention=math", "precision=bf16", "compile=blocks", "compile=step",
+        "compile=cudagraphs"]
+    by_label = dict(flips)
+    assert by_label["masking=triton"] == "skipped: fused kernel needs CUDA and kernels/masking.py"
+    assert by_label["compile=cudagraphs"].startswith("skipped: CUDA graphs need CUDA")
+    assert all(isinstance(s, throughput.Settings) for label, s in flips
+               if label not in ("masking=triton", "compile=cudagraphs"))
+    # on a GPU the training default is compiled per block: rows needing new graphs come last, whole-step last of all
+    gpu = throughput.ablation_flips(dataclasses.replace(base, masking="triton", compile="blocks"),
+                                    list(throughput.ABLATIONS), cuda=True, kernel_ok=True, ds_ok=True, dtype="bf16")
+    assert [label for label, _ in gpu] == [
+        "fused_optimizer=on", "step=torch (no DeepSpeed)", "zero=0", "zero=1", "masking=torch",
+        "patch_embed_order=embed_first", "compile=off", "attention=math", "precision=fp32", "compile=step",
+        "compile=cudagraphs"]
     no_ds = dict(throughput.ablation_flips(base, ["zero"], cuda=False, kernel_ok=False, ds_ok=False, dtype="bf16"))
     assert no_ds["zero=0"] == "skipped: deepspeed does not import"
     assert dict(throughput.ablation_flips(base, ["precision"], False, False, True, "bf16"))["precision=fp32"].dtype \
@@ -266,7 +278,7 @@ def test_ablation_flips_and_rows_written_one_by_one(tmp_path: Path) -> None:
               count=False)
     jobs = []
     for order in ("gather_first", "embed_first"):
-        s = throughput.Settings("torch", "sdpa", False, False, patch_embed_order=order)
+        s = throughput.Settings("torch", "sdpa", "off", False, patch_embed_order=order)
         jobs.append(dict(preset="debug", variant="ablate", label=order, s=s, with_m=False,
                          build=throughput.fastmae_builder("debug", cfg, 0.75, s, False), loss_fn=throughput.mae_loss))
     rows = throughput.time_sequential(jobs, kw, None, on_row=lambda done: seen.append(len(done)))
