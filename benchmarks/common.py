@@ -334,6 +334,15 @@ def gpu_check_summary(res: Path) -> str:
         md = res / f"{name}.md"
         if md.exists():
             lines += ["", f"## {name}", "", md.read_text()]
+    runs = []
+    for stage in ("deepspeed", "zero3_compile"):  # fastmae/train.py through the launcher: its own log lines
+        log = res / "logs" / f"{stage}.log"
+        if log.exists():
+            text = log.read_text().splitlines()
+            keep = [ln for ln in text if "toggles:" in ln] + [ln for ln in text if ln.startswith("step ")][-1:]
+            runs += [f"- {stage}: " + " / ".join(ln.strip() for ln in keep)] if keep else []
+    if runs:
+        lines += ["", "## Training runs (fastmae/train.py)", "", *runs]
     kern = res / "kernels.json"
     if kern.exists():
         lines += ["", "## masking_kernel.py", "", f"See [kernels.json](kernels.json) ({kern.stat().st_size} bytes)."]

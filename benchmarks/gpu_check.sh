@@ -1,34 +1,42 @@
 #!/usr/bin/env bash
-# fastmae GPU check: the one script to run on a CUDA machine, in two parts of under 8 minutes each.
+# fastmae GPU check: the one script to run on a CUDA machine, in two calls that fit one 15-minute lease.
 #
-#   bash benchmarks/gpu_check.sh --part 1           # on the GPU machine: correctness, throughput, ablations
-#   bash benchmarks/gpu_check.sh --part 2           # then: memory, kernel, DeepSpeed, GPU tests, profile, data
-#   bash benchmarks/gpu_check.sh                    # both parts in one run (--part all)
-#   bash benchmarks/gpu_check.sh --cpu-rehearsal    # on a CPU machine: both parts, tiny sizes
+#   bash benchmarks/gpu_check.sh --part 1           # on the GPU machine: correctness, masking kernel, throughput
+#   bash benchmarks/gpu_check.sh --part 2           # then: ablations, ViT-H memory, DeepSpeed runs, GPU tests, profile
+#   bash benchmarks/gpu_check.sh --part 3           # when minutes remain: the data loaders (DALI when installed)
+#   bash benchmarks/gpu_check.sh                    # all parts in one run (--part all)
+#   bash benchmarks/gpu_check.sh --cpu-rehearsal    # on a CPU machine: every part, tiny sizes
 #   bash benchmarks/gpu_check.sh --prepare-wheels   # with PyPI: fill wheels/ for an offline GPU machine
 #   (FASTMAE_CPU_REHEARSAL=1 is the same as --cpu-rehearsal)
 #
-# Stages, most important first, each time-boxed with `timeout` (a part's limits add up to under its budget,
-# GPU_CHECK_BUDGET_S, default 450 s a part); a stage is skipped only when the budget is spent or what it
-# needs is missing, and the summary names it with the reason; a failing stage is recorded and the next runs.
-# Every stage writes its JSON as soon as each measurement exists, so a stage cut short keeps its numbers.
-#   setup        pip install --no-index --find-links wheels/ (when wheels/ has any) and fastmae itself
-#   env          card, driver, torch/CUDA/triton/transformers versions
-#  part 1
-#   ceilings     device copy bandwidth and bf16 matmul rate (the roofs for the numbers below)
-#   correctness  throughput.py --check: one bf16 training step each of ViT-B/L/H (finite loss, grads,
-#                params), attention backends vs fp32 math, Triton masking kernel vs torch reference,
-#                official-style baseline == fastmae on shared weights
-#   throughput   ViT-B/L/H: fastmae, fastmae w/ [M], official-style, HF ViTMAE; SDPA backend probe
-#   ablations    ViT-L with each optimisation switched in turn (compile, masking, attention, fused AdamW,
-#                precision, patch-embedding order, ZeRO stage / plain torch step), each row written when timed
-#  part 2
-#   memory_vit_h ViT-H/14 at micro batch 256 without and with activation checkpointing, vs the estimate
-#   kernels      benchmarks/masking_kernel.py (fused masking kernel vs reference, GB/s vs copy bandwidth)
-#   deepspeed    a short DeepSpeed ZeRO-2 run of fastmae/train.py (only when deepspeed imports)
-#   pytest_gpu   the kernel tests, then pytest -m gpu (every GPU-marked test of the repository)
-#   profile      profile_step.py on ViT-L (time split w/ [M] vs w/o [M], top kernels, traces)
-#   data         benchmarks/data_throughput.py (DALI when it imports, else the torch loader)
+# Stages, most important first, each time-boxed with `timeout`; a part's stage limits add up to its budget
+# (part 1 360 s, part 2 300 s, part 3 120 s; GPU_CHECK_BUDGET_S overrides it). A stage is skipped only when the
+# budget is spent or what it needs is missing, and the summary names it with the reason; a failing stage is
+# recorded and the next runs. Every stage writes its JSON as soon as each measurement exists, so a stage cut
+# short keeps its numbers. torch.compile's cache stays on the machine between calls: part 2 reuses the block
+# graphs that part 1 compiled.
+#   setup         pip install --no-index --find-links wheels/ (when wheels/ has any) and fastmae itself
+#   env           card, driver, torch/CUDA/triton/transformers versions
+#  part 1 (<= 360 s)
+#   ceilings      device copy bandwidth and bf16 matmul rate (the roofs for the numbers below)
+#   correctness   throughput.py --check (TF32 off): attention backends vs fp32 math, the Triton masking kernel vs
+#                 the torch reference (from noise and from a seed; the seeded reference vs the CPU's), the
+#                 official-style baseline == fastmae on shared weights, graph breaks of the training forward,
+#                 one bf16 training step each of ViT-L/H/B
+#   kernels       benchmarks/masking_kernel.py (fused masking kernel vs reference, GB/s vs copy bandwidth)
+#   throughput    ViT-L/H/B: the training default (compiled per block, bf16 autocast, fp32 gradients, the ZeRO-2
+#                 engine), the same w/ [M], official-style and HF ViTMAE; cold compile seconds per preset
+#  part 2 (<= 300 s)
+#   ablations     ViT-L with each optimisation switched in turn, the rows that compile new graphs last (compile
+#                 off / whole step / CUDA graphs, masking, attention, fused AdamW, precision, patch-embedding
+#                 order, ZeRO stage / plain torch step), each row written when timed
+#   memory_vit_h  ViT-H/14 at micro batch 256 without and with activation checkpointing (eager), vs the estimate
+#   deepspeed     20 steps of fastmae/train.py: zero2.json, its default compile, no checkpoint
+#   zero3_compile 10 steps of fastmae/train.py: zero3.json, train.compile=blocks, no checkpoint
+#   pytest_gpu    the kernel tests, then pytest -m gpu (every GPU-marked test of the repository)
+#   profile       profile_step.py on ViT-L (time split w/ [M] vs w/o [M], top kernels, traces)
+#  part 3 (<= 120 s)
+#   data          benchmarks/data_throughput.py (DALI when it imports, else the torch loader)
 # Results: $OUT/<card>-<date>-part<N>.tar.gz + summary.md + gpu_check.log when $OUT is set (three files, for
 # machines that return only a few), else benchmarks/results/<card>-<date>-part<N>/.
 set -uo pipefail
@@ -44,14 +52,14 @@ while [ $# -gt 0 ]; do
         --prepare-wheels) PREPARE=1 ;;
         --part) PART=${2:-}; shift ;;
         --part=*) PART=${1#--part=} ;;
-        -h|--help) sed -n '2,33p' "$0"; exit 0 ;;
-        *) echo "unknown argument $1 (valid: --part 1|2|all, --cpu-rehearsal, --prepare-wheels)" >&2; exit 2 ;;
+        -h|--help) sed -n '2,40p' "$0"; exit 0 ;;
+        *) echo "unknown argument $1 (valid: --part 1|2|3|all, --cpu-rehearsal, --prepare-wheels)" >&2; exit 2 ;;
     esac
     shift
 done
 case "$PART" in
-    1|2|all) ;;
-    *) echo "--part takes 1, 2 or all, not '$PART'" >&2; exit 2 ;;
+    1|2|3|all) ;;
+    *) echo "--part takes 1, 2, 3 or all, not '$PART'" >&2; exit 2 ;;
 esac
 in_part() { [ "$PART" = all ] || [ "$PART" = "$1" ]; }
 if [ -z "${PYTHON:-}" ]; then
@@ -78,8 +86,17 @@ if [ "$PREPARE" = 1 ]; then
 fi
 
 START=$(date +%s)
-BUDGET=${GPU_CHECK_BUDGET_S:-450}
-[ "$PART" = all ] && BUDGET=$((2 * BUDGET))
+# each part's budget, which its stage limits (with env) add up to (tests/test_benchmarks.py checks it)
+PART_BUDGETS=([1]=360 [2]=300 [3]=120)
+if [ "$PART" = all ]; then
+    DEFAULT_BUDGET=$((PART_BUDGETS[1] + PART_BUDGETS[2] + PART_BUDGETS[3]))
+else
+    DEFAULT_BUDGET=${PART_BUDGETS[$PART]}
+fi
+# the rehearsal's CPU is no GPU: its stages get three times the time (a cold CPU compile alone takes ~30 s)
+SCALE=1
+[ "$REHEARSAL" = 1 ] && SCALE=3
+BUDGET=${GPU_CHECK_BUDGET_S:-$((DEFAULT_BUDGET * SCALE))}
 if [ "$REHEARSAL" = 1 ]; then
     export CUDA_VISIBLE_DEVICES=""  # the same script, on the CPU
     CARD=cpu-rehearsal
@@ -107,7 +124,7 @@ FAILED=0
 
 # stage NAME LIMIT_S CMD...: run CMD under `timeout`, log to logs/NAME.log, record exit code and seconds.
 stage() {
-    local name=$1 limit=$2
+    local name=$1 limit=$(($2 * SCALE))
     shift 2
     local now elapsed left t0 rc
     now=$(date +%s)
@@ -188,25 +205,30 @@ for m in ("triton", "transformers", "timm", "deepspeed", "webdataset", "nvidia.d
 EOF
     git -C "$REPO" rev-parse HEAD 2>/dev/null || echo "(no git)"
 }
-stage env 30 env_info
+stage env 20 env_info
 
 if [ "$REHEARSAL" = 1 ]; then  # tiny sizes; no torch.compile ablation (a cold CPU compile takes ~30 s)
-    P_ALL=debug; P_L=debug; P_H=debug; QUICK=(--warmup 1 --repeats 2); BIG_BATCH=4; PROF_BATCH=4
-    PROF_STEPS=(--warmup 1 --steps 2 --profile-steps 1); ABLATE=masking,attention,fused_optimizer,precision,patch_embed,zero
+    P_ALL=debug; P_L=debug; P_H=debug; P_B=debug; QUICK=(--warmup 1 --repeats 2); BIG_BATCH=4; PROF_BATCH=4
+    PROF_STEPS=(--warmup 1 --steps 2 --profile-steps 1)
+    ABLATE=fused_optimizer,zero,masking,patch_embed,attention,precision
     FLOPS=(--flops-presets debug,mae_vit_large_patch16); MEM_REPEATS=1
+    DS_STEPS=3; DS_BATCH=8; Z3_STEPS=2; Z3_BATCH=8
 else
-    P_ALL=mae_vit_base_patch16,mae_vit_large_patch16,mae_vit_huge_patch14
-    P_L=mae_vit_large_patch16; P_H=mae_vit_huge_patch14; QUICK=(); BIG_BATCH=256; PROF_BATCH=64
-    PROF_STEPS=(--warmup 3 --steps 8 --profile-steps 2)
-    ABLATE=compile,masking,attention,fused_optimizer,precision,patch_embed,zero
+    # ViT-L first: the goals are stated for it, and part 2 reuses its compiled blocks
+    P_ALL=mae_vit_large_patch16,mae_vit_huge_patch14,mae_vit_base_patch16
+    P_L=mae_vit_large_patch16; P_H=mae_vit_huge_patch14; P_B=mae_vit_base_patch16; QUICK=(); BIG_BATCH=256
+    PROF_BATCH=64; PROF_STEPS=(--warmup 3 --steps 8 --profile-steps 2)
+    ABLATE=fused_optimizer,zero,masking,patch_embed,compile,attention,precision
     FLOPS=(); MEM_REPEATS=3
+    # the throughput stage's micro batches (ViT-L 128, ViT-B 256): the training runs reuse its compiled blocks
+    DS_STEPS=20; DS_BATCH=128; Z3_STEPS=10; Z3_BATCH=256
 fi
 
-# ------------------------------------------------------------------ part 1: correctness and speed
+# ------------------------------------------------------------------ part 1: correctness, kernel, throughput
 if in_part 1; then
 SMALL=False
 [ "$REHEARSAL" = 1 ] && SMALL=True
-stage ceilings 45 "$PY" -c "
+stage ceilings 20 "$PY" -c "
 import json, sys, torch
 sys.path.insert(0, 'benchmarks')
 import common
@@ -219,34 +241,30 @@ print(json.dumps(c, indent=2))
 # (the rehearsal runs the masking-kernel comparison under the Triton interpreter, on one small shape)
 INTERP=()
 [ "$REHEARSAL" = 1 ] && INTERP=(env TRITON_INTERPRET=1)
-stage correctness 100 "${INTERP[@]}" "$PY" benchmarks/throughput.py --check --presets "$P_ALL" --out "$RES" \
+stage correctness 60 "${INTERP[@]}" "$PY" benchmarks/throughput.py --check --presets "$P_ALL" --out "$RES" \
     --name correctness
 
-stage throughput 150 "$PY" benchmarks/throughput.py --presets "$P_ALL" "${QUICK[@]}" "${FLOPS[@]}" \
-    --out "$RES" --name throughput
-
-stage ablations 110 "$PY" benchmarks/throughput.py --presets "$P_L" --variants fastmae --ablations \
-    --ablate "$ABLATE" "${QUICK[@]}" --flops-presets "" --no-count --out "$RES" --name throughput_ablations
-fi
-
-# ------------------------------------------------------------------ part 2: memory, kernel, DeepSpeed, ...
-if in_part 2; then
-stage memory_vit_h 70 "$PY" benchmarks/throughput.py --presets "$P_H" --variants fastmae --batch-size "$BIG_BATCH" \
-    --activation-checkpointing both --warmup 1 --repeats "$MEM_REPEATS" --interleave off --flops-presets "" --no-count \
-    --out "$RES" --name memory_vit_h
-
 if [ "$REHEARSAL" = 1 ]; then
-    stage kernels 30 "$PY" benchmarks/masking_kernel.py --help
+    stage kernels 40 "$PY" benchmarks/masking_kernel.py --help
 else
-    stage kernels 70 "$PY" benchmarks/masking_kernel.py --out "$RES"
+    stage kernels 40 "$PY" benchmarks/masking_kernel.py --out "$RES" --budget-s 25
 fi
 
-# DeepSpeed: a short ZeRO-2 pre-training run of the real program on synthetic data, through the launcher.
-# Effective batch = micro batch (no accumulation); its checkpoint goes to /tmp, not into the results.
-if [ "$REHEARSAL" = 1 ]; then DS_STEPS=3; DS_BATCH=16; else DS_STEPS=20; DS_BATCH=64; fi
-DS_ARGS=(--ds_config zero2.json --preset "$P_L" "train.steps=$DS_STEPS" train.log_interval=5 data.backend=synthetic
-         "data.batch_size=$DS_BATCH" "train.batch_size=$DS_BATCH" "train.output_dir=/tmp/fastmae-ds-run-$STAMP"
-         train.checkpoint_interval=0 train.progress=false)
+stage throughput 220 "$PY" benchmarks/throughput.py --presets "$P_ALL" "${QUICK[@]}" "${FLOPS[@]}" \
+    --out "$RES" --name throughput
+fi  # part 1
+
+# ------------------------------------------------------------------ part 2: ablations, memory, DeepSpeed, tests
+if in_part 2; then
+stage ablations 90 "$PY" benchmarks/throughput.py --presets "$P_L" --variants fastmae --ablations \
+    --ablate "$ABLATE" "${QUICK[@]}" --flops-presets "" --no-count --out "$RES" --name throughput_ablations
+
+# eager: the estimate describes the eager step (a compiled one keeps at most as much), and nothing new compiles
+stage memory_vit_h 40 "$PY" benchmarks/throughput.py --presets "$P_H" --variants fastmae --batch-size "$BIG_BATCH" \
+    --activation-checkpointing both --compile off --warmup 1 --repeats "$MEM_REPEATS" --interleave off \
+    --flops-presets "" --no-count --out "$RES" --name memory_vit_h
+
+# DeepSpeed: short runs of the real program on synthetic data through the launcher; no checkpoint is written
 ds_run() {
     # a free rendezvous port: 29500, DeepSpeed's default, may be taken by another job on the machine
     local port
@@ -258,12 +276,19 @@ ds_run() {
             --num_gpus 1 --master_port "$port" fastmae/train.py "$@"
     fi
 }
-if [ ! -f fastmae/train.py ]; then
-    skip deepspeed "fastmae/train.py does not exist yet"
-elif ! "$PY" -c "import deepspeed" 2>/dev/null; then
+run_args() {  # run_args PRESET STEPS BATCH: the overrides both runs share
+    echo "--preset $1 train.steps=$2 train.log_interval=5 data.backend=synthetic data.batch_size=$3" \
+        "train.batch_size=$3 train.output_dir=/tmp/fastmae-ds-run-$STAMP-$1 train.checkpoint_interval=0" \
+        "train.checkpoint_at_end=false train.progress=false train.resume="
+}
+if ! "$PY" -c "import deepspeed" 2>/dev/null; then
     skip deepspeed "deepspeed not importable (place its wheels in wheels/)"
+    skip zero3_compile "deepspeed not importable (place its wheels in wheels/)"
 else
-    stage deepspeed 100 ds_run "${DS_ARGS[@]}"
+    # shellcheck disable=SC2046
+    stage deepspeed 45 ds_run --ds_config zero2.json $(run_args "$P_L" "$DS_STEPS" "$DS_BATCH")
+    # shellcheck disable=SC2046
+    stage zero3_compile 45 ds_run --ds_config zero3.json train.compile=blocks $(run_args "$P_B" "$Z3_STEPS" "$Z3_BATCH")
 fi
 
 # GPU-marked tests and the device-aware kernel tests (they run on CUDA when it is there);
@@ -286,25 +311,26 @@ pytest_gpu() {
     return $rc
 }
 if [ "$REHEARSAL" = 1 ]; then
-    PYTEST_EXTRA=--co stage pytest_gpu 60 pytest_gpu
+    PYTEST_EXTRA=--co stage pytest_gpu 35 pytest_gpu
 else
-    stage pytest_gpu 70 pytest_gpu
+    stage pytest_gpu 35 pytest_gpu
 fi
 
-stage profile 55 "$PY" benchmarks/profile_step.py --preset "$P_L" --batch-size "$PROF_BATCH" "${PROF_STEPS[@]}" \
+stage profile 25 "$PY" benchmarks/profile_step.py --preset "$P_L" --batch-size "$PROF_BATCH" "${PROF_STEPS[@]}" \
     --out "$RES/profile"
+fi  # part 2
 
-if [ ! -f benchmarks/data_throughput.py ]; then
-    skip data "benchmarks/data_throughput.py does not exist yet"
-elif [ "$REHEARSAL" = 1 ]; then
+# ------------------------------------------------------------------ part 3: data loaders
+if in_part 3; then
+if [ "$REHEARSAL" = 1 ]; then
     stage data 30 "$PY" benchmarks/data_throughput.py --help
 elif ! "$PY" -c "import nvidia.dali" 2>/dev/null; then
     # no DALI here: still measure the torch (PIL) loader feeding the GPU, beside synthetic
-    stage data 50 "$PY" benchmarks/data_throughput.py --backends torch,synthetic --repeats 3 --out "$RES"
+    stage data 100 "$PY" benchmarks/data_throughput.py --backends torch,synthetic --repeats 3 --out "$RES"
 else
-    stage data 50 "$PY" benchmarks/data_throughput.py --repeats 3 --out "$RES"
+    stage data 100 "$PY" benchmarks/data_throughput.py --repeats 3 --out "$RES"
 fi
-fi  # part 2
+fi  # part 3
 
 # ------------------------------------------------------------------ summary and hand-back
 "$PY" -c "
