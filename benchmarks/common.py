@@ -155,16 +155,6 @@ def time_steps(step: Callable[[], Any], device: torch.device, warmup: int, repea
     return times
 
 
-def allow_recompiles(limit: int = 64) -> None:
-    """Let torch.compile keep a graph per shape for every model a benchmark process builds: blocks of all presets
-    and variants share one code object, and past dynamo's default of 8 graphs a row would silently run eager."""
-    import torch._dynamo.config as dynamo_config
-
-    for name in ("recompile_limit", "cache_size_limit"):
-        if hasattr(dynamo_config, name):
-            setattr(dynamo_config, name, max(limit, getattr(dynamo_config, name)))
-
-
 def time_once(step: Callable[[], Any], device: torch.device) -> float:
     """Seconds of one call of ``step``, synchronised before and after (the first step: it includes compiling)."""
     synchronize(device)

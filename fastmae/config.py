@@ -25,6 +25,7 @@ AUGMENT_IMPLS = ("auto", "timm", "fastmae")
 # train.compile: auto (blocks on CUDA, off on CPU) | off | blocks | step | cudagraphs (fastmae.parallelize);
 # on/true and false are read as blocks and off
 COMPILE_CHOICES = ("auto", "off", "blocks", "step", "cudagraphs")
+COMPILE_BACKENDS = ("inductor", "aot_eager")
 # schedule settings a resumed run must share with its checkpoint (train.resume_allow_changes lifts the check)
 SCHEDULE_KEYS = ("train.batch_size", "train.epochs", "optim.warmup_epochs", "optim.base_lr", "optim.lr",
                  "optim.min_lr", "train.seed", "mask.ratio")
@@ -171,6 +172,9 @@ class TrainConfig:
     # CUDA, off on CPU, where compiling costs more than it saves on short runs); on/true = blocks, false = off.
     # Under ZeRO-3, step and cudagraphs run per block (DeepSpeed gathers parameters in hooks between modules)
     compile: str = "auto"
+    # torch.compile's backend: inductor (generates fused kernels) | aot_eager (captures and differentiates the graph
+    # without generating code: for telling a tracing problem from a code-generation one, and fast CPU tests)
+    compile_backend: str = "inductor"
     # a NaN/inf loss: stop (every rank, naming the step) | skip (the micro batch, on every rank)
     on_nonfinite: str = "stop"
     # peak bf16 TFLOP/s of the card for MFU; 0 = look it up from the device name
@@ -481,6 +485,9 @@ def validate(cfg: Config) -> None:
     _choice("train.activation_checkpointing", t.activation_checkpointing, ("auto", "on", "off"))
     t.compile = {"true": "blocks", "on": "blocks", "false": "off"}.get(str(t.compile).lower(), str(t.compile).lower())
     _choice("train.compile", t.compile, COMPILE_CHOICES)
+    _choice("train.compile_backend", t.compile_backend, COMPILE_BACKENDS)
+    if t.compile == "cudagraphs" and t.compile_backend != "inductor":
+        raise ConfigError("train.compile=cudagraphs needs train.compile_backend=inductor (CUDA graphs are inductor's)")
     _positive("train.dist_timeout_s", t.dist_timeout_s)
     from .trackers import validate_trackers
 

@@ -46,23 +46,41 @@ def apply_activation_checkpointing(model: nn.Module, blocks: str = "all") -> int
     return len(targets)
 
 
-def apply_compile(model: nn.Module, mode: str = "blocks") -> str:
+def allow_recompiles(limit: int = 32) -> None:
+    """Let torch.compile keep up to ``limit`` graphs per code object. Every block shares ``Block.forward``'s code,
+    and with static shapes each (token count, batch size, train/eval) gets a graph: pre-training needs 2, fine-
+    tuning with validation about 5, a benchmark process with several presets dozens; past dynamo's default of 8
+    a ``fullgraph`` compile fails instead of compiling one more graph."""
+    import torch._dynamo.config as dynamo_config
+
+    for name in ("recompile_limit", "cache_size_limit"):
+        if hasattr(dynamo_config, name):
+            setattr(dynamo_config, name, max(limit, getattr(dynamo_config, name)))
+
+
+def apply_compile(model: nn.Module, mode: str = "blocks", backend: str = "inductor") -> str:
     """``torch.compile`` the model in place (see the module docstring for the modes); returns what was done.
 
     ``blocks`` compiles each block's ``forward`` (not ``Module.__call__``, so module hooks such as ZeRO-3's stay
     outside the graph); blocks of one shape share one compiled graph. A graph break is an error, not a silent
     slow path: the blocks and the MAE's whole training forward have none (tested).
     """
+    allow_recompiles()
     if mode == "blocks":
         targets = transformer_blocks(model)
         for blk in targets:
-            blk.forward = torch.compile(blk.forward, fullgraph=True, dynamic=False)
-        return f"torch.compile per block ({len(targets)} blocks)"
+            blk.forward = torch.compile(blk.forward, fullgraph=True, dynamic=False, backend=backend)
+        return f"torch.compile per block ({len(targets)} blocks){_backend_note(backend)}"
     if mode in ("step", "cudagraphs"):
         extra = {"mode": "reduce-overhead"} if mode == "cudagraphs" else {}
-        model.forward = torch.compile(model.forward, fullgraph=True, dynamic=False, **extra)
-        return "torch.compile of the whole forward and loss" + (" as CUDA graphs" if extra else "")
+        model.forward = torch.compile(model.forward, fullgraph=True, dynamic=False, backend=backend, **extra)
+        return "torch.compile of the whole forward and loss" + (" as CUDA graphs" if extra else "") + \
+            _backend_note(backend)
     raise ValueError(f"unknown compile mode {mode!r}; valid: {', '.join(COMPILE_MODES)}")
+
+
+def _backend_note(backend: str) -> str:
+    return "" if backend == "inductor" else f" with backend {backend}"
 
 
 def resolve_compile(choice: str, device: torch.device) -> str:
@@ -96,11 +114,11 @@ def mark_zero3_leaf_blocks(model: nn.Module) -> int:
 
 
 def apply_performance_toggles(model: nn.Module, activation_checkpointing: bool, compile: str | bool = "off",
-                              zero_stage: int = 0) -> list[str]:
+                              zero_stage: int = 0, backend: str = "inductor") -> list[str]:
     """Apply the toggles in the documented order; returns what was applied, for the start-up log.
 
     ``compile``: one of :data:`COMPILE_MODES` (True means ``blocks``); ``zero_stage``: the DeepSpeed stage the
-    model will run under (3 changes how it compiles, see :func:`compile_mode_for`)."""
+    model will run under (3 changes how it compiles, see :func:`compile_mode_for`); ``backend``: torch.compile's."""
     mode = {True: "blocks", False: "off"}.get(compile, compile) if isinstance(compile, bool) else compile
     if mode not in COMPILE_MODES:
         raise ValueError(f"unknown compile mode {mode!r}; valid: {', '.join(COMPILE_MODES)}")
@@ -113,5 +131,5 @@ def apply_performance_toggles(model: nn.Module, activation_checkpointing: bool, 
     if activation_checkpointing:
         applied.append(f"activation checkpointing ({apply_activation_checkpointing(model)} blocks)")
     if mode != "off":
-        applied.append(apply_compile(model, mode))
+        applied.append(apply_compile(model, mode, backend))
     return applied

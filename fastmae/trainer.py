@@ -286,7 +286,7 @@ class Trainer:
         model = task.build_model(self)
         use_ac, estimate = self._decide_activation_checkpointing(stage)
         self.compile_mode = resolve_compile(t.compile, dist.device)
-        toggles = apply_performance_toggles(model, use_ac, self.compile_mode, stage)
+        toggles = apply_performance_toggles(model, use_ac, self.compile_mode, stage, t.compile_backend)
         self.optimizer = task.build_optimizer(self, model, lr)
         self.scheduler = build_scheduler(self.optimizer, total_steps, warmup_steps, o.min_lr / lr)
         ds_config = fill_ds_config(ds_cfg, micro_batch=micro, grad_accum=plan.grad_accum,

@@ -30,17 +30,35 @@ DECODER_PREFIXES = ("decoder_", "mask_token", "encoder_mask_token")
 class DropPath(nn.Module):
     """Stochastic depth per sample: zero a residual branch with probability ``p`` and scale the kept ones
     by ``1/(1-p)``. The same arithmetic and random draws as timm's ``DropPath`` (``scale_by_keep=True``),
-    written here so that the model does not need timm."""
+    written here so that the model does not need timm.
+
+    Under ``torch.compile`` the keep probability is read from a tensor (a buffer, not in the state dict): a float
+    would be a constant of the graph, and the blocks of a linear drop-path schedule, one rate each, would each
+    compile a graph of their own."""
 
     def __init__(self, p: float = 0.0) -> None:
         super().__init__()
-        self.p = float(p)
+        self.register_buffer("keep", torch.tensor(1.0), persistent=False)
+        self.p = p
+
+    @property
+    def p(self) -> float:
+        return self._p
+
+    @p.setter
+    def p(self, value: float) -> None:
+        self._p = float(value)
+        self.active = self._p > 0.0  # a bool: compiled code branches on it without guarding on the rate
+        self.keep.fill_(1.0 - self._p)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.p == 0.0 or not self.training:
+        if not self.active or not self.training:
             return x
-        keep = 1.0 - self.p
         shape = (x.shape[0],) + (1,) * (x.ndim - 1)  # one draw per sample
+        if torch.compiler.is_compiling():
+            keep = self.keep.to(x.dtype)
+            return x * (torch.rand(shape, device=x.device, dtype=x.dtype) < keep) / keep
+        keep = 1.0 - self._p
         mask = x.new_empty(shape).bernoulli_(keep)
         if keep > 0.0:
             mask.div_(keep)

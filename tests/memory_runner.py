@@ -1,6 +1,7 @@
 """Measures what DeepSpeed really holds per rank for each bundled ZeRO config, next to fastmae's estimate.
 
-Run as ``python tests/memory_runner.py OUT.jsonl`` (one rank) or under ``torchrun --nproc_per_node N``. For each
+Run as ``python tests/memory_runner.py OUT.jsonl [--benchmark-rows ROWS.jsonl]`` (one rank) or under
+``torchrun --nproc_per_node N``. For each
 stage and gradient accumulation 1 and 2 it builds the pre-training model, optimizer and engine as the trainer does
 (``fastmae.runtime``), takes one optimizer step, then measures the bytes allocated at the end of the next backward
 (the model states plus the gradients in flight; activations are freed by then) and after ``engine.destroy()``.
@@ -86,11 +87,6 @@ def benchmark_rows(path: str) -> None:
 
 
 def main() -> int:
-    if sys.argv[1] == "--benchmark-rows":
-        init_distributed()
-        benchmark_rows(sys.argv[2])
-        shutdown_distributed()
-        return 0
     dist = init_distributed()
     for stage in (0, 1, 2, 3):  # once with the tiny preset: what the first engine of each kind allocates for good
         measure(stage, dist.world_size, 1, ["mask.backend=torch", "train.precision=fp32"])
@@ -99,6 +95,8 @@ def main() -> int:
             for stage in (0, 1, 2, 3):
                 f.write(json.dumps(measure(stage, dist.world_size, accum)) + "\n")
                 f.flush()
+    if len(sys.argv) > 3 and sys.argv[2] == "--benchmark-rows":
+        benchmark_rows(sys.argv[3])
     shutdown_distributed()
     return 0
 

@@ -234,7 +234,7 @@ def test_gpu_check_parts_fit_their_budget() -> None:
     one 15-minute lease: 360 s and 300 s. The numbers that matter most come in part 1."""
     script = (REPO / "benchmarks" / "gpu_check.sh").read_text()
     env = int(re.search(r"\bstage env (\d+) ", script).group(1))
-    budgets = {k: int(v) for k, v in re.findall(r"\[(\d)\]=(\d+)", re.search(r"PART_BUDGETS=\((.*)\)",
+    budgets = {int(k): int(v) for k, v in re.findall(r"\[(\d)\]=(\d+)", re.search(r"PART_BUDGETS=\((.*)\)",
                                                                                script).group(1))}
     assert budgets == {1: 360, 2: 300, 3: 120}
     parts = {n: _stage_limits(script, str(n)) for n in (1, 2, 3)}

@@ -664,4 +664,5 @@ def test_dali_gpu_memory_enters_the_memory_estimate(ids_shards: Path) -> None:
     assert hinted > got  # bigger windows + the hardware decoder's buffers for half the batch
     assert build_loader(_cfg("dali", ids_shards), img_size=16).gpu_memory_bytes() == 0  # the CPU twin: none
     est = dataclasses.replace(estimate_memory(ModelConfig(), 0.75, 256), loader=got)
-    assert est.total == est.model_states + est.activations + got and "+ data loader 0.4 = " in est.describe()
+    assert est.total == est.model_states + est.weight_copies + est.activations + got
+    assert "+ data loader 0.4 = " in est.describe()

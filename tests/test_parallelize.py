@@ -157,3 +157,25 @@ def test_zero3_compiles_per_block() -> None:
     and the start-up log says so; other stages keep the mode asked for."""
     assert compile_mode_for("step", 3)[0] == "blocks" and "ZeRO-3" in compile_mode_for("cudagraphs", 3)[1]
     assert compile_mode_for("step", 2) == ("step", "") and compile_mode_for("blocks", 3) == ("blocks", "")
+
+
+def test_classifier_blocks_with_a_drop_path_schedule_share_graphs() -> None:
+    """Fine-tuning's linear drop-path schedule gives every block its own rate. Compiled per block, the rate is read
+    from a tensor, so the blocks share three graphs (the rate-0 first block, training, evaluation) instead of one
+    per block and mode: ViT-L's 24 blocks would pass dynamo's recompile limit and stop the run."""
+    from torch._dynamo.utils import counters
+
+    from fastmae.vit import build_classifier
+
+    torch._dynamo.reset()
+    counters.clear()
+    model = build_classifier(get_preset("debug").model, 10, drop_path=0.3)
+    assert [round(b.drop_path1.p, 6) for b in model.blocks] == [0.0, 0.1, 0.2, 0.3]
+    apply_performance_toggles(model, activation_checkpointing=True, compile="blocks")
+    imgs = torch.randn(4, 3, 64, 64)
+    for _ in range(2):
+        model.train()
+        model(imgs).sum().backward()
+        model.eval()
+        model(imgs)
+    assert counters["stats"]["unique_graphs"] == 3
