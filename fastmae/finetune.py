@@ -383,8 +383,10 @@ def full_fp32_state_dict(engine: Any, stage: int) -> dict[str, torch.Tensor]:
             with deepspeed.zero.GatheredParameters([p]):
                 full = p.detach().clone()
         out[name] = (full if full is not None else p.detach()).float().cpu().clone()
-    for name, b in module.named_buffers():
-        out[name] = b.detach().cpu().clone()
+    for prefix, sub in module.named_modules():
+        for name, b in sub.named_buffers(recurse=False):
+            if name not in sub._non_persistent_buffers_set:  # what state_dict() holds (not e.g. drop path's rate)
+                out[f"{prefix}.{name}" if prefix else name] = b.detach().cpu().clone()
     return out
 
 

@@ -1,11 +1,11 @@
 """Measures what DeepSpeed really holds per rank for each bundled ZeRO config, next to fastmae's estimate.
 
 Run as ``python tests/memory_runner.py OUT.jsonl [--benchmark-rows ROWS.jsonl]`` (one rank) or under
-``torchrun --nproc_per_node N``. For each
-stage and gradient accumulation 1 and 2 it builds the pre-training model, optimizer and engine as the trainer does
-(``fastmae.runtime``), takes one optimizer step, then measures the bytes allocated at the end of the next backward
-(the model states plus the gradients in flight; activations are freed by then) and after ``engine.destroy()``.
-One JSON line per (accumulation, stage, rank).
+``torchrun --nproc_per_node N``. For each stage and gradient accumulation 1 and 2 (only 1 on several ranks) it
+builds the pre-training model, optimizer and engine as the trainer does (``fastmae.runtime``), takes one optimizer
+step, then measures the bytes allocated at the end of the next backward (the model states plus the gradients in
+flight; activations are freed by then) and after ``engine.destroy()``. One JSON line per (accumulation, stage,
+rank). ``--benchmark-rows`` then measures ``benchmarks/throughput.py``'s rows before and after each.
 """
 
 from __future__ import annotations
@@ -91,7 +91,7 @@ def main() -> int:
     for stage in (0, 1, 2, 3):  # once with the tiny preset: what the first engine of each kind allocates for good
         measure(stage, dist.world_size, 1, ["mask.backend=torch", "train.precision=fp32"])
     with open(sys.argv[1], "a") as f:
-        for accum in (1, 2):
+        for accum in (1, 2) if dist.world_size == 1 else (1,):
             for stage in (0, 1, 2, 3):
                 f.write(json.dumps(measure(stage, dist.world_size, accum)) + "\n")
                 f.flush()

@@ -47,22 +47,22 @@ def _measure(ranks: int, tmp_path: Path, one_rank: tuple[Path, Path] | None) -> 
 def test_estimate_is_what_deepspeed_holds(ranks: int, tmp_path: Path, request: pytest.FixtureRequest) -> None:
     """For every bundled ZeRO config the estimated model states (weights, gradients, optimizer, ZeRO buffers) are
     within 5 % of the bytes DeepSpeed allocates per rank at the end of a backward (a 12 M-parameter MAE, fp32
-    engine), with accumulation 1 and 2; and an engine of ZeRO 0-2 gives all of it back on ``destroy()``."""
+    engine), with accumulation 1 and 2 (on two ranks 1: ZeRO-1's accumulation buffers grow with the ranks there,
+    beyond the one-rank figure the estimate counts); and an engine of ZeRO 0-2 gives it all back on ``destroy()``."""
     rows = _measure(ranks, tmp_path, request.getfixturevalue("one_rank") if ranks == 1 else None)
-    assert {(r["accum"], r["stage"]) for r in rows} == {(a, s) for a in (1, 2) for s in range(4)}
-    assert len(rows) == 8 * ranks
+    accums = (1, 2) if ranks == 1 else (1,)
+    assert {(r["accum"], r["stage"]) for r in rows} == {(a, s) for a in accums for s in range(4)}
+    assert len(rows) == 4 * len(accums) * ranks
     for r in rows:
-        if (r["stage"], r["accum"], ranks) == (1, 2, 2):
-            continue  # ZeRO-1 with accumulation on several ranks: more than the one-rank figure, see below
         assert r["estimate"] == pytest.approx(r["held"], rel=0.05), r
         if r["stage"] < 3:  # DeepSpeed keeps a ZeRO-3 engine's states after destroy() (throughput.py refuses it)
             assert r["left_after_destroy"] < 0.01 * r["held"], r
     per_param = {(r["accum"], r["stage"]): r["held"] / r["params"] for r in rows if r["rank"] == 0}
     if ranks == 1:
         assert per_param[1, 0] == pytest.approx(16, rel=0.05) and per_param[1, 2] == pytest.approx(20, rel=0.05)
+        assert per_param[2, 1] > per_param[2, 2] * 1.5  # ZeRO-1 with accumulation: why ZeRO-2 is the default
     else:
         assert per_param[1, 2] == pytest.approx(12, rel=0.05)  # 4 + (4 + 4 + 8) / 2
-        assert per_param[2, 1] > per_param[1, 1] * 3  # ZeRO-1 with accumulation: why ZeRO-2 is the default
 
 
 def test_benchmark_rows_give_their_memory_back(one_rank: tuple[Path, Path]) -> None:
