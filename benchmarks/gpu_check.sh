@@ -211,7 +211,7 @@ if [ "$REHEARSAL" = 1 ]; then  # tiny sizes; no torch.compile ablation (a cold C
     P_ALL=debug; P_L=debug; P_H=debug; P_B=debug; QUICK=(--warmup 1 --repeats 2); BIG_BATCH=4; PROF_BATCH=4
     PROF_STEPS=(--warmup 1 --steps 2 --profile-steps 1)
     ABLATE=fused_optimizer,zero,masking,patch_embed,attention,precision
-    FLOPS=(--flops-presets debug,mae_vit_large_patch16); MEM_REPEATS=1
+    FLOPS=(--flops-presets debug); MEM_REPEATS=1
     DS_STEPS=3; DS_BATCH=8; Z3_STEPS=2; Z3_BATCH=8
     Z3_BACKEND=aot_eager  # the same graphs, traced and differentiated, without the CPU's slow code generation
 else

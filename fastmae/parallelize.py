@@ -18,6 +18,7 @@ stay in the official MAE naming.
 from __future__ import annotations
 
 import functools
+from typing import Any
 
 import torch
 from torch import nn
@@ -58,7 +59,7 @@ def allow_recompiles(limit: int = 32) -> None:
             setattr(dynamo_config, name, max(limit, getattr(dynamo_config, name)))
 
 
-def apply_compile(model: nn.Module, mode: str = "blocks", backend: str = "inductor") -> str:
+def apply_compile(model: nn.Module, mode: str = "blocks", backend: Any = "inductor") -> str:
     """``torch.compile`` the model in place (see the module docstring for the modes); returns what was done.
 
     ``blocks`` compiles each block's ``forward`` (not ``Module.__call__``, so module hooks such as ZeRO-3's stay
@@ -79,8 +80,8 @@ def apply_compile(model: nn.Module, mode: str = "blocks", backend: str = "induct
     raise ValueError(f"unknown compile mode {mode!r}; valid: {', '.join(COMPILE_MODES)}")
 
 
-def _backend_note(backend: str) -> str:
-    return "" if backend == "inductor" else f" with backend {backend}"
+def _backend_note(backend: Any) -> str:
+    return "" if backend == "inductor" else f" with backend {getattr(backend, '__name__', backend)}"
 
 
 def resolve_compile(choice: str, device: torch.device) -> str:
@@ -114,7 +115,7 @@ def mark_zero3_leaf_blocks(model: nn.Module) -> int:
 
 
 def apply_performance_toggles(model: nn.Module, activation_checkpointing: bool, compile: str | bool = "off",
-                              zero_stage: int = 0, backend: str = "inductor") -> list[str]:
+                              zero_stage: int = 0, backend: Any = "inductor") -> list[str]:
     """Apply the toggles in the documented order; returns what was applied, for the start-up log.
 
     ``compile``: one of :data:`COMPILE_MODES` (True means ``blocks``); ``zero_stage``: the DeepSpeed stage the

@@ -89,13 +89,18 @@ def test_official_style_computes_the_same_loss() -> None:
 
 
 def test_counted_flops_match_analytic_for_vit_l() -> None:
-    """FlopCounterMode on the meta device agrees with fastmae.flops within 2% for both encoder variants."""
+    """FlopCounterMode on the meta device agrees with fastmae.flops within 2% for both encoder variants, and
+    throughput.py's FLOPs table reports the ViT-L encoder-skip ratio from fastmae.flops (3.2-3.4x, paper 3.3x)."""
     cfg = fastmae.get_preset("mae_vit_large_patch16").model
-    s = throughput.Settings(masking="torch", attention="sdpa", compile="off", fused_optimizer=False)
-    for with_m in (False, True):
-        build = throughput.fastmae_builder("mae_vit_large_patch16", cfg, 0.75, s, with_m)
-        counted = common.counted_flops(build, throughput.mae_loss, 2, cfg.img_size)
+    vit_l = throughput.flops_table(["mae_vit_large_patch16"], 0.75)["mae_vit_large_patch16"]
+    for tag, with_m in (("without_m", False), ("with_m", True)):
+        counted = vit_l[f"counted_gflop_{tag}"] * 1e9
         assert counted == pytest.approx(train_flops(cfg, 0.75, with_m), rel=0.02)
+    assert vit_l["encoder_skip_ratio_analytic"] == encoder_skip_flops_ratio("mae_vit_large_patch16")
+    assert 3.2 <= vit_l["encoder_skip_ratio_analytic"] <= 3.4
+    assert vit_l["encoder_skip_ratio_counted"] == pytest.approx(vit_l["encoder_skip_ratio_analytic"], rel=0.02)
+    assert vit_l["counted_over_analytic_without_m"] == pytest.approx(1.0, abs=0.02)
+    assert vit_l["counted_over_analytic_with_m"] == pytest.approx(1.0, abs=0.02)
 
 
 # ----------------------------------------------------------------------------- gpu_check.sh, rehearsed on CPU
@@ -125,10 +130,17 @@ def rehearsal(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, str]:
     return res, (tmp / "stdout.txt").read_text()
 
 
-@pytest.mark.xdist_group("gpu_check")
 def test_gpu_check_cpu_rehearsal(rehearsal: tuple[Path, str]) -> None:
+    """One CPU rehearsal of the whole GPU check, read as the GPU run's results will be read (one test, so that no
+    second worker waits for the rehearsal while the first runs it)."""
+    _check_stages(*rehearsal)
+    _check_throughput_fields(rehearsal[0])
+    _check_correctness(rehearsal[0])
+    _check_profile(rehearsal[0])
+
+
+def _check_stages(res: Path, stdout: str) -> None:
     """Every stage ran and passed; the packed results hold each stage's JSON, report and log."""
-    res, stdout = rehearsal
     assert "gpu_check finished" in stdout
     for name in ("throughput.json", "correctness.json", "memory_vit_h.json", "throughput_ablations.json",
                  "ceilings.json", "profile/report.md", "profile/split.png", "summary.md", "gpu_check.log"):
@@ -146,9 +158,8 @@ def test_gpu_check_cpu_rehearsal(rehearsal: tuple[Path, str]) -> None:
         assert run_dir.is_dir() and not list(run_dir.glob("checkpoints/step_*")), run_dir
 
 
-@pytest.mark.xdist_group("gpu_check")
-def test_throughput_emits_every_field(rehearsal: tuple[Path, str]) -> None:
-    res, _ = rehearsal
+def _check_throughput_fields(res: Path) -> None:
+    """throughput.py's JSON and table hold every field, for every contender and ablation."""
     data = json.loads((res / "throughput.json").read_text())
     assert (res / "throughput.md").read_text().startswith("# Throughput")
     for key in ("schema", "environment", "machine", "peak_tflops", "peak_source", "settings", "flops", "rows",
@@ -173,13 +184,10 @@ def test_throughput_emits_every_field(rehearsal: tuple[Path, str]) -> None:
                 "encoder_skip_wallclock_ratio", "speedup_vs_official", "speedup_vs_hf", "sdpa_backend"):
         assert key in s, key
     assert s["encoder_skip_wallclock_ratio"] > 0 and s["speedup_vs_official"] > 0
-    # the ViT-L figure it reports is fastmae.flops's, and the count confirms it within 2%
-    vit_l = data["flops"]["mae_vit_large_patch16"]
-    assert vit_l["encoder_skip_ratio_analytic"] == encoder_skip_flops_ratio("mae_vit_large_patch16")
-    assert 3.2 <= vit_l["encoder_skip_ratio_analytic"] <= 3.4
-    assert vit_l["encoder_skip_ratio_counted"] == pytest.approx(vit_l["encoder_skip_ratio_analytic"], rel=0.02)
-    assert vit_l["counted_over_analytic_without_m"] == pytest.approx(1.0, abs=0.02)
-    assert vit_l["counted_over_analytic_with_m"] == pytest.approx(1.0, abs=0.02)
+    # the FLOPs table's entry (ViT-L's is checked in test_counted_flops_match_analytic_for_vit_l)
+    debug = data["flops"]["debug"]
+    assert debug["encoder_skip_ratio_analytic"] == encoder_skip_flops_ratio("debug")
+    assert debug["encoder_skip_ratio_counted"] == pytest.approx(debug["encoder_skip_ratio_analytic"], rel=0.02)
     # the ablations: one toggle each, against the same preset's fastmae row
     abl = json.loads((res / "throughput_ablations.json").read_text())
     labels = {r["label"] for r in abl["rows"] if r["variant"] == "ablate"}
@@ -195,16 +203,15 @@ def test_throughput_emits_every_field(rehearsal: tuple[Path, str]) -> None:
     assert "ablations" in abl["summary"]["debug"]
 
 
-@pytest.mark.xdist_group("gpu_check")
-def test_throughput_check_mode(rehearsal: tuple[Path, str]) -> None:
-    res, _ = rehearsal
+def _check_correctness(res: Path) -> None:
+    """throughput.py --check passed, with a training step."""
     data = json.loads((res / "correctness.json").read_text())
     assert data["passed"] and any(c["name"].startswith("train step debug") for c in data["checks"])
 
 
-@pytest.mark.xdist_group("gpu_check")
-def test_profile_step_writes_report(rehearsal: tuple[Path, str]) -> None:
-    prof = rehearsal[0] / "profile"
+def _check_profile(res: Path) -> None:
+    """profile_step.py's report, figure, split and traces."""
+    prof = res / "profile"
     report = (prof / "report.md").read_text()
     assert "w/o [M]" in report and "optimizer" in report and "Top CPU aten ops" in report
     assert (prof / "split.png").read_bytes()[:4] == b"\x89PNG"
