@@ -69,7 +69,7 @@ case "${1:-}" in
         (setup_timm && setup_triton) > "$side_log" 2>&1 &
         side=$!
         rc=0
-        "$VENV/bin/ruff" check . && "$VENV/bin/pytest" -q -n "${FASTMAE_TEST_WORKERS:-2}" --dist loadgroup "$@" \
+        "$VENV/bin/ruff" check . && "$VENV/bin/pytest" -q -n "${FASTMAE_TEST_WORKERS:-2}" --dist loadgroup --durations=25 "$@" \
             || rc=$?
         if ! wait "$side"; then
             echo "setting up .venv-timm / .venv-triton failed:" >&2

@@ -130,6 +130,7 @@ def rehearsal(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, str]:
     return res, (tmp / "stdout.txt").read_text()
 
 
+@pytest.mark.timeout(900)  # the rehearsal's own limit: a dozen interpreters on a busy 2-core machine
 def test_gpu_check_cpu_rehearsal(rehearsal: tuple[Path, str]) -> None:
     """One CPU rehearsal of the whole GPU check, read as the GPU run's results will be read (one test, so that no
     second worker waits for the rehearsal while the first runs it)."""

@@ -44,6 +44,11 @@ def env() -> dict[str, str]:
 
 
 def launch(ranks: int, script: str, args: list[str]) -> list[str]:
+    """The command of an N-rank job: the deepspeed launcher for several ranks; one rank runs as a single process
+    (a launch mode of its own, and the launcher's two extra interpreters cost seconds each; the launcher on one
+    rank is the README command's test)."""
+    if ranks == 1:
+        return ["env", f"MASTER_PORT={free_port()}", sys.executable, "-u", script, *args]
     return [str(BIN / "deepspeed"), "--num_gpus", str(ranks), "--master_port", str(free_port()), script, *args]
 
 
