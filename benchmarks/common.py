@@ -354,11 +354,12 @@ def deepspeed_available() -> bool:
 def deepspeed_engine(model: nn.Module, optimizer: torch.optim.Optimizer, zero_stage: int, micro_batch: int,
                      precision: str) -> Any:
     """The training programs' DeepSpeed engine for ``model`` on this one process: the bundled ``zero2.json``
-    with ``zero_stage``, filled as ``fastmae/train.py`` fills it (``fastmae.runtime``); starts a world of one
+    with ``zero_stage``, filled as ``fastmae/train.py`` fills it (``fastmae.engine``); starts a world of one
     the first time."""
     import torch.distributed as dist
 
-    from fastmae.runtime import fill_ds_config, init_distributed, load_ds_config, make_engine
+    from fastmae.distributed import init_distributed
+    from fastmae.engine import fill_ds_config, load_ds_config, make_engine
 
     if not dist.is_initialized():
         init_distributed()

@@ -229,7 +229,7 @@ def machine() -> str:
     return f"{model}, {os.cpu_count()} cores, no GPU"
 
 
-def main(argv: list[str] | None = None) -> int:
+def parse_args(argv: list[str] | None) -> tuple[argparse.ArgumentParser, argparse.Namespace]:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--shards", default="", help="shards to read (default: ImageNet-like shards made once)")
     ap.add_argument("--make", type=int, default=1024, help="images to make when --shards is not given")
@@ -261,17 +261,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--feed", type=int, default=-1, help=argparse.SUPPRESS)
     ap.add_argument("--source", default="local", help=argparse.SUPPRESS)
     ap.add_argument("--read", default="global", help=argparse.SUPPRESS)
-    args = ap.parse_args(argv)
+    return ap, ap.parse_args(argv)
 
-    if args.train:
-        from fastmae.config import get_preset
 
-        args.img_size = get_preset(args.train).model.img_size
-    if args.only:  # child process: one backend, one JSON line
-        print(json.dumps(run_one(args)))
-        return 0
-    if not args.shards:
-        args.shards = str(make_shards(args.cache, args.make))
+def _runs(ap: argparse.ArgumentParser, args: argparse.Namespace) -> list[tuple[str, str, int]]:
+    """(backend, source, DALI feed workers) of every row to time."""
     backends = args.backends.split(",") if args.backends else (
         ["dali"] if dali_available() else []) + ["torch", "synthetic"]
     sources = args.sources.split(",")
@@ -283,6 +277,11 @@ def main(argv: list[str] | None = None) -> int:
             if b == "synthetic" or "local" in sources]
     runs += [(b, "http", f) for b in backends for f in (feeds if b == "dali" else [-1])
              if b != "synthetic" and "http" in sources]
+    return runs
+
+
+def _time_runs(args: argparse.Namespace, runs: list[tuple[str, str, int]]) -> list[dict[str, Any]]:
+    """Each row in a process of its own (one backend, one JSON line), saved as soon as it is timed."""
     rows = []
     server = None
     try:
@@ -307,6 +306,10 @@ def main(argv: list[str] | None = None) -> int:
         if server is not None:
             server.terminate()
             server.wait(timeout=30)
+    return rows
+
+
+def _print_table(args: argparse.Namespace, rows: list[dict[str, Any]]) -> None:
     base = next((r["img_per_s"] for r in rows if r["backend"] == "torch" and r["source"] == "local"), None)
     title = (f"data loaders on {machine()}: batch {args.batch_size}, {args.img_size} px {args.interpolation}, "
              f"{args.workers} workers/threads, shards {args.shards}")
@@ -324,6 +327,21 @@ def main(argv: list[str] | None = None) -> int:
               f"{r['min']:>8.1f} {r['max']:>8.1f} {rel:>9} {r['startup_and_warmup_s']:>8.1f} {busy:>11} {ratio:>9}"
               + (f" {r['train_img_per_s']:>12.1f} {r['train_img_per_s'] / synth if synth else 0:>8.2f}x"
                  if args.train else ""))
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap, args = parse_args(argv)
+    if args.train:
+        from fastmae.config import get_preset
+
+        args.img_size = get_preset(args.train).model.img_size
+    if args.only:  # child process: one backend, one JSON line
+        print(json.dumps(run_one(args)))
+        return 0
+    if not args.shards:
+        args.shards = str(make_shards(args.cache, args.make))
+    rows = _time_runs(args, _runs(ap, args))
+    _print_table(args, rows)
     print(json.dumps(_save(args, rows)))
     return 0 if rows else 1
 

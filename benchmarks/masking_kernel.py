@@ -324,9 +324,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
-def main(argv: list[str] | None = None) -> int:
+def _select_device(args: argparse.Namespace) -> int:
+    """CUDA, or with --cpu-smoke the CPU under the Triton interpreter (tiny shapes, one repeat); 0 = go on,
+    else the exit status."""
     global DEVICE, SHAPES
-    args = parse_args(argv)
     if args.cpu_smoke:
         if "triton" in sys.modules and os.environ.get("TRITON_INTERPRET", "0") in ("", "0"):
             print("--cpu-smoke needs the Triton interpreter, but triton was imported without TRITON_INTERPRET=1",
@@ -341,6 +342,28 @@ def main(argv: list[str] | None = None) -> int:
               "(its CPU correctness tests are tests/test_kernels.py under the Triton interpreter).",
               file=sys.stderr)
         return 2
+    return 0
+
+
+def _report(result: dict[str, Any], path: Path | None) -> None:
+    if result["fastest_vit_l_fwd"] is not None:
+        print(f"fastest kernel variant at ViT-L fwd: {result['fastest_vit_l_fwd']}")
+    verdict = result["vit_l_target"]
+    if verdict is not None:
+        print(f"\nViT-L fwd target (>= {TARGET_SPEEDUP}x reference, >= {TARGET_COPY_FRACTION:.0%} of copy): "
+              f"{verdict['speedup']:.2f}x, {verdict['copy_fraction']:.0%} -> "
+              f"{'met' if verdict['meets_speedup'] and verdict['meets_bandwidth'] else 'NOT met'}")
+    if path is None:
+        print("\n--cpu-smoke: nothing written (pass --out)")
+    else:
+        print(f"\nwrote {path} ({result['wall_s']:.0f} s)")
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    status = _select_device(args)
+    if status:
+        return status
     shapes = [s.strip() for s in args.shapes.split(",") if s.strip()]
     unknown = [s for s in shapes if s not in SHAPES]
     if unknown:
@@ -395,17 +418,7 @@ def main(argv: list[str] | None = None) -> int:
         result = summarize(head, rows, t_start)
         write([])
     print_table(rows, B, copy_gbps)
-    if result["fastest_vit_l_fwd"] is not None:
-        print(f"fastest kernel variant at ViT-L fwd: {result['fastest_vit_l_fwd']}")
-    verdict = result["vit_l_target"]
-    if verdict is not None:
-        print(f"\nViT-L fwd target (>= {TARGET_SPEEDUP}x reference, >= {TARGET_COPY_FRACTION:.0%} of copy): "
-              f"{verdict['speedup']:.2f}x, {verdict['copy_fraction']:.0%} -> "
-              f"{'met' if verdict['meets_speedup'] and verdict['meets_bandwidth'] else 'NOT met'}")
-    if path is None:
-        print("\n--cpu-smoke: nothing written (pass --out)")
-    else:
-        print(f"\nwrote {path} ({result['wall_s']:.0f} s)")
+    _report(result, path)
     return 1 if errors else 0
 
 

@@ -119,7 +119,7 @@ class Settings:
     # "" = the run's --dtype; else this row's precision policy (the precision ablation)
     dtype: str = ""
     # -1: a plain torch optimizer step (the baselines); 0-3: the training programs' DeepSpeed engine at that
-    # ZeRO stage (fastmae.runtime.make_engine, stepped as the trainer steps it)
+    # ZeRO stage (fastmae.engine.make_engine, stepped as the trainer steps it)
     zero_stage: int = -1
 
     @property
@@ -792,10 +792,43 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return ap.parse_args(argv)
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = parse_args(argv)
+@dataclasses.dataclass
+class Run:
+    """What one invocation times, resolved from the command line and the machine."""
+
+    args: argparse.Namespace
+    device: torch.device
+    dtype: torch.dtype
+    presets: list[str]
+    variants: list[str]
+    warmup: int
+    repeats: int
+    env: dict[str, Any]
+    peak: float | None
+    peak_source: str
+    masking: str = "torch"
+    attention: str = "sdpa"
+    fused: bool = False
+    ac_values: tuple[bool, ...] = (False,)
+    ds_ok: bool = False
+    kernel_ok: bool = False
+    hf_ok: bool = False
+    zero: int = -1
+    compile_mode: str = "off"
+    interleave: bool = False
+
+    @property
+    def cuda(self) -> bool:
+        return self.device.type == "cuda"
+
+    @property
+    def step_desc(self) -> str:
+        return Settings("", "", "off", False, zero_stage=self.zero).engine
+
+
+def _resolve_run(args: argparse.Namespace) -> Run:
+    """The device, presets and variants, peak TFLOP/s; printed as the run's header."""
     device = common.pick_device(args.device)
-    dtype = common.parse_dtype(args.dtype, device)
     cuda = device.type == "cuda"
     if args.presets == "auto":
         presets = ["mae_vit_base_patch16", "mae_vit_large_patch16", "mae_vit_huge_patch14"] if cuda \
@@ -808,8 +841,6 @@ def main(argv: list[str] | None = None) -> int:
     bad = set(variants) - set(VARIANTS)
     if bad:
         raise SystemExit(f"unknown variants {sorted(bad)}; valid: {', '.join(VARIANTS)}")
-    warmup = args.warmup if args.warmup >= 0 else 3
-    repeats = args.repeats if args.repeats > 0 else 10
     env = common.environment(device)
     if cuda or args.peak_tflops:
         peak, peak_source = common.lookup_peak_tflops(env["device"], args.peak_tflops)
@@ -818,140 +849,143 @@ def main(argv: list[str] | None = None) -> int:
     print(f"device: {env['device']} | torch {env['torch']} | triton {env['triton']} | "
           f"transformers {env['transformers']} | commit {env['commit']}", flush=True)
     print(f"peak: {peak} TFLOP/s ({peak_source})", flush=True)
+    return Run(args, device, common.parse_dtype(args.dtype, device), presets, variants,
+               args.warmup if args.warmup >= 0 else 3, args.repeats if args.repeats > 0 else 10, env, peak,
+               peak_source)
 
-    if args.check:
-        batch = args.batch_size or (8 if cuda else 2)
-        res = check(presets, device, dtype, batch, args.mask_ratio)
-        res["environment"] = env
-        if args.out:
-            Path(args.out).mkdir(parents=True, exist_ok=True)
-            (Path(args.out) / f"{args.name}.json").write_text(json.dumps(res, indent=2))
-        print(f"correctness: {'PASSED' if res['passed'] else 'FAILED'}", flush=True)
-        return 0 if res["passed"] else 1
 
-    kernel_ok = masking_kernel_available()
-    masking = args.masking if args.masking != "auto" else ("triton" if cuda and kernel_ok else "torch")
-    if masking == "triton" and not kernel_ok:
+def _resolve_backends(run: Run) -> None:
+    """fastmae's backends, the DeepSpeed stage and the compile mode of the rows; refuses what cannot run."""
+    args, device, cuda = run.args, run.device, run.cuda
+    run.kernel_ok = masking_kernel_available()
+    run.masking = args.masking if args.masking != "auto" else ("triton" if cuda and run.kernel_ok else "torch")
+    if run.masking == "triton" and not run.kernel_ok:
         print("masking=triton asked for but fastmae.kernels.masking is missing: rows will fail", flush=True)
-    attention = resolve_attention_backend(args.attention, device, dtype)
-    fused = common.resolve_fused(args.fused_optimizer, device)
-    ac_values = {"off": [False], "on": [True], "both": [False, True]}[args.activation_checkpointing]
-    ds_ok = common.deepspeed_available()
+    run.attention = resolve_attention_backend(args.attention, device, run.dtype)
+    run.fused = common.resolve_fused(args.fused_optimizer, device)
+    run.ac_values = {"off": (False,), "on": (True,), "both": (False, True)}[args.activation_checkpointing]
+    run.ds_ok = common.deepspeed_available()
     if args.zero_stage == "auto":
-        zero = 2 if ds_ok else -1
+        run.zero = 2 if run.ds_ok else -1
     else:
-        zero = -1 if args.zero_stage == "none" else int(args.zero_stage)
-    if zero >= 0 and not ds_ok:
-        raise SystemExit(f"--zero-stage {zero} needs deepspeed, which does not import here (or --zero-stage none)")
-    step_desc = Settings("", "", "off", False, zero_stage=zero).engine
-    compile_mode = resolve_compile(args.compile, device)
-    n_rows = len(presets) * len(variants) * len(ac_values)
-    if zero == 3 and (n_rows > 1 or args.ablations):
+        run.zero = -1 if args.zero_stage == "none" else int(args.zero_stage)
+    if run.zero >= 0 and not run.ds_ok:
+        raise SystemExit(f"--zero-stage {run.zero} needs deepspeed, which does not import here (or --zero-stage "
+                         "none)")
+    run.compile_mode = resolve_compile(args.compile, device)
+    n_rows = len(run.presets) * len(run.variants) * len(run.ac_values)
+    if run.zero == 3 and (n_rows > 1 or args.ablations):
         raise SystemExit("--zero-stage 3 times one row per process: DeepSpeed keeps a ZeRO-3 engine's memory after "
                          "destroy(), so later rows would measure it; pass one preset and --variants fastmae")
-    allow_recompiles(64)  # blocks of every preset and variant share one code object
     bad_ablate = set(a for a in args.ablate.split(",") if a) - set(ABLATIONS)
     if bad_ablate:
         raise SystemExit(f"unknown --ablate {sorted(bad_ablate)}; valid: {', '.join(ABLATIONS)}")
-    hf_ok = transformers_available()
-    interleave = args.interleave == "on" or (args.interleave == "auto" and not cuda)
-    print(f"fastmae backends: masking={masking} attention={attention} compile={compile_mode} "
-          f"fused_adamw={fused} dtype={common.dtype_name(dtype)} step={step_desc}"
-          f"{'' if ds_ok else ' (deepspeed not importable)'} | HF baseline: "
-          f"{'yes' if hf_ok else 'no (transformers not importable)'}", flush=True)
+    run.hf_ok = transformers_available()
+    run.interleave = args.interleave == "on" or (args.interleave == "auto" and not cuda)
+    print(f"fastmae backends: masking={run.masking} attention={run.attention} compile={run.compile_mode} "
+          f"fused_adamw={run.fused} dtype={common.dtype_name(run.dtype)} step={run.step_desc}"
+          f"{'' if run.ds_ok else ' (deepspeed not importable)'} | HF baseline: "
+          f"{'yes' if run.hf_ok else 'no (transformers not importable)'}", flush=True)
 
-    flops_presets = [p for p in args.flops_presets.split(",") if p]
-    flops = flops_table(flops_presets, args.mask_ratio) if flops_presets else {}
 
+def _preset_jobs(run: Run, p: str, batch: int) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """(the rows to time for preset ``p``, the ablation rows that cannot run here, with their reason)."""
+    args, ratio = run.args, run.args.mask_ratio
+    cfg = get_preset(p).model
+    fm = lambda s, with_m: fastmae_builder(p, cfg, ratio, s, with_m)  # noqa: E731
+    # the meta-device FLOP count runs the torch masking path (the kernel needs real tensors)
+    fm_count = lambda s, with_m: fm(dataclasses.replace(s, masking="torch"), with_m)  # noqa: E731
+    jobs: list[dict[str, Any]] = []
+    skipped: list[dict[str, Any]] = []
+    for ac in run.ac_values:
+        base = Settings(run.masking, run.attention, run.compile_mode, run.fused, ac, zero_stage=run.zero)
+        tag = " +AC" if ac else ""
+        if "fastmae" in run.variants:
+            jobs.append(dict(variant="fastmae", label="fastmae" + tag, s=base, with_m=False,
+                             loss_fn=mae_loss, build=fm(base, False), count_build=fm_count(base, False)))
+        if "fastmae_with_m" in run.variants:
+            jobs.append(dict(variant="fastmae_with_m", label="fastmae w/ [M]" + tag, s=base, with_m=True,
+                             loss_fn=mae_loss, build=fm(base, True), count_build=fm_count(base, True)))
+        eager = Settings("torch (argsort+gather)", "math (eager softmax)", "off", run.fused, ac, "embed_first")
+        if "official" in run.variants:
+            jobs.append(dict(variant="official", label="official-style" + tag, s=eager, with_m=False,
+                             build=official_builder(cfg, ratio), loss_fn=mae_loss))
+        if "hf" in run.variants and run.hf_ok:
+            hs = Settings("torch (argsort+gather)", "sdpa", "off", run.fused, ac, "embed_first")
+            jobs.append(dict(variant="hf", label="HF ViTMAE (sdpa)" + tag, s=hs, with_m=False,
+                             build=hf_builder(cfg, ratio), loss_fn=hf_loss))
+    if args.ablations:
+        base = Settings(run.masking, run.attention, run.compile_mode, run.fused, False, zero_stage=run.zero)
+        flips = ablation_flips(base, [a for a in args.ablate.split(",") if a], run.cuda, run.kernel_ok, run.ds_ok,
+                               common.dtype_name(run.dtype))
+        for label, s in flips:
+            if isinstance(s, str):
+                row = {k: None for k in ROW_FIELDS}
+                row.update(preset=p, variant="ablate", label=label, status=s, batch_size=batch, mask_ratio=ratio)
+                skipped.append(row)
+                continue
+            jobs.append(dict(variant="ablate", label=label, s=s, with_m=False,
+                             build=fm(s, False), count_build=fm_count(s, False), loss_fn=mae_loss))
+    for job in jobs:
+        job["preset"] = p
+    return jobs, skipped
+
+
+def _time_presets(run: Run) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+    """Every preset's rows (written to --out after each row: a cut run keeps them) and SDPA backend probes."""
+    args = run.args
     rows: list[dict[str, Any]] = []
     probes: dict[str, Any] = {}
-    for p in presets:
+    for p in run.presets:
         cfg = get_preset(p).model
-        batch = args.batch_size or (CUDA_BATCH if cuda else CPU_BATCH)[p]
-        common_kw = dict(cfg=cfg, ratio=args.mask_ratio, batch=batch, device=device, dtype=dtype,
-                         warmup=warmup, repeats=repeats, count=not args.no_count)
-        skipped: list[dict[str, Any]] = []
-        probes[p] = sdpa_backend_probe(cfg, args.mask_ratio, batch, device, dtype)
-        jobs: list[dict[str, Any]] = []
-        fm = lambda s, with_m, p=p, cfg=cfg: fastmae_builder(p, cfg, args.mask_ratio, s, with_m)
-        # the meta-device FLOP count runs the torch masking path (the kernel needs real tensors)
-        fm_count = lambda s, with_m, fm=fm: fm(dataclasses.replace(s, masking="torch"), with_m)
-        for ac in ac_values:
-            base = Settings(masking, attention, compile_mode, fused, ac, zero_stage=zero)
-            tag = " +AC" if ac else ""
-            if "fastmae" in variants:
-                jobs.append(dict(variant="fastmae", label="fastmae" + tag, s=base, with_m=False,
-                                 loss_fn=mae_loss, build=fm(base, False), count_build=fm_count(base, False)))
-            if "fastmae_with_m" in variants:
-                jobs.append(dict(variant="fastmae_with_m", label="fastmae w/ [M]" + tag, s=base, with_m=True,
-                                 loss_fn=mae_loss, build=fm(base, True), count_build=fm_count(base, True)))
-            eager = Settings("torch (argsort+gather)", "math (eager softmax)", "off", fused, ac, "embed_first")
-            if "official" in variants:
-                jobs.append(dict(variant="official", label="official-style" + tag, s=eager, with_m=False,
-                                 build=official_builder(cfg, args.mask_ratio), loss_fn=mae_loss))
-            if "hf" in variants and hf_ok:
-                hs = Settings("torch (argsort+gather)", "sdpa", "off", fused, ac, "embed_first")
-                jobs.append(dict(variant="hf", label="HF ViTMAE (sdpa)" + tag, s=hs, with_m=False,
-                                 build=hf_builder(cfg, args.mask_ratio), loss_fn=hf_loss))
-        if args.ablations:
-            base = Settings(masking, attention, compile_mode, fused, False, zero_stage=zero)
-            flips = ablation_flips(base, [a for a in args.ablate.split(",") if a], cuda, kernel_ok, ds_ok,
-                                   common.dtype_name(dtype))
-            for label, s in flips:
-                if isinstance(s, str):
-                    row = {k: None for k in ROW_FIELDS}
-                    row.update(preset=p, variant="ablate", label=label, status=s, batch_size=batch,
-                               mask_ratio=args.mask_ratio)
-                    skipped.append(row)
-                    continue
-                jobs.append(dict(variant="ablate", label=label, s=s, with_m=False,
-                                 build=fm(s, False), count_build=fm_count(s, False), loss_fn=mae_loss))
-        for job in jobs:
-            job["preset"] = p
+        batch = args.batch_size or (CUDA_BATCH if run.cuda else CPU_BATCH)[p]
+        common_kw = dict(cfg=cfg, ratio=args.mask_ratio, batch=batch, device=run.device, dtype=run.dtype,
+                         warmup=run.warmup, repeats=run.repeats, count=not args.no_count)
+        probes[p] = sdpa_backend_probe(cfg, args.mask_ratio, batch, run.device, run.dtype)
+        jobs, skipped = _preset_jobs(run, p, batch)
 
-        def partial(done: Rows, p: str = p) -> None:  # every row as soon as it exists: a cut run keeps them
+        def partial(done: Rows, p: str = p) -> None:
             if args.out:
                 out = Path(args.out)
                 out.mkdir(parents=True, exist_ok=True)
                 (out / f"{args.name}.json").write_text(json.dumps(
                     {"schema": SCHEMA, "partial": f"preset {p}: {len(done)} row(s) done",
-                     "environment": env, "machine": env["device"], "rows": done}, indent=2))
+                     "environment": run.env, "machine": run.env["device"], "rows": done}, indent=2))
 
-        timer = time_interleaved if interleave else time_sequential
-        rows += timer(jobs, common_kw, peak, on_row=lambda done, before=list(rows): partial(before + done))
+        timer = time_interleaved if run.interleave else time_sequential
+        rows += timer(jobs, common_kw, run.peak, on_row=lambda done, before=list(rows): partial(before + done))
         rows += skipped
         partial(rows)
+    return rows, probes
 
-    summary = summarize(rows, presets, flops)
+
+def _write_result(run: Run, rows: list[dict[str, Any]], probes: dict[str, Any], flops: dict[str, Any]) -> None:
+    """The JSON and the Markdown report (printed, and written to --out)."""
+    args, env, dtype = run.args, run.env, common.dtype_name(run.dtype)
+    summary = summarize(rows, run.presets, flops)
     for p, pr in probes.items():
         summary[p]["sdpa_backend"] = pr
     result = {
-        "schema": SCHEMA,
-        "environment": env,
-        "machine": env["device"],
-        "peak_tflops": peak,
-        "peak_source": peak_source,
-        "settings": {"presets": presets, "variants": variants, "dtype": common.dtype_name(dtype),
-                     "mask_ratio": args.mask_ratio, "warmup": warmup, "repeats": repeats, "masking": masking,
-                     "attention": attention, "compile": compile_mode, "fused_optimizer": fused,
-                     "activation_checkpointing": args.activation_checkpointing, "ablations": args.ablations,
-                     "step": step_desc,
-                     "timing": "interleaved rounds" if interleave else "one contender at a time",
+        "schema": SCHEMA, "environment": env, "machine": env["device"], "peak_tflops": run.peak,
+        "peak_source": run.peak_source,
+        "settings": {"presets": run.presets, "variants": run.variants, "dtype": dtype,
+                     "mask_ratio": args.mask_ratio, "warmup": run.warmup, "repeats": run.repeats,
+                     "masking": run.masking, "attention": run.attention, "compile": run.compile_mode,
+                     "fused_optimizer": run.fused, "activation_checkpointing": args.activation_checkpointing,
+                     "ablations": args.ablations, "step": run.step_desc,
+                     "timing": "interleaved rounds" if run.interleave else "one contender at a time",
                      "optimizer": "AdamW lr 1.5e-4 betas (0.9, 0.95) wd 0.05 (no decay on 1-D params); fastmae "
                                   "rows step it through the training programs' DeepSpeed engine (see step)",
                      "data": "synthetic torch.randn images on the device (no loader)",
                      "flop_count": "FlopCounterMode over forward+backward on the meta device, batch 2"},
-        "flops": flops,
-        "rows": rows,
-        "summary": summary,
-        "goals": GOALS,
+        "flops": flops, "rows": rows, "summary": summary, "goals": GOALS,
     }
     sdpa_line = "; ".join(f"{SHORT.get(p, p)} {k} {v}" for p, pr in probes.items() for k, v in pr.items())
     text = "\n".join([
         f"# Throughput: {env['device']}",
         f"date {env['date_utc']}, commit {env['commit']}, torch {env['torch']}, triton {env['triton']}, "
-        f"dtype {common.dtype_name(dtype)}, warm-up {warmup}, median of {repeats} steps, peak {peak} TFLOP/s "
-        f"({peak_source})", "",
+        f"dtype {dtype}, warm-up {run.warmup}, median of {run.repeats} steps, peak {run.peak} TFLOP/s "
+        f"({run.peak_source})", "",
         table(rows), "", summary_text(summary), "",
         "Attention kernel dispatched by SDPA: " + sdpa_line, "",
         "FLOPs per image (training = forward + backward):", "", flops_text(flops) if flops else "(skipped)",
@@ -963,6 +997,26 @@ def main(argv: list[str] | None = None) -> int:
         (out / f"{args.name}.json").write_text(json.dumps(result, indent=2))
         (out / f"{args.name}.md").write_text(text + "\n")
         print(f"wrote {out / (args.name + '.json')} and .md", flush=True)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    run = _resolve_run(args)
+    if args.check:
+        batch = args.batch_size or (8 if run.cuda else 2)
+        res = check(run.presets, run.device, run.dtype, batch, args.mask_ratio)
+        res["environment"] = run.env
+        if args.out:
+            Path(args.out).mkdir(parents=True, exist_ok=True)
+            (Path(args.out) / f"{args.name}.json").write_text(json.dumps(res, indent=2))
+        print(f"correctness: {'PASSED' if res['passed'] else 'FAILED'}", flush=True)
+        return 0 if res["passed"] else 1
+    _resolve_backends(run)
+    allow_recompiles(64)  # blocks of every preset and variant share one code object
+    flops_presets = [p for p in args.flops_presets.split(",") if p]
+    flops = flops_table(flops_presets, args.mask_ratio) if flops_presets else {}
+    rows, probes = _time_presets(run)
+    _write_result(run, rows, probes, flops)
     return 0 if all(r["status"] in ("ok",) or str(r["status"]).startswith("skipped") for r in rows) else 2
 
 

@@ -163,26 +163,9 @@ class ShardLoader:
         shuffle_buffer: int = 10000,
         spool: Any = None,
     ) -> None:
-        if mode not in MODES:
-            raise ValueError(f"mode={mode!r} is not valid; valid modes: {', '.join(MODES)}")
-        if not 0 <= rank < world_size:
-            raise ValueError(f"rank={rank} must lie in [0, world_size={world_size})")
-        if dtype not in DTYPES:
-            raise ValueError(f"dtype={dtype!r} is not valid; valid choices: {', '.join(DTYPES)}")
-        if interpolation not in INTERPOLATIONS:
-            raise ValueError(f"interpolation={interpolation!r} is not valid; valid: {', '.join(INTERPOLATIONS)}")
-        if batch_size <= 0 or img_size <= 0:
-            raise ValueError(f"batch_size={batch_size} and img_size={img_size} must be > 0")
-        if randaug and mode != "train":
-            raise ValueError(f"randaug={randaug!r} applies to mode='train' only (evaluation is a centre crop)")
-        if on_error not in ON_ERROR:
-            raise ValueError(f"data.on_error={on_error!r} is not valid; valid choices: {', '.join(ON_ERROR)}")
-        if max_bad_samples < 0:
-            raise ValueError(f"data.max_bad_samples={max_bad_samples} must be >= 0")
-        if read not in READS:
-            raise ValueError(f"data.read={read!r} is not valid here; valid choices: {', '.join(READS)}")
-        if shuffle_buffer < 1:
-            raise ValueError(f"data.shuffle_buffer={shuffle_buffer} must be >= 1")
+        _check_arguments(mode=mode, rank=rank, world_size=world_size, dtype=dtype, interpolation=interpolation,
+                         batch_size=batch_size, img_size=img_size, randaug=randaug, on_error=on_error,
+                         max_bad_samples=max_bad_samples, read=read, shuffle_buffer=shuffle_buffer)
         # global: one permutation of all samples per epoch (random reads); stream: shards shuffled and split
         # across ranks, each rank's run through a seeded shuffle buffer (sequential reads; see sampling)
         self.read = read
@@ -435,3 +418,29 @@ def normalize_uint8(imgs: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """(B,3,H,W) uint8 -> ImageNet-normalised ``dtype`` on the same device."""
     mean, std = _mean_std(imgs.device)
     return imgs.float().sub_(mean).div_(std).to(dtype)
+
+
+def _check_arguments(*, mode: str, rank: int, world_size: int, dtype: str, interpolation: str, batch_size: int,
+                     img_size: int, randaug: str, on_error: str, max_bad_samples: int, read: str,
+                     shuffle_buffer: int) -> None:
+    """A loader's arguments, each refused with what is valid."""
+    if mode not in MODES:
+        raise ValueError(f"mode={mode!r} is not valid; valid modes: {', '.join(MODES)}")
+    if not 0 <= rank < world_size:
+        raise ValueError(f"rank={rank} must lie in [0, world_size={world_size})")
+    if dtype not in DTYPES:
+        raise ValueError(f"dtype={dtype!r} is not valid; valid choices: {', '.join(DTYPES)}")
+    if interpolation not in INTERPOLATIONS:
+        raise ValueError(f"interpolation={interpolation!r} is not valid; valid: {', '.join(INTERPOLATIONS)}")
+    if batch_size <= 0 or img_size <= 0:
+        raise ValueError(f"batch_size={batch_size} and img_size={img_size} must be > 0")
+    if randaug and mode != "train":
+        raise ValueError(f"randaug={randaug!r} applies to mode='train' only (evaluation is a centre crop)")
+    if on_error not in ON_ERROR:
+        raise ValueError(f"data.on_error={on_error!r} is not valid; valid choices: {', '.join(ON_ERROR)}")
+    if max_bad_samples < 0:
+        raise ValueError(f"data.max_bad_samples={max_bad_samples} must be >= 0")
+    if read not in READS:
+        raise ValueError(f"data.read={read!r} is not valid here; valid choices: {', '.join(READS)}")
+    if shuffle_buffer < 1:
+        raise ValueError(f"data.shuffle_buffer={shuffle_buffer} must be >= 1")

@@ -35,114 +35,48 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import math
 import sys
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import nn
 
+from fastmae.augment import BatchAugment, randaug_plan, soft_target_cross_entropy
+from fastmae.cli import program_parser
 from fastmae.config import (
-    ClassifierConfig,
     Config,
     ConfigError,
     apply_overrides,
     config_from_dict,
-    get_preset,
     preset_names,
 )
-from fastmae.evaluation import PAD_LABEL, evaluate
-from fastmae.flops import block_flops
+from fastmae.evaluation import evaluate
+from fastmae.flops import classifier_flops
 from fastmae.memory import MemoryEstimate, estimate_memory
 from fastmae.optim import build_adamw, param_groups
+from fastmae.recipes import (
+    FINETUNE_DESCRIPTION,
+    IGNORED,
+    PROBE_DESCRIPTION,
+    PROBE_IGNORED,
+    auto_preset,
+    finetune_recipe,
+    linprobe_recipe,
+)
 from fastmae.trainer import EXIT_CONFIG, Task, Trainer, describe_loader
 from fastmae.vit import VisionTransformer, build_classifier, layer_decay_scale
-
-# keys fine-tuning and probing do not use: refused when given
-IGNORED = {
-    "mask": "classifiers see every patch: no masking",
-    "model.decoder_embed_dim": "the classifier has no decoder",
-    "model.decoder_depth": "the classifier has no decoder",
-    "model.decoder_num_heads": "the classifier has no decoder",
-    "model.norm_pix_loss": "a pre-training loss setting",
-    "model.encoder_mask_tokens": "a pre-training benchmark variant",
-}
-PROBE_IGNORED = {
-    **IGNORED,
-    "cls.drop_path": "the encoder is frozen",
-    "cls.layer_decay": "only the head trains",
-    "train.activation_checkpointing": "the encoder is frozen: nothing is recomputed",
-}
-
-
-# ----------------------------------------------------------------------------- recipes
-
-_FT_ARCH = {  # per architecture: (base lr, layer decay, drop path, epochs)
-    # base: the official FINETUNE.md values for the released (norm-pix) checkpoints; the paper's Table 9
-    # baseline is blr 1e-3 / decay 0.75 -- set optim.base_lr=1e-3 cls.layer_decay=0.75 for that
-    "mae_vit_base_patch16": (5e-4, 0.65, 0.1, 100),
-    "mae_vit_large_patch16": (1e-3, 0.75, 0.1, 50),
-    "mae_vit_huge_patch14": (1e-3, 0.75, 0.2, 50),
-}
-
-
-def finetune_recipe(preset: str) -> Config:
-    """Preset architecture + the paper's fine-tuning recipe (Table 9), ``cls`` section included."""
-    cfg = get_preset(preset)
-    cls = cfg.cls
-    o, t, d = cfg.optim, cfg.train, cfg.data
-    o.beta1, o.beta2, o.weight_decay, o.min_lr, o.warmup_epochs, o.lr = 0.9, 0.999, 0.05, 1e-6, 5.0, None
-    o.base_lr = 1e-3
-    t.batch_size, t.checkpoint_interval, t.steps = 1024, 0, 0
-    t.output_dir = "runs/finetune"
-    d.crop_scale_min = 0.08  # timm / torchvision RandomResizedCrop default, as the official fine-tuning
-    if preset in _FT_ARCH:
-        o.base_lr, cls.layer_decay, cls.drop_path, t.epochs = _FT_ARCH[preset]
-    if preset == "debug":
-        cls.num_classes = 10  # the bundled sample
-        d.batch_size, t.batch_size, t.epochs = 16, 16, 3
-        o.lr, o.warmup_epochs = 1e-3, 1.0
-        t.log_interval, t.output_dir = 5, "runs/debug_finetune"
-    return cfg
-
-
-# ----------------------------------------------------------------------------- arguments
-
-
-def auto_preset(sd: dict[str, torch.Tensor] | None, meta: dict[str, Any]) -> str:
-    """The preset whose recipe fits a checkpoint: its fastmae preset, else the official size, else debug."""
-    cfg_d = meta.get("config")
-    if isinstance(cfg_d, dict) and cfg_d.get("preset") in preset_names():
-        return str(cfg_d["preset"])
-    if sd is not None:
-        from fastmae.interop import TIMM_SIZES, infer_model_config
-
-        m = infer_model_config(sd, meta)
-        size = TIMM_SIZES.get((m.embed_dim, m.depth, m.num_heads))
-        name = f"mae_vit_{size}_patch{m.patch_size}"
-        if name in preset_names():
-            return name
-    return "debug"
 
 
 def parse_program_args(prog: str, description: str, recipe: Callable[[str], Config], argv: list[str] | None,
                        ignored: dict[str, str] | None = None) -> tuple[argparse.Namespace, Config, Any]:
     """Common command line of fine-tuning and probing; returns (args, cfg, (state dict, meta) or None)."""
-    ap = argparse.ArgumentParser(prog=prog, allow_abbrev=False, description=description)
-    ap.add_argument("--ds_config", default="zero2.json",
-                    help="DeepSpeed JSON: a bundled name (zero1.json, zero2.json, zero3.json) or a path")
+    ap = program_parser(prog, description, "auto",
+                        f"recipe: auto (from the checkpoint) or one of: {', '.join(preset_names())}")
     ap.add_argument("--checkpoint", default="",
                     help="pre-trained weights: fastmae export (.pth), fastmae run/checkpoint directory, official "
                          "mae_pretrain_vit_*.pth; '' = random init (smoke tests only)")
-    ap.add_argument("--preset", default="auto",
-                    help=f"recipe: auto (from the checkpoint) or one of: {', '.join(preset_names())}")
-    ap.add_argument("--config", default=None, help="a config.json of an earlier run (overrides apply on top)")
-    ap.add_argument("--local_rank", type=int, default=-1, help="set by the deepspeed launcher")
-    ap.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
     args, rest = ap.parse_known_args(argv)
     ignored = IGNORED if ignored is None else ignored
     loaded = None
@@ -163,209 +97,6 @@ def parse_program_args(prog: str, description: str, recipe: Callable[[str], Conf
         cfg.model.attention = attention
     apply_overrides(cfg, rest, ignored, prog.split("/")[-1].removesuffix(".py"))
     return args, cfg, loaded
-
-
-# ----------------------------------------------------------------------------- batch augmentations
-
-
-def smooth_one_hot(labels: torch.Tensor, num_classes: int, smoothing: float) -> torch.Tensor:
-    """(B,) int -> (B, C) targets: ``1 - s + s/C`` on the label, ``s/C`` elsewhere (timm ``mixup_target``)."""
-    off = smoothing / num_classes
-    out = torch.full((labels.shape[0], num_classes), off, device=labels.device, dtype=torch.float32)
-    return out.scatter_(1, labels[:, None], 1.0 - smoothing + off)
-
-
-def soft_target_cross_entropy(logits: torch.Tensor, targets: torch.Tensor,
-                              weight: torch.Tensor | None = None) -> torch.Tensor:
-    """Mean over samples of ``-sum(target * log_softmax(logits))`` (timm ``SoftTargetCrossEntropy``),
-    optionally weighted per sample (0 for padding samples)."""
-    per = -(targets * F.log_softmax(logits.float(), dim=-1)).sum(dim=-1)  # (B,)
-    if weight is None:
-        return per.mean()
-    w = weight.to(per.dtype)
-    return (per * w).sum() / w.sum().clamp(min=1.0)
-
-
-class BatchMixup:
-    """Mixup / CutMix per batch with label smoothing, the behaviour of timm's ``Mixup(mode="batch")``:
-    with probability ``prob`` one of mixup (alpha) or cutmix (alpha, chosen with ``switch_prob`` when both
-    are on) mixes sample i with sample B-1-i using ``lam ~ Beta(alpha, alpha)``; cutmix pastes one box and
-    corrects ``lam`` to the pasted area."""
-
-    def __init__(self, mixup_alpha: float, cutmix_alpha: float, prob: float, switch_prob: float,
-                 smoothing: float, num_classes: int, seed: int = 0) -> None:
-        self.mixup_alpha, self.cutmix_alpha = mixup_alpha, cutmix_alpha
-        self.prob, self.switch_prob = prob, switch_prob
-        self.smoothing, self.num_classes = smoothing, num_classes
-        self.rng = np.random.default_rng(seed)
-
-    def _params(self) -> tuple[float, bool]:
-        if self.rng.random() >= self.prob:
-            return 1.0, False
-        if self.mixup_alpha > 0 and self.cutmix_alpha > 0:
-            cut = bool(self.rng.random() < self.switch_prob)
-        else:
-            cut = self.cutmix_alpha > 0
-        alpha = self.cutmix_alpha if cut else self.mixup_alpha
-        return float(self.rng.beta(alpha, alpha)), cut
-
-    def __call__(self, imgs: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        lam, cut = self._params()
-        if lam < 1.0:
-            flipped = imgs.flip(0)
-            if cut:
-                H, W = imgs.shape[-2:]
-                r = math.sqrt(1.0 - lam)
-                ch, cw = int(H * r), int(W * r)
-                cy, cx = int(self.rng.integers(0, H)), int(self.rng.integers(0, W))
-                y0, y1 = max(cy - ch // 2, 0), min(cy + ch // 2, H)
-                x0, x1 = max(cx - cw // 2, 0), min(cx + cw // 2, W)
-                imgs = imgs.clone()
-                imgs[:, :, y0:y1, x0:x1] = flipped[:, :, y0:y1, x0:x1]
-                lam = 1.0 - (y1 - y0) * (x1 - x0) / float(H * W)
-            else:
-                imgs = imgs * lam + flipped * (1.0 - lam)
-        y = smooth_one_hot(labels, self.num_classes, self.smoothing)
-        return imgs, y * lam + y.flip(0) * (1.0 - lam)
-
-
-class BatchRandomErasing:
-    """Random erasing per sample (timm ``RandomErasing(mode="pixel", max_count=1)``): with probability
-    ``p`` one box of 2-33% of the area, aspect in [0.3, 3.3] (log-uniform), filled with N(0, 1) noise."""
-
-    def __init__(self, p: float, seed: int = 0) -> None:
-        self.p = p
-        self.rng = np.random.default_rng(seed)
-        self.log_ratio = (math.log(0.3), math.log(1 / 0.3))
-
-    def __call__(self, imgs: torch.Tensor) -> torch.Tensor:
-        B, C, H, W = imgs.shape
-        for i in range(B):
-            if self.rng.random() >= self.p:
-                continue
-            for _ in range(10):
-                area = H * W * self.rng.uniform(0.02, 1 / 3)
-                aspect = math.exp(self.rng.uniform(*self.log_ratio))
-                h, w = int(round(math.sqrt(area * aspect))), int(round(math.sqrt(area / aspect)))
-                if 0 < h < H and 0 < w < W:
-                    top, left = int(self.rng.integers(0, H - h + 1)), int(self.rng.integers(0, W - w + 1))
-                    imgs[i, :, top:top + h, left:left + w] = torch.randn(
-                        (C, h, w), device=imgs.device, dtype=imgs.dtype)
-                    break
-        return imgs
-
-
-def _timm_available() -> bool:
-    try:
-        import timm.data  # noqa: F401
-    except Exception:
-        return False
-    return True
-
-
-class BatchAugment:
-    """imgs, labels -> (augmented imgs, soft targets (B, C), sample weights (B,)): random erasing, then
-    mixup/cutmix, label smoothing; padding samples (label ``PAD_LABEL``) get weight 0."""
-
-    def __init__(self, cls: ClassifierConfig, device: torch.device, seed: int = 0) -> None:
-        impl = cls.augment_impl
-        if impl == "auto":
-            impl = "timm" if _timm_available() else "fastmae"
-        if impl == "timm" and not _timm_available():
-            raise ImportError("cls.augment_impl=timm but timm does not import here (pip install timm, which needs "
-                              "a torchvision matching torch); use cls.augment_impl=fastmae or auto")
-        self.impl = impl
-        self.num_classes, self.smoothing = cls.num_classes, cls.smoothing
-        self.mix: Callable[..., Any] | None = None
-        self.erase: Callable[[torch.Tensor], torch.Tensor] | None = None
-        mixing = cls.mixup > 0 or cls.cutmix > 0
-        if impl == "timm":
-            from timm.data import Mixup
-            from timm.data.random_erasing import RandomErasing
-
-            if mixing:
-                self.mix = Mixup(mixup_alpha=cls.mixup, cutmix_alpha=cls.cutmix, prob=cls.mixup_prob,
-                                 switch_prob=cls.mixup_switch_prob, mode="batch", label_smoothing=cls.smoothing,
-                                 num_classes=cls.num_classes)
-            if cls.reprob > 0:
-                self.erase = RandomErasing(probability=cls.reprob, mode="pixel", max_count=1, device=str(device))
-        else:
-            if mixing:
-                self.mix = BatchMixup(cls.mixup, cls.cutmix, cls.mixup_prob, cls.mixup_switch_prob,
-                                      cls.smoothing, cls.num_classes, seed)
-            if cls.reprob > 0:
-                self.erase = BatchRandomErasing(cls.reprob, seed + 1)
-
-    def describe(self) -> str:
-        parts = []
-        if self.erase is not None:
-            parts.append("random erasing")
-        if self.mix is not None:
-            parts.append("mixup/cutmix")
-        if self.smoothing:
-            parts.append(f"label smoothing {self.smoothing}")
-        return f"{', '.join(parts) or 'none'} ({self.impl})" if parts else "none"
-
-    def reseed(self, seed: int) -> None:
-        """Draw this batch's mixup/erasing choices from ``seed`` (fastmae's implementations; timm's draw from
-        the global generators, which the trainer seeds per micro batch)."""
-        if isinstance(self.mix, BatchMixup):
-            self.mix.rng = np.random.default_rng([seed, 1])
-        if isinstance(self.erase, BatchRandomErasing):
-            self.erase.rng = np.random.default_rng([seed, 2])
-
-    def __call__(self, imgs: torch.Tensor, labels: torch.Tensor,
-                 seed: int | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        if seed is not None:
-            self.reseed(seed)
-        weight = (labels != PAD_LABEL).float()
-        labels = labels.clamp(min=0)
-        if self.erase is not None:
-            imgs = self.erase(imgs)
-        # timm's batch mode needs an even batch: an odd (last, short) batch is only smoothed
-        if self.mix is not None and (self.impl == "fastmae" or imgs.shape[0] % 2 == 0):
-            imgs, targets = self.mix(imgs, labels)
-        else:
-            targets = smooth_one_hot(labels, self.num_classes, self.smoothing)
-        return imgs, targets.float(), weight
-
-
-def randaugment_hook(policy: str, img_size: int) -> Callable[[Any], Any]:
-    """timm's RandAugment for PIL images as the torch loader builds it (hyper-parameters of timm
-    ``create_transform``), drawing from the global RNGs; needs timm."""
-    from fastmae.data.randaug import TimmRandAugment, parse_policy
-
-    return TimmRandAugment(parse_policy(policy), img_size).transform
-
-
-def randaug_plan(cfg: Config) -> tuple[str, str]:
-    """(policy to hand the training loader, "" or why RandAugment is skipped on this backend)."""
-    cls = cfg.cls
-    if not cls.randaug:
-        return "", ""
-    from fastmae.data import resolve_backend
-    from fastmae.data.randaug import unavailable_reason
-
-    reason = unavailable_reason(resolve_backend(cfg.data.backend))
-    return ("", f"SKIPPED ({cls.randaug}): {reason}") if reason else (cls.randaug, "")
-
-
-# ----------------------------------------------------------------------------- the program
-
-
-def classifier_flops(model: VisionTransformer, trainable_encoder: bool) -> float:
-    """Training FLOPs per image: 3x forward (patch embed: 2x, no input gradient) when the encoder trains;
-    forward + head backward when it is frozen (probing)."""
-    pe = model.patch_embed
-    D = model.embed_dim
-    N = pe.num_patches
-    patch = 2 * N * D * pe.proj.in_channels * pe.patch_size**2
-    mlp_ratio = model.blocks[0].mlp.fc1.out_features / D
-    enc = len(model.blocks) * block_flops(N + 1, D, mlp_ratio)
-    head = 2 * D * model.num_classes
-    if trainable_encoder:
-        return 3 * (enc + head) + 2 * patch
-    return patch + enc + 3 * head
 
 
 def full_fp32_state_dict(engine: Any, stage: int) -> dict[str, torch.Tensor]:
@@ -446,10 +177,11 @@ class ClassifierTask(Task):
         self.augment: BatchAugment | None = None
         self.checked_labels = False
 
-    def setup(self, tr: Trainer) -> None:
+    def build_loaders(self, tr: Trainer) -> tuple[Any, Any | None]:
         d = tr.dist
-        tr.loader, tr.val_loader, self.val_shards = make_loaders(tr.cfg, d.rank, d.world_size, d.device)
+        train, val, self.val_shards = make_loaders(tr.cfg, d.rank, d.world_size, d.device)
         self.augment = BatchAugment(tr.cfg.cls, d.device)
+        return train, val
 
     def build_model(self, tr: Trainer) -> nn.Module:
         model, self.source = build_model(tr.cfg, self.loaded, self.probe)
@@ -560,11 +292,9 @@ def main(argv: list[str] | None = None, probe: bool = False, hooks: list[Any] | 
     from fastmae.interop import UnsafeCheckpointError
 
     if probe:
-        from fastmae.linprobe import DESCRIPTION, linprobe_recipe
-
-        prog, desc, recipe, ignored = "fastmae/linprobe.py", DESCRIPTION, linprobe_recipe, PROBE_IGNORED
+        prog, desc, recipe, ignored = "fastmae/linprobe.py", PROBE_DESCRIPTION, linprobe_recipe, PROBE_IGNORED
     else:
-        prog, desc, recipe, ignored = "fastmae/finetune.py", __doc__.split("\n\n")[0], finetune_recipe, IGNORED
+        prog, desc, recipe, ignored = "fastmae/finetune.py", FINETUNE_DESCRIPTION, finetune_recipe, IGNORED
     try:
         args, cfg, loaded = parse_program_args(prog, desc, recipe, argv, ignored)
     except (ConfigError, UnsafeCheckpointError, ValueError, FileNotFoundError) as e:

@@ -13,6 +13,7 @@ is 1x forward.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 from .config import MaskConfig, ModelConfig, get_preset
 from .kernels import num_kept
@@ -108,3 +109,18 @@ def encoder_param_count(config: ModelConfig | str) -> int:
     patch = m.patch_size**2 * m.in_chans * D + D
     block = 2 * 2 * D + (3 * D * D + 3 * D) + (D * D + D) + (D * h + h) + (h * D + D)
     return patch + D + m.depth * block + 2 * D
+
+
+def classifier_flops(model: Any, trainable_encoder: bool) -> float:  # a fastmae.vit.VisionTransformer
+    """Training FLOPs per image: 3x forward (patch embed: 2x, no input gradient) when the encoder trains;
+    forward + head backward when it is frozen (probing)."""
+    pe = model.patch_embed
+    D = model.embed_dim
+    N = pe.num_patches
+    patch = 2 * N * D * pe.proj.in_channels * pe.patch_size**2
+    mlp_ratio = model.blocks[0].mlp.fc1.out_features / D
+    enc = len(model.blocks) * block_flops(N + 1, D, mlp_ratio)
+    head = 2 * D * model.num_classes
+    if trainable_encoder:
+        return 3 * (enc + head) + 2 * patch
+    return patch + enc + 3 * head

@@ -12,27 +12,7 @@ cutmix, erasing, smoothing or RandAugment). The task, validation and ``best.pth`
 
 from __future__ import annotations
 
-from fastmae.config import ClassifierConfig, Config
-from fastmae.finetune import finetune_recipe, main
-
-DESCRIPTION = "MAE linear probing: frozen encoder, BatchNorm (no affine) + linear head, LARS."
-
-
-def linprobe_recipe(preset: str) -> Config:
-    """Preset architecture + the official linear-probing recipe, ``cls`` section included."""
-    cfg = finetune_recipe(preset)
-    cls = cfg.cls = ClassifierConfig(global_pool=False, drop_path=0.0, layer_decay=1.0, smoothing=0.0, mixup=0.0,
-                           cutmix=0.0, reprob=0.0, randaug="", head_init_std=0.01)
-    o, t = cfg.optim, cfg.train
-    o.base_lr, o.lr, o.weight_decay, o.min_lr, o.warmup_epochs, o.beta1 = 0.1, None, 0.0, 0.0, 10.0, 0.9
-    t.epochs, t.batch_size, t.output_dir = 90, 16384, "runs/linprobe"
-    if preset == "debug":
-        cls.num_classes = 10
-        cfg.data.batch_size, t.batch_size, t.epochs = 16, 16, 3
-        o.lr, o.warmup_epochs = 0.1, 1.0
-        t.output_dir = "runs/debug_linprobe"
-    return cfg
-
+from fastmae.finetune import main
 
 if __name__ == "__main__":
     raise SystemExit(main(probe=True))

@@ -29,7 +29,9 @@ token) and one block at a time is recomputed.
 from __future__ import annotations
 
 import ctypes
+import dataclasses
 import gc
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -168,3 +170,24 @@ def allocated_bytes(device: torch.device | str = "cpu") -> int:
     libc.mallinfo2.restype = _MallInfo2
     info = libc.mallinfo2()
     return int(info.uordblks + info.hblkhd)
+
+
+def decide_activation_checkpointing(mode: str, device: torch.device,
+                                    estimate: Callable[[bool], MemoryEstimate | None],
+                                    loader_bytes: int = 0) -> tuple[bool, MemoryEstimate | None]:
+    """``train.activation_checkpointing``: on / off, or auto = on only when the analytic estimate without it
+    (``estimate(False)``, plus the loader's ``loader_bytes`` on the GPU) exceeds 90% of this GPU's memory.
+    Returns the decision and the estimate of the decided configuration."""
+
+    def with_loader(use: bool) -> MemoryEstimate | None:
+        est = estimate(use)
+        return None if est is None else dataclasses.replace(est, loader=loader_bytes)
+
+    if mode == "auto":
+        use = False
+        est = with_loader(False)
+        if device.type == "cuda" and est is not None:
+            use = est.total > 0.9 * torch.cuda.get_device_properties(device).total_memory
+    else:
+        use = mode == "on"
+    return use, with_loader(use)

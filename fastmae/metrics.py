@@ -1,19 +1,19 @@
-"""Metrics from one place: throughput, TFLOP/s and MFU from the analytic FLOPs, peak memory, data wait.
-
-Every log interval the training program hands the accumulated numbers to :class:`MetricsLogger`, which
-prints one line, appends one JSONL record and feeds the experiment trackers of ``train.trackers``
-(TensorBoard, CSV, Weights & Biases, MLflow; see :mod:`fastmae.trackers`).
-"""
+"""Metrics from one place: :class:`MetricsProcessor` gathers a log window's numbers on the device (loss, images,
+data wait) and every log interval turns them into one record (throughput, TFLOP/s and MFU from the analytic
+FLOPs, peak memory), which :class:`MetricsLogger` prints, appends to ``metrics.jsonl`` and hands to the trackers of
+``train.trackers`` (:mod:`fastmae.trackers`); the progress bar lives here too."""
 
 from __future__ import annotations
 
 import json
+import os
 import sys
 import time
 from pathlib import Path
 from typing import Any
 
 import torch
+import torch.distributed as tdist
 
 from .trackers import Tracker, open_trackers, validate_trackers
 
@@ -137,3 +137,112 @@ def format_line(rec: dict[str, Any]) -> str:
     if rec.get("peak_mem_gb") is not None:
         parts.append(f"mem {rec['peak_mem_gb']:.1f} GB")
     return " | ".join(parts)
+
+
+def _terminal_columns() -> int:
+    try:
+        return os.get_terminal_size(sys.stderr.fileno()).columns
+    except OSError:
+        return 0
+
+
+class MetricsProcessor:
+    """One log window of a training run: :meth:`add` after each micro batch (no host sync), :meth:`flush` at a
+    log step (one sync: the window's loss, reduced over the ranks), :meth:`write` for lines above the progress
+    bar. Owns the :class:`MetricsLogger` and the bar (rank 0, ``train.progress`` on a terminal)."""
+
+    def __init__(self, cfg: Any, dist: Any, plan: Any, flops_per_img: float, start_step: int) -> None:
+        t = cfg.train
+        self.dist, self.plan, self.flops_per_img = dist, plan, flops_per_img
+        self.peak = peak_tflops(override=t.peak_tflops) if dist.device.type == "cuda" else None
+        out_dir = Path(t.output_dir)
+        self.logger: MetricsLogger | None = MetricsLogger(out_dir, enabled=dist.is_main, trackers=t.trackers,
+                                                          config=cfg.to_dict(), run_name=out_dir.name)
+        self.bar = None
+        if dist.is_main and t.progress and sys.stdout.isatty():
+            from tqdm import tqdm
+
+            sized = _terminal_columns() > 0  # a pty may report a 0 x 0 window (e.g. `script`): assume 100 x 24
+            self.bar = tqdm(total=plan.budget, initial=start_step, unit="step", dynamic_ncols=sized,
+                            ncols=None if sized else 100, nrows=None if sized else 24)
+        dev = dist.device
+        self.nonfinite = torch.zeros(t.log_interval * plan.grad_accum, dtype=torch.bool, device=dev)  # per micro
+        self.loss_sum = torch.zeros((), device=dev)
+        self.losses: list[float] = []  # the mean loss of every window so far
+        self._reset()
+        if dev.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(dev)
+
+    def _reset(self) -> None:
+        self.nonfinite.zero_()
+        self.loss_sum.zero_()
+        self.n_loss = self.imgs_seen = self.skipped = 0
+        self.data_wait = 0.0
+        self.t_last = time.perf_counter()
+
+    def write(self, line: str) -> None:
+        """A line on the console, above the progress bar rather than through it."""
+        if self.bar is not None:
+            self.bar.write(line)
+        else:
+            print(line, flush=True)
+
+    def add(self, loss: torch.Tensor, images: int, skipped: int | None = None) -> None:
+        """One micro batch's loss (``skipped``: whether train.on_nonfinite=skip replaced it; None: record whether
+        it is finite for the stop policy's check)."""
+        if skipped is None:
+            self.nonfinite[self.n_loss] = ~torch.isfinite(loss.detach())
+        else:
+            self.skipped += skipped
+        self.loss_sum += loss.detach().float()
+        self.n_loss += 1
+        self.imgs_seen += images
+
+    def step_done(self) -> None:
+        if self.bar is not None:
+            self.bar.update(1)
+
+    def flush(self, step: int, micro_step: int, engine: Any, lr: float, loader: Any, on_nonfinite: str) -> None:
+        """The window's record: logged, printed, handed to the trackers; the window starts again."""
+        d, dev = self.dist, self.dist.device
+        elapsed = time.perf_counter() - self.t_last
+        if d.world_size > 1:  # the loss of the whole batch, not this rank's share
+            tdist.all_reduce(self.loss_sum)
+        mean_loss = float(self.loss_sum) / max(1, (self.n_loss - self.skipped) * d.world_size)
+        img_s = self.imgs_seen / elapsed
+        gn = engine.get_global_grad_norm()
+        rec = {
+            "step": step, "epoch": micro_step / self.plan.micro_per_epoch, "loss": mean_loss, "lr": lr,
+            "grad_norm": float(gn) if gn is not None else None,
+            "img_per_s": img_s * d.world_size, "img_per_s_per_rank": img_s,
+            "tflops": self.flops_per_img * img_s / 1e12,
+            "mfu": (self.flops_per_img * img_s / 1e12) / self.peak if self.peak else None,
+            "data_wait": self.data_wait / elapsed,
+            "peak_mem_gb": torch.cuda.max_memory_allocated(dev) / 2**30 if dev.type == "cuda" else None,
+        }
+        if on_nonfinite == "skip":
+            rec["skipped"] = self.skipped
+        if getattr(loader, "on_error", "stop") == "skip":  # all ranks', since the run began
+            bad = torch.tensor(float(len(loader.bad_samples)), device=dev)
+            if d.world_size > 1:
+                tdist.all_reduce(bad)
+            rec["data_bad_samples"] = int(bad)
+        self.losses.append(mean_loss)
+        line = format_line(rec)
+        if self.bar is not None:
+            self.bar.write(line)
+        if self.logger is not None:
+            self.logger.log(rec, None if self.bar is not None else line)
+        self._reset()
+
+    def close(self) -> None:
+        """The bar and the trackers; safe to call twice."""
+        if self.bar is not None:
+            self.bar.close()
+            self.bar = None
+        if self.logger is not None:
+            logger, self.logger = self.logger, None
+            try:
+                logger.close()
+            except Exception:
+                pass

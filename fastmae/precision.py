@@ -6,7 +6,7 @@ products, convolutions and attention in bf16; LayerNorm, softmax statistics and 
 **gradients accumulated over micro steps and reduced across ranks in fp32**: DeepSpeed runs an fp32 engine.
 The fixed sin-cos position embeddings stay exact fp32 tables. DeepSpeed's own ``bf16`` mode, which casts the
 whole module to bf16 and accumulates and reduces gradients in bf16 unless told otherwise, is refused for this
-reason (see :func:`fastmae.runtime.fill_ds_config`).
+reason (see :func:`fastmae.engine.fill_ds_config`).
 
 ``fp32`` runs everything in fp32. ``fp16`` (cards without bf16) keeps DeepSpeed's fp16 mode, with its dynamic
 loss scaling, fp16 weights and fp32 master weights.

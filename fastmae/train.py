@@ -18,12 +18,13 @@ from typing import Any
 import torch
 from torch import nn
 
+from fastmae.cli import program_parser
 from fastmae.config import Config, ConfigError, apply_overrides, build_config, config_from_dict, preset_names
 from fastmae.flops import train_flops
 from fastmae.memory import MemoryEstimate, estimate_memory
 from fastmae.model import MaskedAutoencoderViT, resolve_masking_backend
 from fastmae.optim import build_adamw, param_groups
-from fastmae.runtime import mask_seed
+from fastmae.seeding import mask_seed
 from fastmae.trainer import EXIT_CONFIG, NonFiniteLossError, Task, Trainer, describe_loader
 
 __all__ = ["NonFiniteLossError", "PretrainTask", "main", "make_loader", "parse_args"]
@@ -34,18 +35,9 @@ IGNORED = {"cls": "the cls section configures fine-tuning and linear probing"}
 
 
 def parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, Config]:
-    ap = argparse.ArgumentParser(
-        prog="fastmae/train.py", allow_abbrev=False,
-        description="MAE pre-training. Extra arguments are config overrides: section.key=value or "
-                    "--section.key value (sections: model, mask, data, optim, train).",
-    )
-    ap.add_argument("--ds_config", default="zero2.json",
-                    help="DeepSpeed JSON: a bundled name (zero1.json, zero2.json, zero3.json) or a path")
-    ap.add_argument("--preset", default="debug", help=f"one of: {', '.join(preset_names())}")
-    ap.add_argument("--config", default=None, help="a config JSON (e.g. config.json of an earlier run); "
-                                                   "overrides apply on top")
-    ap.add_argument("--local_rank", type=int, default=-1, help="set by the deepspeed launcher")
-    ap.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
+    ap = program_parser("fastmae/train.py", "MAE pre-training. Extra arguments are config overrides: section.key=value "
+                        "or --section.key value (sections: model, mask, data, optim, train).", "debug",
+                        f"one of: {', '.join(preset_names())}")
     args, rest = ap.parse_known_args(argv)
     if args.config:
         cfg = config_from_dict(json.loads(Path(args.config).read_text()))
@@ -72,8 +64,8 @@ class PretrainTask(Task):
     def __init__(self) -> None:
         self._seed: torch.Tensor | None = None  # the mask seed of the current micro batch, on the device
 
-    def setup(self, tr: Trainer) -> None:
-        tr.loader = make_loader(tr.cfg, tr.dist.rank, tr.dist.world_size, tr.dist.device)
+    def build_loaders(self, tr: Trainer) -> tuple[Any, None]:
+        return make_loader(tr.cfg, tr.dist.rank, tr.dist.world_size, tr.dist.device), None
 
     def build_model(self, tr: Trainer) -> nn.Module:
         return MaskedAutoencoderViT(tr.cfg.model, tr.cfg.mask)

@@ -662,12 +662,25 @@ def random_masking(
     Returns:
         x_vis (B, K, D), mask (B, N) (1 = masked), ids_restore (B, N) int64.
     """
+    x, K = _checked_tokens(x, mask_ratio, block_d)
+    pos_embed = _checked_pos_embed(pos_embed, x)
+    noise, seed_arg = _noise_or_seed(noise, seed, x)
+    strategy = DEFAULT_STRATEGY if strategy is None else strategy
+    if strategy not in STRATEGIES:
+        raise ValueError(f"unknown masking strategy {strategy!r}; valid: {', '.join(STRATEGIES)}")
+    seed_tensor = seed_arg if isinstance(seed_arg, torch.Tensor) else None
+    seed_int = 0 if seed_tensor is not None else int(seed_arg or 0)
+    return _masking_fwd_op(x, K, pos_embed, noise, seed_tensor, seed_int, block_d or 0, strategy)
+
+
+def _checked_tokens(x: torch.Tensor, mask_ratio: float, block_d: int | None) -> tuple[torch.Tensor, int]:
+    """(x with unit-stride rows, tokens kept per sample) after :func:`random_masking`'s checks of x."""
     if x.dim() != 3:
         raise ValueError(f"random_masking expects x of shape (B, N, D), got {tuple(x.shape)}")
     _check_device(x, "x")
     if x.dtype not in _NOISE_DTYPES:
         raise TypeError(f"random_masking supports float32, float16 and bfloat16 tokens, got {x.dtype}")
-    B, N, D = x.shape
+    N = x.shape[1]
     K = num_kept(N, mask_ratio)
     if not 0 < K <= N:
         raise ValueError(f"mask_ratio={mask_ratio} keeps {K} of {N} tokens")
@@ -675,22 +688,29 @@ def random_masking(
         raise ValueError(f"random_masking sorts in registers: at most {MAX_TOKENS} tokens, not {N}")
     if block_d is not None and (block_d < 1 or block_d & (block_d - 1)):
         raise ValueError(f"block_d must be a power of two, got {block_d}")
-    if x.stride(-1) != 1:
-        x = x.contiguous()
+    return (x.contiguous() if x.stride(-1) != 1 else x), K
 
-    if pos_embed is not None:
-        if tuple(pos_embed.shape) not in ((N, D), (1, N, D)):
-            shape = tuple(pos_embed.shape)
-            raise ValueError(f"pos_embed must have shape {(N, D)} or {(1, N, D)}, got {shape}")
-        if pos_embed.device != x.device:
-            raise ValueError(f"pos_embed is on {pos_embed.device}, x on {x.device}")
-        if pos_embed.dtype not in _NOISE_DTYPES:
-            raise TypeError(f"pos_embed must be float32, float16 or bfloat16, got {pos_embed.dtype}")
-        pos_embed = pos_embed.reshape(N, D)  # a view for the model's pos_embed[:, 1:, :] slice
-        if pos_embed.stride(-1) != 1:
-            pos_embed = pos_embed.contiguous()
 
-    seed_arg: torch.Tensor | int | None = None
+def _checked_pos_embed(pos_embed: torch.Tensor | None, x: torch.Tensor) -> torch.Tensor | None:
+    """``pos_embed`` as an (N, D) tensor with unit-stride rows, checked against x (B, N, D)."""
+    if pos_embed is None:
+        return None
+    _, N, D = x.shape
+    if tuple(pos_embed.shape) not in ((N, D), (1, N, D)):
+        shape = tuple(pos_embed.shape)
+        raise ValueError(f"pos_embed must have shape {(N, D)} or {(1, N, D)}, got {shape}")
+    if pos_embed.device != x.device:
+        raise ValueError(f"pos_embed is on {pos_embed.device}, x on {x.device}")
+    if pos_embed.dtype not in _NOISE_DTYPES:
+        raise TypeError(f"pos_embed must be float32, float16 or bfloat16, got {pos_embed.dtype}")
+    pos_embed = pos_embed.reshape(N, D)  # a view for the model's pos_embed[:, 1:, :] slice
+    return pos_embed.contiguous() if pos_embed.stride(-1) != 1 else pos_embed
+
+
+def _noise_or_seed(noise: torch.Tensor | None, seed: int | torch.Tensor | None,
+                   x: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor | int | None]:
+    """(contiguous float noise, None) when noise is given, else (None, the seed the kernel reads)."""
+    B, N = x.shape[0], x.shape[1]
     if noise is not None:
         if tuple(noise.shape) != (B, N):
             raise ValueError(f"noise must have shape {(B, N)}, got {tuple(noise.shape)}")
@@ -700,20 +720,12 @@ def random_masking(
             # exact ranks keep argsort(noise) (stable) and fit float32 exactly (N <= 2^24)
             ranks = torch.argsort(torch.argsort(noise, dim=1, stable=True), dim=1)
             noise = ranks.to(torch.float32)
-        noise = noise.contiguous()
-    elif seed is None:
-        seed_arg = torch.empty(1, dtype=torch.int64, device=x.device).random_()  # on device: no host sync
-    elif isinstance(seed, torch.Tensor):
+        return noise.contiguous(), None
+    if seed is None:
+        return None, torch.empty(1, dtype=torch.int64, device=x.device).random_()  # on device: no host sync
+    if isinstance(seed, torch.Tensor):
         if seed.numel() != 1 or seed.dtype != torch.int64 or seed.device != x.device:
             raise ValueError(f"a tensor seed must be one int64 element on {x.device}, got {seed.dtype} "
                              f"{tuple(seed.shape)} on {seed.device}")
-        seed_arg = seed.reshape(1)
-    else:
-        seed_arg = int(seed) % (1 << 63)  # a plain kernel argument: no tensor, no extra launch
-
-    strategy = DEFAULT_STRATEGY if strategy is None else strategy
-    if strategy not in STRATEGIES:
-        raise ValueError(f"unknown masking strategy {strategy!r}; valid: {', '.join(STRATEGIES)}")
-    seed_tensor = seed_arg if isinstance(seed_arg, torch.Tensor) else None
-    seed_int = 0 if seed_tensor is not None else int(seed_arg or 0)
-    return _masking_fwd_op(x, K, pos_embed, noise, seed_tensor, seed_int, block_d or 0, strategy)
+        return None, seed.reshape(1)
+    return None, int(seed) % (1 << 63)  # a plain kernel argument: no tensor, no extra launch

@@ -2,7 +2,7 @@
 
 Run as ``python tests/memory_runner.py OUT.jsonl [--benchmark-rows ROWS.jsonl]`` (one rank) or under
 ``torchrun --nproc_per_node N``. For each stage and gradient accumulation 1 and 2 (only 1 on several ranks) it
-builds the pre-training model, optimizer and engine as the trainer does (``fastmae.runtime``), takes one optimizer
+builds the pre-training model, optimizer and engine as the trainer does (``fastmae.engine``), takes one optimizer
 step, then measures the bytes allocated at the end of the next backward (the model states plus the gradients in
 flight; activations are freed by then) and after ``engine.destroy()``. One JSON line per (accumulation, stage,
 rank). ``--benchmark-rows`` then measures ``benchmarks/throughput.py``'s rows before and after each.
@@ -18,16 +18,10 @@ import torch
 
 import fastmae
 from fastmae.config import build_config
+from fastmae.distributed import init_distributed, shutdown_distributed
+from fastmae.engine import fill_ds_config, load_ds_config, make_engine, zero3_bucket_elements
 from fastmae.memory import allocated_bytes, estimate_memory
 from fastmae.optim import build_adamw, param_groups
-from fastmae.runtime import (
-    fill_ds_config,
-    init_distributed,
-    load_ds_config,
-    make_engine,
-    shutdown_distributed,
-    zero3_bucket_elements,
-)
 
 REPO = Path(__file__).resolve().parents[1]
 # a mid-size MAE (12 M parameters at 64 px): the per-parameter terms outweigh ZeRO's fixed buffers

@@ -19,21 +19,14 @@ import torch
 from dsutil import deepspeed_env, free_port, run_job
 from fastmae.data import dali_available
 
+from fastmae.augment import BatchAugment, BatchMixup, BatchRandomErasing, smooth_one_hot, soft_target_cross_entropy
 from fastmae.config import ClassifierConfig, ConfigError, ModelConfig, get_preset
 from fastmae.evaluation import PAD_LABEL, evaluate, load_classifier
-from fastmae.finetune import (
-    BatchAugment,
-    BatchMixup,
-    BatchRandomErasing,
-    finetune_recipe,
-    parse_program_args,
-    smooth_one_hot,
-    soft_target_cross_entropy,
-)
+from fastmae.finetune import parse_program_args
 from fastmae.lars import LARS
-from fastmae.linprobe import linprobe_recipe
 from fastmae.model import MaskedAutoencoderViT
 from fastmae.optim import build_adamw, param_groups
+from fastmae.recipes import finetune_recipe, linprobe_recipe
 from fastmae.vit import DropPath, build_classifier, layer_decay_scale, layer_id
 
 REPO = Path(__file__).resolve().parents[1]
@@ -200,7 +193,7 @@ def test_recipes_and_overrides() -> None:
         parse_program_args("fastmae/finetune.py", "x", finetune_recipe, ["--preset", "debug", "mask.ratio=0.5"])
     with pytest.raises(ConfigError, match="model.decoder_depth is not used"):
         parse_program_args("fastmae/finetune.py", "x", finetune_recipe, ["--preset", "debug", "model.decoder_depth=2"])
-    from fastmae.finetune import PROBE_IGNORED
+    from fastmae.recipes import PROBE_IGNORED
 
     with pytest.raises(ConfigError, match="cls.layer_decay is not used by linprobe"):
         parse_program_args("fastmae/linprobe.py", "x", linprobe_recipe, ["--preset", "debug", "cls.layer_decay=0.5"],
@@ -387,13 +380,14 @@ def test_finetune_kill_9_and_resume_gives_the_same_losses(env: dict[str, str], p
 def test_finetune_nonfinite_skip_progress_bar_and_toggles(env: dict[str, str], pretrained: Path,
                                                           tmp_path: Path) -> None:
     """On a terminal fine-tuning shows the progress bar; a NaN batch is skipped; compile and activation
-    checkpointing apply to the classifier's blocks."""
+    checkpointing apply to the classifier's blocks (captured with aot_eager: the graphs without the CPU's slow
+    code generation; inductor compiles the same blocks in tests/test_parallelize.py)."""
     import pty
 
     e = dict(env, MASTER_PORT=str(free_port()), FASTMAE_TEST_PROGRAM="finetune", FASTMAE_TEST_NAN_AT="2")
     args = [*FT, "--checkpoint", str(pretrained), "train.steps=4", "train.progress=true",
-            "train.on_nonfinite=skip", "train.compile=true", "train.activation_checkpointing=on",
-            f"train.output_dir={tmp_path}"]
+            "train.on_nonfinite=skip", "train.compile=true", "train.compile_backend=aot_eager",
+            "train.activation_checkpointing=on", f"train.output_dir={tmp_path}"]
     master, slave = pty.openpty()
     proc = subprocess.Popen([sys.executable, "tests/train_runner.py", *args], cwd=REPO, env=e, stdout=slave,
                             stderr=slave, close_fds=True)
@@ -410,21 +404,22 @@ def test_finetune_nonfinite_skip_progress_bar_and_toggles(env: dict[str, str], p
     code = proc.wait(timeout=300)
     out = b"".join(chunks).decode(errors="replace")
     assert code == 0, out[-4000:]
-    assert "toggles: activation checkpointing (4 blocks), torch.compile per block (4 blocks)" in out
+    assert ("toggles: activation checkpointing (4 blocks), torch.compile per block (4 blocks) with backend "
+            "aot_eager") in out
     assert "skipping a micro batch with non-finite loss at step 3" in out
     assert re.search(r"4/4 \[[0-9:<]+, *[0-9.?]+ *(step/s|s/step)\]", out), out[-2000:]  # tqdm's bar
     assert all(math.isfinite(v) for v in train_losses(tmp_path).values())
 
 
-@pytest.mark.parametrize("stage", [0, 1, 3])  # zero2.json: the one-rank test above, compiled with inductor
+@pytest.mark.parametrize("stage", [0, 1, 3])  # zero2.json: the one-rank test above
 def test_finetune_compiled_on_two_ranks_with_every_zero_config(stage: int, env: dict[str, str], pretrained: Path,
                                                                 tmp_path: Path) -> None:
     """Fine-tuning on 2 ranks with train.compile=on (every classifier block compiled, fullgraph) trains and
     validates with each bundled ZeRO config; under ZeRO-3 the blocks are leaf modules whose hook stays outside
     the compiled forward. (The aot_eager backend captures and differentiates the graphs without generating code;
-    inductor compiles the classifier's blocks in the one-rank test above.)"""
+    torchrun starts the ranks.)"""
     e = dict(env, FASTMAE_TEST_PROGRAM="finetune")
-    cmd = [str(Path(sys.executable).parent / "deepspeed"), "--num_gpus", "2", "--master_port", str(free_port()),
+    cmd = [str(Path(sys.executable).parent / "torchrun"), "--nproc_per_node", "2", "--master_port", str(free_port()),
            "tests/train_runner.py", *FT, "--ds_config", f"zero{stage}.json", "--checkpoint", str(pretrained),
            "train.steps=2", "train.compile=on", "train.compile_backend=aot_eager", f"train.output_dir={tmp_path}"]
     proc = run_job(cmd, env=e, timeout=600)

@@ -17,8 +17,8 @@ from fastmae.kernels import num_kept
 from PIL import Image
 
 from fastmae import interop, visualize
+from fastmae.augment import BatchAugment, smooth_one_hot, soft_target_cross_entropy
 from fastmae.config import ClassifierConfig, ModelConfig, get_preset
-from fastmae.finetune import BatchAugment, smooth_one_hot, soft_target_cross_entropy
 from fastmae.model import MaskedAutoencoderViT
 from fastmae.vit import DropPath, build_classifier
 
@@ -233,7 +233,7 @@ def test_batch_augment_uses_timm_mixup_and_erasing() -> None:
     _, t, _ = plain(x, torch.arange(8))
     torch.testing.assert_close(t, smooth_one_hot(torch.arange(8), 10, 0.1))
     # RandAugment for loaders with a per-sample PIL hook
-    from fastmae.finetune import randaugment_hook
+    from fastmae.augment import randaugment_hook
 
     im = Image.fromarray(np.random.default_rng(0).integers(0, 255, (64, 64, 3), dtype=np.uint8))
     out = randaugment_hook("rand-m9-mstd0.5-inc1", 64)(im)

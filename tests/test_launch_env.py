@@ -186,7 +186,7 @@ def mpirun(n: int, args: list[str], env: dict[str, str], timeout: float = 300) -
 
 PROBE = """
 import torch, torch.distributed as dist
-from fastmae.runtime import init_distributed, shutdown_distributed
+from fastmae.distributed import init_distributed, shutdown_distributed
 info = init_distributed(60)
 t = torch.tensor([float(info.rank + 1)])
 dist.all_reduce(t)
@@ -227,7 +227,7 @@ def test_deepspeed_openmpi_launcher_starts_the_training_program(tmp_path: Path) 
 def test_gpu_of_a_process_follows_what_it_sees() -> None:
     """All of a node's GPUs visible: the local rank picks one. One GPU per task (Slurm --gpus-per-task=1): each
     task uses the one it sees, whatever its local rank. Ranks that would share a card are named."""
-    from fastmae.runtime import cuda_device_index, shared_gpus
+    from fastmae.distributed import cuda_device_index, shared_gpus
 
     assert [cuda_device_index(r, 8) for r in (0, 3, 7)] == [0, 3, 7]
     assert [cuda_device_index(r, 1) for r in (0, 1, 5)] == [0, 0, 0]

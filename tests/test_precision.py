@@ -10,8 +10,8 @@ import torch
 
 import fastmae
 from fastmae.config import ConfigError
+from fastmae.engine import fill_ds_config
 from fastmae.precision import Precision
-from fastmae.runtime import fill_ds_config
 
 FILL = dict(micro_batch=8, grad_accum=2, world_size=2, clip_grad=0.0)
 

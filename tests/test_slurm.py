@@ -46,7 +46,7 @@ STRAY_PREFIXES = ("SLURM_", "SALLOC_", "SBATCH_", "SRUN_", "OMPI_", "PMI_", "PMI
 
 PROBE = """\
 import torch, torch.distributed as dist
-from fastmae.runtime import init_distributed, shutdown_distributed
+from fastmae.distributed import init_distributed, shutdown_distributed
 info = init_distributed(60)
 t = torch.tensor([float(info.rank + 1)])
 dist.all_reduce(t)
