@@ -313,7 +313,7 @@ def test_data_throughput_reports_idle_and_busy_main_thread_rates(tmp_path: Path)
     res = subprocess.run([sys.executable, str(REPO / "benchmarks" / "data_throughput.py"), "--shards",
                           str(bundled_sample_dir()), "--backends", ",".join(dali + ["torch", "synthetic"]),
                           "--feed-workers", "0,1", "--batch-size", "8", "--train", "debug", "--workers", "1",
-                          "--warmup", "1", "--batches", "2", "--repeats", "2", "--out", str(tmp_path)],
+                          "--warmup", "1", "--batches", "2", "--repeats", "1", "--out", str(tmp_path)],
                          capture_output=True, text=True, timeout=300, cwd=REPO)
     assert res.returncode == 0, res.stderr[-3000:]
     rows = {(r["backend"], r["source"], r["feed_workers"]): r
