@@ -1,10 +1,5 @@
 """Shared helpers of the benchmark scripts: device description, peak-rate lookup, timers, the optimizer
 and counted FLOPs.
-
-Imported by ``benchmarks/throughput.py`` and ``benchmarks/profile_step.py`` as ``common`` (the script's
-folder is first on ``sys.path``); it imports the package, never the other way round. The memory
-estimate and the performance toggles come from the package (``fastmae.memory``, ``fastmae.parallelize``)
-so the benchmark measures what training runs.
 """
 
 from __future__ import annotations

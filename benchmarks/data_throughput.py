@@ -1,44 +1,12 @@
-"""Images per second of each fastmae data loader on the same shards with the same transforms.
-
-    python benchmarks/data_throughput.py                       # ImageNet-like shards made from skimage photos
-    python benchmarks/data_throughput.py --shards "/data/imagenet/train/{000000..001023}.tar" --workers 16
-    python benchmarks/data_throughput.py --backends dali,torch --batch-size 64 --img-size 224 --out DIR
-
-Each loader runs in its own process (DALI's threads and DataLoader's forked workers do not mix, and each
-gets a fresh page cache state of its own making): it is built, iterated for ``--warmup`` batches, then
-timed over ``--repeats`` windows of ``--batches`` batches each; epochs roll over as in training. The
-table shows the median window (and min/max); images are counted as delivered on the device (CUDA:
-synchronised at the end of each window). Without ``--shards``, ``--make`` images of ImageNet's typical
-size (500x375 / 375x500, JPEG quality 90, ~100 KB) are cut from scikit-image's photographs and sharded
-once into a cache folder.
-
-Training (``--train PRESET``): each loader is timed a third time with the main thread running one MAE
-training step of the preset (forward, backward, AdamW) on every batch; the ``vs synth`` column is that rate
-over the synthetic loader's, i.e. how close training on real data comes to the model's own speed.
-
-Busy main thread: a training step keeps the training process's main thread running Python (kernel launches,
-the optimizer, logging). Each loader is timed again with the main thread spinning in pure Python after every
-batch for as long as one batch took when it was idle (``--busy-ms`` overrides): a loader whose work needs no
-time on the main thread's interpreter delivers at its idle rate, one that shares the interpreter with it at
-most at half of it (``busy / idle`` in the table; the thread-switch convoy of CPython can make it far less).
-
-Backends: ``dali`` (``device="mixed"`` nvJPEG on CUDA, the CPU operators elsewhere; ``--workers``
-threads), ``torch`` (PIL in ``--workers`` DataLoader processes), ``synthetic`` (random tensors: the
-ceiling with no decoding at all).
-
-DALI's feed (``--feed-workers``): 0 runs it on a thread of the training process (reads, header parse and crop
-boxes in Python there), N > 0 in N worker processes (DALI's parallel external source): each value is a row.
-
-Sources (``--sources``): ``local`` reads the shard files (``data.read=global``: the global shuffle, random
-reads); ``http`` streams the same shards from an HTTP server this script starts on them (Python's
-``http.server`` on 127.0.0.1; ``data.read=stream``: each rank's run of the shuffled shards, fetched just
-ahead of use into a spool folder and read from there) — the streamed reader's cost without a network's.
+"""Images per second of each fastmae data loader on the same shards with the same transforms: idle, with a
+busy main thread and (``--train PRESET``) with a training step per batch, on local and HTTP-streamed shards:
+``python benchmarks/data_throughput.py [--shards PATTERN] [--backends dali,torch] [--out DIR]``. See
+benchmarks/README.md.
 """
 
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import io
 import json
 import os
@@ -56,13 +24,6 @@ import torch
 from fastmae.data import build_loader, dali_available
 
 from fastmae.config import DataConfig
-
-
-@dataclasses.dataclass
-class _BenchDataConfig(DataConfig):
-    """DataConfig plus the resampling choice ``build_loader`` honours when present."""
-
-    interpolation: str = "bicubic"
 
 
 def make_shards(out: Path, count: int, seed: int = 0) -> Path:
@@ -101,7 +62,7 @@ def make_shards(out: Path, count: int, seed: int = 0) -> Path:
 def run_one(args: argparse.Namespace) -> dict[str, Any]:
     """Time one backend in this process."""
     device = torch.device(args.device)
-    cfg = _BenchDataConfig(
+    cfg = DataConfig(
         backend=args.only, interpolation=args.interpolation, shards=args.shards, batch_size=args.batch_size,
         num_workers=args.workers, dtype=args.dtype, synthetic_size=10**9, read=args.read,
         cache_dir=str(args.cache / "spool"), feed_workers=args.feed,

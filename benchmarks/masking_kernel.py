@@ -1,28 +1,7 @@
-"""Benchmark of the fused Triton masking kernel (CUDA only).
-
-    python benchmarks/masking_kernel.py [--out DIR] [--shapes vit_l,vit_b,vit_h] [--batch 256] [--no-compile]
-
-For the ViT-B/L/H shapes (B=256, N=196/196/256, D=768/1024/1280, bf16 tokens and bf16 pos_embed) it
-first checks the kernel against the reference on the GPU (exit 1 on any mismatch), then times, forward
-and forward+backward:
-
-* ``fused``        fastmae.kernels.random_masking, strategy ``fused`` (one kernel, Philox keys in the
-                   kernel, pos_embed add fused; every (sample, D-chunk) program re-sorts)
-* ``split``        the same with strategy ``split`` (a sort kernel, then a sort-free gather kernel)
-* ``reference``    random_masking_ref: torch.rand + two argsorts + add + gather (the official code)
-* ``ref_compiled`` the same under torch.compile
-
-Times are medians of several repeats after warm-up, measured with CUDA events two ways: ``graph``
-replays the calls captured in a CUDA graph (GPU time only) and ``eager`` launches them from Python
-(includes launch overhead, which a ~20 us kernel can see). Bandwidth is computed from the graph time
-(eager if capture failed) against the bytes that must move (see ``bytes_moved``) and compared with
-the card's device-to-device copy bandwidth, measured here with a 1 GiB copy. A small sweep of the
-kernel's ``block_d`` is reported too (``fused[block_d=..]``, ``split[block_d=..]``, forward only): the
-fastest should become ``DEFAULT_STRATEGY`` and the default block size in ``kernels/masking.py``.
-Results: a table on stdout and JSON in ``DIR/kernels.json`` (``--out``), else ``$OUT/kernels.json``,
-else ``benchmarks/results/kernels-<card>-<date>.json``. Without CUDA it prints why and exits with
-code 2. Whole run: well under a minute on an H100 (the torch.compile variants are skipped once
-``--budget-s`` is spent).
+"""Benchmark of the fused Triton masking kernel (CUDA only): checks it against the torch reference, then times
+both kernel strategies and the reference, eager and as CUDA graphs, against the card's copy bandwidth:
+``python benchmarks/masking_kernel.py [--out DIR] [--shapes vit_l,vit_b,vit_h] [--batch 256]``. See
+benchmarks/README.md.
 """
 
 from __future__ import annotations

@@ -1,14 +1,5 @@
-"""The comparison point: MAE written the way the official code (facebookresearch/mae ``models_mae.py`` with
-timm 0.3.2's ``Block``) runs it, in plain PyTorch.
-
-- masking: ``torch.rand`` noise, two ``argsort`` calls and ``gather`` (no fused kernel);
-- attention: eager ``softmax(q k^T * scale) v`` that materialises the T x T score matrix;
-- no torch.compile, no fused kernels; the benchmark runs it under the same autocast dtype and the same
-  AdamW as fastmae (the official recipe used fp16 autocast with a loss scaler; bf16 needs none).
-
-Parameter names and shapes equal fastmae's (and the official checkpoints'), so one state dict loads into
-both and the same noise gives the same loss: the benchmark compares implementations, not models.
-Kept in ``benchmarks/``, not in the package.
+"""The comparison point: MAE written the way the official code (facebookresearch/mae ``models_mae.py``) runs
+it, in plain PyTorch, with fastmae's parameter names and shapes, so one state dict loads into both.
 """
 
 from __future__ import annotations

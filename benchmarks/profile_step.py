@@ -1,22 +1,6 @@
-"""Profiling report of one MAE training step for both encoder variants: where the encoder-skip speedup
-comes from.
-
-    python benchmarks/profile_step.py --preset debug --out benchmarks/results/cpu-profile
-    python benchmarks/profile_step.py --preset mae_vit_large_patch16 --batch-size 64 --out DIR   # CUDA
-
-For fastmae's visible-only encoder ("w/o [M]") and the paper's "encoder w/ [M]" it writes to ``--out``:
-
-- ``report.md``: the time split per step (data wait, masking, encoder, decoder, loss, optimizer; encoder
-  and decoder also split into forward and backward), the top kernels by self time, the settings;
-- ``split.png``: a bar chart of that split for both variants; ``split.json``: the numbers;
-- ``trace_without_m.json.gz`` / ``trace_with_m.json.gz``: Chrome traces (Perfetto, chrome://tracing;
-  ``--no-gzip`` for plain ``.json``).
-
-The split comes from markers around the model's own calls (``encode``, ``decode``, ``loss``,
-``random_masking``), a gradient hook on the encoder output (decoder backward ends where the latent's
-gradient arrives), and the optimizer step: CUDA events on GPU (no host sync inside a step), a wall
-clock on CPU. The model is not modified: the benchmark wraps its methods. The same regions appear in
-the traces as ``torch.profiler.record_function`` ranges.
+"""Profile of one MAE training step for both encoder variants: where the encoder-skip speedup comes from.
+Writes ``report.md`` (time split, top kernels), ``split.png`` / ``split.json`` and Chrome traces to ``--out``:
+``python benchmarks/profile_step.py --preset debug --out DIR``. See benchmarks/README.md.
 """
 
 from __future__ import annotations

@@ -1,24 +1,7 @@
 """Training-step throughput of fastmae against the paper's "encoder w/ [M]" and two baselines, one process.
-
-    python benchmarks/throughput.py                         # CPU: debug + ViT-B at batch 2; CUDA: ViT-B/L/H
-    python benchmarks/throughput.py --presets mae_vit_large_patch16 --batch-size 128 --ablations --out DIR
-    python benchmarks/throughput.py --check                 # correctness: finite steps, backends agree
-
-Each row times full training steps (forward + backward + AdamW) on synthetic images after a warm-up:
-bf16 autocast on CUDA, fp32 on CPU, the median of ``--repeats`` steps timed with CUDA events (CPU: a
-synchronous wall clock). Rows:
-
-- ``fastmae``: the visible-only encoder with the best backends found (Triton masking if the kernel is
-  there, FlashAttention/SDPA, fused AdamW on CUDA);
-- ``fastmae_with_m``: the same model with ``encoder_mask_tokens=True`` (the paper's "w/ [M]", Table 1c/2);
-- ``official``: ``benchmarks/official_style.py`` (argsort+gather masking, eager softmax attention);
-- ``hf``: transformers ``ViTMAEForPreTraining`` with ``attn_implementation="sdpa"`` (when importable);
-- with ``--ablations``: fastmae with one optimisation switched in turn (masking, attention, compile,
-  fused optimizer).
-
-Every contender gets the same batch, dtype, mask ratio, norm_pix_loss and AdamW (lr, betas, weight decay,
-fused or not). FLOPs are analytic (``fastmae.flops``) and counted with ``FlopCounterMode`` on the meta
-device. Prints one table and, with ``--out``, writes ``throughput.json`` and ``throughput.md``.
+Each row times full training steps (forward + backward + AdamW) on synthetic images; ``--ablations`` flips one
+optimisation at a time and ``--check`` checks correctness. Usage:
+``python benchmarks/throughput.py [--out DIR]``. See benchmarks/README.md.
 """
 
 from __future__ import annotations

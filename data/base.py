@@ -1,11 +1,4 @@
-"""The loader interface every backend shares (:class:`ShardLoader`) and its epoch/resume bookkeeping.
-
-Module graph of ``fastmae.data`` (acyclic): ``constants``, ``index``, ``sampling`` at the bottom; ``randaug`` on
-``constants``; ``base`` on those; the backends (``torch_loader``, ``dali_pipeline``, ``synthetic``) on ``base``;
-``remote`` (fetching s3/gs/http shards) on ``index``; ``stream`` (streaming them) on ``index`` and ``remote``;
-the factory ``loader``
-(:func:`~fastmae.data.loader.build_loader`) on top.
-"""
+"""The loader interface every backend shares (:class:`ShardLoader`) and its epoch/resume bookkeeping."""
 
 from __future__ import annotations
 

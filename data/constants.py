@@ -13,3 +13,7 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 ON_ERROR = ("stop", "skip")
 # how a loader orders and reads the shards (data.read): global shuffle with random reads, or streamed
 READS = ("global", "stream")
+# data.backend: auto picks DALI when it imports, else the torch loader
+BACKENDS = ("auto", "dali", "torch", "synthetic")
+# data.read: auto streams remote shards and reads local ones globally
+READ_CHOICES = ("auto", *READS)

@@ -1,13 +1,6 @@
-"""The DALI loader: one ``@pipeline_def`` that decodes only the crop window (nvJPEG on GPU with
-``device="mixed"``, the same graph with CPU operators and ``device_id=None`` elsewhere), resizes it
-bicubically, optionally applies RandAugment (fine-tuning; DALI's ``auto_aug`` operations, see
-:mod:`fastmae.data.randaug`), flips and normalises to CHW in the output dtype.
-
-Samples enter through ``fn.external_source`` from :class:`~fastmae.data.index.ShardIndex` (the DALI
-``wds2idx`` index gives every sample's byte range), rather than through ``fn.readers.webdataset``: the
-reader shuffles only within a buffer over a contiguous slice of the data per rank and cannot restart
-mid-epoch, while this feed gives a global shuffle, exact epochs over ranks, exact resume, labels parsed
-in Python (any digit count) and the same samples, crop boxes and flips as the torch fallback loader.
+"""The DALI loader: one ``@pipeline_def`` that decodes only the crop window (nvJPEG on the GPU, the same graph
+with CPU operators elsewhere), resizes it bicubically, optionally applies RandAugment, flips and normalises,
+fed with samples and crop boxes from the shard index through ``fn.external_source``.
 """
 
 from __future__ import annotations

@@ -9,7 +9,7 @@ from typing import Any
 import torch
 
 from .base import BatchPlan, EpochLayout, ShardLoader, normalize_uint8
-from .constants import DTYPES, IMAGENET_MEAN, IMAGENET_STD, INTERPOLATIONS, MODES, READS
+from .constants import BACKENDS, DTYPES, IMAGENET_MEAN, IMAGENET_STD, INTERPOLATIONS, MODES, READ_CHOICES
 from .index import ShardError, ShardIndex, expand_shards
 from .randaug import parse_policy, unavailable_reason
 from .remote import fetch_shards, is_remote
@@ -29,9 +29,8 @@ def dali_available() -> bool:
 
 def resolve_backend(backend: str) -> str:
     """``auto`` -> ``dali`` when DALI imports, else ``torch``; others are checked and returned."""
-    valid = ("auto", "dali", "torch", "synthetic")
-    if backend not in valid:
-        raise ValueError(f"data.backend={backend!r} is not valid; valid choices: {', '.join(valid)}")
+    if backend not in BACKENDS:
+        raise ValueError(f"data.backend={backend!r} is not valid; valid choices: {', '.join(BACKENDS)}")
     if backend == "auto":
         return "dali" if dali_available() else "torch"
     if backend == "dali" and not dali_available():
@@ -57,7 +56,7 @@ def build_loader(
     ``cfg.shards == ""`` reads the bundled sample; otherwise a directory, brace pattern or glob of shards, or
     the same behind ``s3://``, ``gs://`` or ``http(s)://`` (streamed, :mod:`fastmae.data.stream`, or with
     ``cfg.read = "global"`` fetched once into ``cfg.cache_dir``, :mod:`fastmae.data.remote`).
-    Resampling is bicubic (the paper's recipe) unless ``cfg`` has ``interpolation = "bilinear"``.
+    Resampling is ``cfg.interpolation`` (bicubic: the paper's recipe).
     ``randaug`` (fine-tuning only; MAE pre-training is crop + flip): a timm RandAugment policy such as
     ``"rand-m9-mstd0.5-inc1"`` applied per training sample after the crop (:mod:`fastmae.data.randaug`); the
     torch backend needs timm for it (ImportError otherwise), the synthetic backend refuses it.
@@ -84,13 +83,13 @@ def build_loader(
             size=cfg.synthetic_size, seed=seed, rank=rank, world_size=world_size,
         )
     remote = bool(cfg.shards) and is_remote(cfg.shards)
-    read = resolve_read(getattr(cfg, "read", "auto"), remote)
-    cache_dir = getattr(cfg, "cache_dir", "") or None
+    read = resolve_read(cfg.read, remote)
+    cache_dir = cfg.cache_dir or None
     spool = None
     if remote and read == "stream":  # s3:// gs:// http(s)://: fetched just ahead of use, deleted after
         from .stream import open_stream
 
-        index, spool = open_stream(cfg.shards, cache_dir, rank, fetchers=getattr(cfg, "stream_fetchers", 4),
+        index, spool = open_stream(cfg.shards, cache_dir, rank, fetchers=cfg.stream_fetchers,
                                    log=print if rank == 0 else None)
     else:
         if remote:  # fetched once into the local cache
@@ -115,9 +114,8 @@ def build_loader(
 
 def resolve_read(read: str, remote: bool) -> str:
     """``auto`` -> ``stream`` for remote shards, ``global`` for local ones; others are checked and returned."""
-    valid = ("auto", *READS)
-    if read not in valid:
-        raise ValueError(f"data.read={read!r} is not valid; valid choices: {', '.join(valid)}")
+    if read not in READ_CHOICES:
+        raise ValueError(f"data.read={read!r} is not valid; valid choices: {', '.join(READ_CHOICES)}")
     if read == "auto":
         return "stream" if remote else "global"
     return read
@@ -128,18 +126,17 @@ def _make(backend: str, index: ShardIndex, cfg: Any, *, img_size: int, rank: int
     kwargs = dict(
         batch_size=cfg.batch_size, img_size=img_size, rank=rank, world_size=world_size, seed=seed,
         device=device, mode=mode, crop_scale=(cfg.crop_scale_min, cfg.crop_scale_max), dtype=cfg.dtype,
-        num_workers=cfg.num_workers, interpolation=getattr(cfg, "interpolation", "bicubic"), randaug=randaug,
-        drop_last=mode == "train" and getattr(cfg, "drop_last", True),
-        on_error=getattr(cfg, "on_error", "stop"), max_bad_samples=getattr(cfg, "max_bad_samples", 100),
-        read=read, shuffle_buffer=getattr(cfg, "shuffle_buffer", 10000), spool=spool,
+        num_workers=cfg.num_workers, interpolation=cfg.interpolation, randaug=randaug,
+        drop_last=mode == "train" and cfg.drop_last,
+        on_error=cfg.on_error, max_bad_samples=cfg.max_bad_samples,
+        read=read, shuffle_buffer=cfg.shuffle_buffer, spool=spool,
     )
     if backend == "dali":
         from .dali_pipeline import DaliLoader
 
-        return DaliLoader(index, feed_workers=getattr(cfg, "feed_workers", -1),
-                          hw_decoder_load=getattr(cfg, "hw_decoder_load", 0.9),
-                          preallocate_hint=(getattr(cfg, "preallocate_width_hint", 0),
-                                            getattr(cfg, "preallocate_height_hint", 0)), **kwargs)
+        return DaliLoader(index, feed_workers=cfg.feed_workers,
+                          hw_decoder_load=cfg.hw_decoder_load,
+                          preallocate_hint=(cfg.preallocate_width_hint, cfg.preallocate_height_hint), **kwargs)
     from .torch_loader import TorchLoader
 
     return TorchLoader(index, **kwargs)

@@ -1,22 +1,7 @@
-"""RandAugment for fine-tuning: a timm policy string (``"rand-m9-mstd0.5-inc1"``), run per sample after
-RandomResizedCrop by a maintained implementation on each backend.
-
-* ``dali``: NVIDIA DALI's RandAugment operations (``nvidia.dali.auto_aug.rand_augment.get_rand_augment_suite``
-  applied with ``nvidia.dali.auto_aug.core.select`` / ``signed_bin``) on the HWC uint8 crop, on the GPU with
-  ``device="mixed"`` and with CPU operators elsewhere. Which operation each sample gets, its magnitude and its
-  sign are not drawn by DALI's operator RNG but come with the sample from the feed, computed from
-  :func:`~fastmae.data.sampling.randaug_uniforms` (a pure function of seed, epoch, step and rank), so the
-  augmented batches are deterministic and an exact mid-epoch resume reproduces them.
-* ``torch``: timm's ``rand_augment_transform`` on the PIL crop in the DataLoader workers (needs timm, which
-  needs torchvision); Python's and NumPy's global RNGs, which timm draws from, are seeded per sample from the
-  same uniforms (and restored afterwards), so the torch path is deterministic and resumes exactly as well.
-
-The policy follows timm's grammar: ``rand`` then ``-``-separated ``m<magnitude>`` (0-10), ``n<ops>``,
-``mstd<magnitude std>``, ``inc<0|1>`` (increasing-magnitude op variants) and ``p<op probability>`` (timm's
-default 0.5: each chosen op is applied with this probability). The two suites differ: DALI's 14 ops
-(translate x/y, shear x/y, rotate, brightness, contrast, colour, sharpness, posterize, solarize, equalize,
-auto-contrast, identity) vs timm's 15 (no identity; invert and solarize-add instead); DALI's warps fill with
-grey 128 where timm fills with the ImageNet mean. Magnitude 10 is the top of each op's range in both.
+"""RandAugment for fine-tuning: a timm policy string (``"rand-m9-mstd0.5-inc1"``) run per sample after
+RandomResizedCrop, by DALI's ``auto_aug`` operations on the DALI backend and timm's ``rand_augment_transform``
+on the torch backend, every draw coming from the sample's (seed, epoch, step, rank) so batches resume exactly.
+See data/README.md.
 """
 
 from __future__ import annotations

@@ -1,16 +1,6 @@
-"""Shards in object storage or behind HTTP(S): ``s3://``, ``gs://``, ``http(s)://`` through fsspec.
-
-Each shard is fetched once, as one sequential read, into a local cache folder (``data.cache_dir``: put it on
-the node's NVMe), then read exactly like a local shard: the same global shuffle, exact epochs and exact
-resume (a position is a pure function of seed, epoch and samples consumed), the same DALI and torch backends.
-A shard already in the cache with the size the store reports is not fetched again, so a resumed or repeated
-run reads nothing remote but one size query per shard. Ranks on one node share the cache: each shard is
-fetched by whichever rank takes its lock first (written to a temporary name, renamed when complete, so a
-killed fetch never leaves a shard that looks whole). Each node fetches the whole dataset once.
-
-Credentials and endpoints come from the standard environment, read by the store's own library:
-``AWS_ACCESS_KEY_ID``/``AWS_SECRET_ACCESS_KEY``/``AWS_ENDPOINT_URL``/``AWS_PROFILE`` (s3fs via botocore),
-Google application-default credentials (gcsfs), nothing for public HTTP(S).
+"""Shards in object storage or behind HTTP(S) (``s3://``, ``gs://``, ``http(s)://``, through fsspec): each
+shard is fetched once per node, as one sequential read, into ``data.cache_dir`` and then read exactly like a
+local shard (``data.read=global``). See data/README.md.
 """
 
 from __future__ import annotations

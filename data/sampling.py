@@ -1,20 +1,6 @@
-"""Which samples each rank reads in each step, and the augmentation of each one.
-
-Everything here is a pure function of (seed, epoch, step, rank), shared by the DALI and torch loaders, so
-both backends read the same samples in the same order with the same crop boxes and flips, and a resumed
-run reproduces the batches of an uninterrupted one.
-
-Epoch layout (``n`` samples, ``W`` ranks, micro batch ``B``):
-
-* the epoch order is a permutation of ``0..n-1`` drawn from ``(seed, epoch)`` (identity in eval mode);
-* one step consumes ``W*B`` consecutive samples of the order, rank ``r`` taking the ``r``-th block of ``B``;
-* training (``drop_last``, as the official code's loaders): ``floor(n / (W*B))`` full steps; the ``n mod W*B``
-  samples left at the end of the order are not read that epoch (the next epoch's order differs), so every
-  step has the same shape (one compiled graph) and no sample is read twice;
-* evaluation (and training with ``data.drop_last=false``): ``ceil(n / (W*B))`` steps; the ``R`` samples of
-  the last step are split as evenly as possible (rank shares differ by at most one), so a short last batch is
-  legal. Only when ``R < W`` does a rank have no sample left: it then gets one padding sample (a copy of a
-  real one) labelled :data:`PAD_LABEL`, so all ranks take the same number of steps.
+"""Which samples each rank reads in each step, and the augmentation of each one: pure functions of (seed,
+epoch, step, rank) shared by the DALI and torch loaders, so both read the same samples with the same crops and
+flips, and a resumed run reproduces the batches of an uninterrupted one. See data/README.md.
 """
 
 from __future__ import annotations

@@ -1,15 +1,7 @@
-"""Write and verify WebDataset shards for fastmae.
-
-    python -m fastmae.data.shards write SRC OUT [--samples-per-shard N | --bytes-per-shard 1G] [--resize 256]
-    python -m fastmae.data.shards verify OUT
-
-``SRC`` is a folder in ImageNet layout (``root/<class>/<image>``, labelled by sorted class name), a flat
-folder of images (unlabelled, label 0) or a text file with one ``path [label]`` per line. Every image is
-decoded once; images that do not decode are skipped and listed in ``OUT/report.json``; anything that
-is not a plain RGB JPEG (PNG, CMYK, greyscale, EXIF-rotated, larger than ``--resize``) is re-encoded as
-RGB JPEG. Shards are ``OUT/<prefix>000000.tar`` with ``<key>.jpg`` + ``<key>.cls`` (ASCII integer), the
-DALI index ``.idx`` next to each (``wds2idx``), and ``OUT/classes.json`` (class name -> index).
-A shard is written under a temporary name and renamed when complete.
+"""Write and verify WebDataset shards for fastmae (``<key>.jpg`` + ``<key>.cls``, a DALI ``.idx`` next to each
+shard, ``classes.json``) from an ImageNet-layout folder, a flat image folder or a file list:
+``python -m fastmae.data.shards write SRC OUT [--samples-per-shard N] [--resize 256]``, then ``verify OUT``.
+See data/README.md.
 """
 
 from __future__ import annotations

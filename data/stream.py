@@ -1,17 +1,6 @@
-"""Streaming remote shards (``data.read=stream``): no copy of the dataset, each shard one sequential read.
-
-The order (:func:`fastmae.data.sampling.stream_order`) gives each rank one contiguous run of the epoch's
-shuffled shard sequence, through a seeded shuffle buffer. A rank's :class:`ShardSpool` fetches the shards of
-that run whole, in the order the rank first needs them, a little ahead of use (the batches its backend
-prefetches, plus one shard per fetcher thread), into a private folder under ``data.cache_dir``; a shard is
-deleted as soon as the last batch that needs one of its samples has been handed to the trainer. The readers
-(DataLoader workers, DALI's feed) read the local files through :class:`StreamIndex`, waiting for a shard
-that is still on its way. A rank therefore holds the shards its shuffle buffer spans and a few more, never the
-dataset, and a resumed run fetches again only the shards that still have samples to give.
-
-Before the first epoch each shard's DALI index (``x.idx`` next to ``x.tar``, written by ``python -m
-fastmae.data.shards write``) is read from the store: the sample counts fix every position of every epoch
-before any image is read (positions are a pure function of seed, epoch and samples consumed).
+"""Streaming remote shards (``data.read=stream``): no copy of the dataset; each rank fetches the shards of its
+run of the epoch's shuffled shard sequence whole, a little ahead of use, into a spool under
+``data.cache_dir``, and deletes each one once its last batch has gone to the trainer. See data/README.md.
 """
 
 from __future__ import annotations

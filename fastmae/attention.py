@@ -1,13 +1,6 @@
-"""Multi-head self-attention with one backend switch: ``flash`` | ``sdpa`` | ``math`` (| ``auto``).
-
-- ``math``: explicit ``softmax(q k^T / sqrt(d)) v``, the readable reference (what the official MAE code
-  ran through timm's old Attention).
-- ``sdpa``: ``torch.nn.functional.scaled_dot_product_attention``; on CUDA it dispatches to the
-  FlashAttention-2 kernels built into torch (bf16/fp16), on CPU to its CPU flash or math kernel.
-- ``flash``: the ``flash_attn`` package (FlashAttention-2/3), CUDA with bf16/fp16 only.
-- ``auto``: ``flash`` where it can run, else ``sdpa``.
-
-Parameter names (``qkv``, ``proj``) match timm's ``Attention`` so official checkpoints load.
+"""Multi-head self-attention with one backend switch, ``model.attention``: ``flash`` (the flash_attn package),
+``sdpa`` (torch's ``scaled_dot_product_attention``), ``math`` (the explicit-softmax reference) or ``auto``.
+The parameter names are those of timm's ``Attention``, so official checkpoints load whichever backend runs.
 """
 
 from __future__ import annotations
@@ -17,6 +10,8 @@ import functools
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from .config import ATTENTION_BACKENDS
 
 
 @functools.cache
@@ -30,7 +25,7 @@ def flash_attn_available() -> bool:
     return True
 
 
-BACKENDS = ("auto", "flash", "sdpa", "math")
+BACKENDS = ATTENTION_BACKENDS  # model.attention's choices
 
 
 def _flash_function():

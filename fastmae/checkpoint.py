@@ -1,15 +1,6 @@
-"""Training checkpoints: DeepSpeed shards + fastmae's run state, written so a crash never corrupts resume.
-
-Layout of ``output_dir/checkpoints``::
-
-    step_00001000/          DeepSpeed's files (model, ZeRO optimizer shards, lr scheduler)
-    step_00001000/fastmae_state.json   written last, by rank 0, after every rank finished: the
-                            completion marker and the run state (step, epoch, data position, config)
-    latest                  tag of the newest complete checkpoint (replaced atomically)
-
-``latest`` only ever names a directory that has its ``fastmae_state.json``; resume also double-checks and
-falls back to the newest complete directory, so a save killed half-way is simply ignored. A run on another
-number of ranks loads a universal conversion made next to it (:mod:`fastmae.checkpoint_universal`).
+"""Training checkpoints: DeepSpeed's shards plus fastmae's run state (``fastmae_state.json``, written last as
+the completion marker), saved so that a crash never corrupts resume; resume takes the newest complete one. See
+docs/failures.md.
 """
 
 from __future__ import annotations

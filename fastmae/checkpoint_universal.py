@@ -1,17 +1,6 @@
-"""Resharding a checkpoint for another number of ranks through DeepSpeed's universal checkpoint.
-
-A ZeRO checkpoint holds one optimizer shard per rank, so it only loads on the number of ranks that wrote it.
-DeepSpeed's ``ds_to_universal`` rewrites it as one folder per parameter (fp32 weights, Adam moments, step),
-which an engine started with ``{"checkpoint": {"load_universal": true}}`` loads on any number of ranks.
-
-The conversion is made once, by rank 0, next to the original::
-
-    checkpoints/step_00001000/             written by N ranks
-    checkpoints/step_00001000_universal/   its universal form (made on the first resume with M != N ranks)
-
-It is built in a hidden temporary folder and renamed into place when complete, so a conversion killed
-half-way is never loaded; a complete one is reused. It runs in a child process (the converter uses worker
-processes and prints its own progress), so a failure arrives as one error with the converter's last lines.
+"""Resharding a checkpoint for another number of ranks: rank 0 converts it once with DeepSpeed's
+``ds_to_universal`` into ``step_N_universal/`` next to it (built in a hidden folder, renamed when complete,
+then reused), which an engine with ``load_universal`` loads on any number of ranks. See docs/failures.md.
 """
 
 from __future__ import annotations

@@ -15,10 +15,12 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, Optional, Union, get_args, get_origin
 
+from .data.constants import BACKENDS as DATA_BACKENDS
+from .data.constants import DTYPES, INTERPOLATIONS, ON_ERROR, READ_CHOICES
+
 ATTENTION_BACKENDS = ("auto", "flash", "sdpa", "math")
 MASKING_BACKENDS = ("auto", "triton", "torch")
 PATCH_EMBED_ORDERS = ("gather_first", "embed_first")
-DATA_BACKENDS = ("auto", "dali", "torch", "synthetic")
 PRECISIONS = ("bf16", "fp16", "fp32")
 ON_NONFINITE = ("stop", "skip")
 AUGMENT_IMPLS = ("auto", "timm", "fastmae")
@@ -439,10 +441,10 @@ def validate(cfg: Config) -> None:
     validate_mask(cfg.mask, (m.img_size // m.patch_size) ** 2)
     d = cfg.data
     _choice("data.backend", d.backend, DATA_BACKENDS)
-    _choice("data.dtype", d.dtype, ("float32", "bfloat16", "float16"))
-    _choice("data.interpolation", d.interpolation, ("bicubic", "bilinear"))
-    _choice("data.on_error", d.on_error, ("stop", "skip"))
-    _choice("data.read", d.read, ("auto", "global", "stream"))
+    _choice("data.dtype", d.dtype, tuple(DTYPES))
+    _choice("data.interpolation", d.interpolation, INTERPOLATIONS)
+    _choice("data.on_error", d.on_error, ON_ERROR)
+    _choice("data.read", d.read, READ_CHOICES)
     _positive("data.shuffle_buffer", d.shuffle_buffer)
     _positive("data.stream_fetchers", d.stream_fetchers)
     if not 0.0 <= d.hw_decoder_load <= 1.0:

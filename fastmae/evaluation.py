@@ -1,14 +1,6 @@
-"""Top-1 / top-5 accuracy of a classifier, during fine-tuning / probing and as an evaluation-only mode.
-
-Evaluation-only mode runs a fine-tuned (or probed) model, unchanged, on any labelled shard set -- the
-paper's robustness evaluation runs the same model on ImageNet variants (resize to 256, centre crop 224)::
-
-    python -m fastmae.evaluation --checkpoint runs/finetune/best.pth --shards /data/imagenet-a/
-    torchrun --nproc_per_node 8 -m fastmae.evaluation --checkpoint ... --shards ...   # ranks split the set
-
-The checkpoint may be a fastmae classifier file (``best.pth`` of :mod:`fastmae.finetune` /
-:mod:`fastmae.linprobe`) or a timm ViT classifier state dict. Padding samples (label ``PAD_LABEL``) that
-make ranks' batches even are not counted, so every image counts once whatever the world size.
+"""Top-1 / top-5 accuracy of a classifier, during fine-tuning / probing and as an evaluation-only mode that
+runs a fine-tuned or probed checkpoint, unchanged, on any labelled shard set (e.g. ImageNet variants):
+``python -m fastmae.evaluation --checkpoint runs/finetune/best.pth --shards /data/imagenet-a/``.
 """
 
 from __future__ import annotations

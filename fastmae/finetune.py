@@ -1,33 +1,7 @@
-"""End-to-end fine-tuning of a pre-trained MAE encoder for classification, with DeepSpeed:
-
-    deepspeed fastmae/finetune.py --ds_config zero2.json --checkpoint PATH [--preset P] [k=v ...]
-
-``PATH`` is a fastmae export / run directory or an official ``mae_pretrain_vit_*.pth``; ``--preset auto``
-(the default) takes the recipe of the checkpoint's architecture. Defaults are the paper's Table 9 recipe:
-AdamW (0.9, 0.999), wd 0.05, layer-wise lr decay, 5 warm-up epochs + cosine to 1e-6, drop path, label
-smoothing 0.1, mixup 0.8 / cutmix 1.0 (switch 0.5), random erasing 0.25, global average pooling + fc_norm.
-Validation (resize 256 -> centre crop 224, top-1/top-5) runs after every epoch; ``best.pth`` keeps the
-best model, DeepSpeed checkpoints (``train.resume=auto``) the latest state.
-
-Overrides are ``section.key=value`` for the sections of :mod:`fastmae.config` (``cls`` holds the classifier
-recipe); keys fine-tuning does not use (``mask``, the decoder) are refused. The loop is the shared
-:class:`~fastmae.trainer.Trainer` (resume, checkpoints, signals, non-finite policy, compile, activation
-checkpointing); :mod:`fastmae.linprobe` runs the same task with a frozen encoder.
-
-Augmentations on the batch (on the training device, so DALI and torch loaders get the same): timm's
-``Mixup`` and ``RandomErasing`` when timm imports (``cls.augment_impl=auto|timm``), else fastmae's
-small re-implementations of the same behaviour (``fastmae``). RandAugment (``cls.randaug``, a timm policy
-string) runs per sample in the training loader, after the crop (:mod:`fastmae.data.randaug`): DALI's
-``auto_aug`` operations on the DALI backend, timm's ``rand_augment_transform`` on the torch backend (skipped,
-and logged as such, where timm does not import); the start-up log says which.
-
-Where this differs from the official ``main_finetune.py``: DeepSpeed (bf16/fp32, ZeRO) instead of DDP +
-fp16 AMP; erasing and mixup run on the device batch (same distributions); training batches are full (as the
-official ``drop_last=True``); with ``data.drop_last=false`` and timm's mixup an odd (last, short) batch is only
-label-smoothed and padding samples that even out ranks' last batches get loss weight 0; validation counts
-each sample once (the official distributed eval counts duplicates); the
-mixup/cutmix/erasing random streams are not restored on resume (weights, optimizer, schedule, data position,
-crops, flips and RandAugment are); ``best.pth`` holds the fp32 master weights.
+"""End-to-end fine-tuning of a pre-trained MAE encoder for classification with DeepSpeed, on the paper's
+Table 9 recipe (validation every epoch, ``best.pth`` kept) and the shared trainer:
+``deepspeed fastmae/finetune.py --ds_config zero2.json --checkpoint PATH [--preset P] [k=v ...]``, where
+``PATH`` is a fastmae export or run folder or an official ``mae_pretrain_vit_*.pth``. See docs/evaluation.md.
 """
 
 from __future__ import annotations

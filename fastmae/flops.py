@@ -1,13 +1,5 @@
-"""Analytic FLOPs of MAE per image, accounting for the mask ratio.
-
-Convention: one multiply-add = 2 FLOPs. Counted: every matmul (patch embedding, qkv, attention scores,
-attention x values, projections, MLPs, decoder embedding and prediction). Not counted: LayerNorm,
-softmax, GELU, residual adds, the loss (a few % of the total, and not counted by
-``torch.utils.flop_counter.FlopCounterMode`` either, which is what the tests compare against).
-
-Training FLOPs = forward + backward, where backward costs 2x forward for every layer whose input needs a
-gradient; the patch embedding only needs its weight gradient (its input is the image), so its backward
-is 1x forward.
+"""Analytic FLOPs of MAE per image, accounting for the mask ratio: forward and training (forward + backward)
+FLOPs of every matmul, one multiply-add counted as 2 FLOPs.
 """
 
 from __future__ import annotations

@@ -1,22 +1,7 @@
-"""Checkpoints in and out: official MAE files, fastmae exports and DeepSpeed runs in; timm state dicts out.
-
-Every file is read with ``torch.load(..., weights_only=True)``: a checkpoint can hold tensors, numbers,
-strings, lists and dicts (plus ``argparse.Namespace``, which the official training scripts store as
-``args`` and which only sets attributes), and nothing else. A file with any other pickled object is
-refused with :class:`UnsafeCheckpointError` and nothing in it runs.
-
-What loads (all share the official MAE / timm parameter names, so no renaming happens):
-
-* ``mae_pretrain_vit_{base,large,huge}.pth`` -- encoder only (``{"model": sd}``): fine-tuning, probing;
-* ``mae_visualize_vit_*.pth`` and fastmae exports -- encoder and decoder: also reconstructions;
-* a fastmae checkpoint directory (``runs/x/checkpoints[/step_N]``) -- consolidated from ZeRO shards;
-* a timm ViT state dict or a fastmae fine-tuned classifier (``head``/``fc_norm`` included).
-
-CLI::
-
-    python -m fastmae.interop info CKPT
-    python -m fastmae.interop export-timm CKPT OUT.pth      # encoder (or classifier) as a timm state dict
-    python -m fastmae.interop convert CKPT OUT.pth          # any of the above -> one fastmae file
+"""Checkpoints in and out: official MAE files, fastmae exports and DeepSpeed runs in, timm state dicts out;
+every file is read with ``torch.load(weights_only=True)`` and any other pickled object is refused with
+:class:`UnsafeCheckpointError`. CLI: ``python -m fastmae.interop info CKPT``, ``export-timm CKPT OUT.pth``,
+``convert CKPT OUT.pth``. See docs/evaluation.md.
 """
 
 from __future__ import annotations

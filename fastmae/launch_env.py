@@ -1,36 +1,7 @@
-"""This process's place in the job (rank, world size, local rank, rendezvous address) from whichever launcher
-started it: torchrun or the deepspeed launcher, Open MPI's mpirun, MPICH / Intel MPI (Hydra, PMI), or a Slurm
-``srun`` job step.
-
-Only torchrun and the deepspeed launcher export ``RANK``/``WORLD_SIZE``; ``srun``, ``mpirun`` and
-``deepspeed --launcher openmpi|slurm|mpich|impi`` start every process without them, and filling in "rank 0 of 1"
-there makes every process train alone. :func:`discover` reads the launcher's own variables instead and
-:func:`export` writes the torch ones, so ``init_process_group`` (env://) and DeepSpeed's ``init_distributed``
-see the real job.
-
-Precedence, first complete source wins: torch variables (``RANK`` + ``WORLD_SIZE``), Open MPI
-(``OMPI_COMM_WORLD_*``), MPICH / Intel MPI (``PMI_RANK`` + ``PMI_SIZE``), a Slurm job step (``SLURM_PROCID``
-with ``SLURM_STEP_ID``; a batch script or an ``salloc`` shell is not a step, whatever ``SLURM_NTASKS`` says).
-
-Consistency, checked against every other source present (:class:`LaunchError` names the variables):
-
-* a rank/size pair half set (``RANK`` without ``WORLD_SIZE``, ...), a non-integer value, a rank outside
-  ``[0, world)`` or a local rank outside ``[0, local world)`` is an error;
-* torch variables set by hand or by a job script must describe the same processes as the MPI / Slurm launcher
-  around them: same world size, same rank, same local rank. ``WORLD_SIZE=1`` left exported under
-  ``srun -n 4`` is an error, not four lone trainers. Torch variables written by a launcher that runs inside
-  each task (torchrun: ``TORCHELASTIC_RUN_ID``; deepspeed's per-node launcher: ``CROSS_RANK``) describe a
-  nested job and are not compared;
-* two MPI sources must agree the same way; an MPI source is not compared with Slurm, because ``mpirun`` in a
-  Slurm allocation starts its per-node daemons with ``srun`` and the ranks inherit the daemons' step
-  variables.
-
-A value the winning source lacks (local rank, local world size, host, port) is taken from another source that
-agrees with it on world size and rank. The rendezvous host is ``MASTER_ADDR`` when set, else 127.0.0.1 when
-every rank is on this host, else the first host of the Slurm step's node list, else (MPI on several hosts)
-rank 0's address broadcast through mpi4py, else an error. The port is ``MASTER_PORT`` when set, else one
-derived from the Slurm job and step ids (the same in every task of a step, different for neighbouring jobs),
-else 29500.
+"""This process's place in the job (rank, world size, local rank, rendezvous address), read from whichever
+launcher started it (torchrun or the deepspeed launcher, Open MPI's mpirun, MPICH / Intel MPI, a Slurm
+``srun`` step), checked for contradictions and exported as the torch variables that ``init_process_group`` and
+DeepSpeed read. See docs/launching.md.
 """
 
 from __future__ import annotations

@@ -1,29 +1,6 @@
-"""Analytic GPU memory estimate of MAE training per rank: the model states DeepSpeed holds + activations.
-
-Model states for P trainable parameters on W data-parallel ranks, in bytes, as measured on DeepSpeed 0.19's fp32
-engine (``train.precision`` bf16 or fp32; live tensor storages after a step, at the end of the next backward):
-
-* ZeRO-0: weights 4P + gradients 4P + AdamW m, v 8P = 16P (nothing partitioned);
-* ZeRO-1/2: weights 4P + a flat fp32 copy of this rank's partition 4P/W (DeepSpeed keeps it even for fp32
-  weights) + gradients 4P/W (reduced into partitioned buffers) + AdamW 8P/W = 20P on one rank;
-* ZeRO-3: weights 4P/W + fp32 partition 4P/W + gradients 4P/W + AdamW 8P/W + the gradient bucket
-  (4 bytes x ``reduce_bucket_size`` with ``contiguous_gradients``: 200 MB with the bundled ``zero3.json``,
-  2 GB at DeepSpeed's default) = 20P/W + 200 MB.
-
-ZeRO-1 with gradient accumulation keeps four more full fp32 copies of the gradients between micro batches
-(+16P, measured on one rank; ZeRO-2 accumulates into its partitions): prefer ZeRO-2 when accumulating.
-``fp16`` (DeepSpeed's fp16 mode, not measurable on CPU) halves weights and gradients and keeps fp32 master
-weights with the AdamW states (12P, ZeRO-1/2/3: 12P/W). Under bf16 autocast every weight is also cast to bf16
-once per step and the copy is kept for backward (2P, in full even under ZeRO-3, since each block's gathered
-weights are cast): counted apart as ``weight_copies``, memory of the activation peak, not a model state.
-
-Activations kept for backward by one pre-norm block, per token, with e bytes per activation element (2 for
-bf16/fp16), n bytes per LayerNorm input/output element (4 under bf16 autocast: LayerNorm runs in fp32 and the
-residual stream stays fp32; e otherwise) and width h (no dropout in MAE): LayerNorm inputs 2nh + LayerNorm
-outputs 2nh + q, k, v 3eh + attention output eh + fc1 output 4eh + GELU output 4eh, plus fp32 LayerNorm
-statistics (16 B) and the attention's fp32 log-sum-exp per head (FlashAttention/SDPA) - or the full softmax,
-e * heads * tokens, with ``math`` attention. With activation checkpointing a block keeps only its input (nh per
-token) and one block at a time is recomputed.
+"""Analytic GPU memory estimate of MAE training per rank: the model states DeepSpeed holds for each ZeRO stage
+and precision (as measured on DeepSpeed 0.19's fp32 engine) plus the activations backward keeps, with and
+without activation checkpointing. See docs/training.md (memory and activation checkpointing).
 """
 
 from __future__ import annotations

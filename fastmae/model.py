@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .config import MaskConfig, ModelConfig, validate_mask, validate_model
+from .config import MASKING_BACKENDS, MaskConfig, ModelConfig, validate_mask, validate_model
 from .kernels import num_kept, random_masking_ref, triton_available
 from .layers import Block, PatchEmbed, init_vit_weights, sincos_2d
 
@@ -23,8 +23,8 @@ def resolve_masking_backend(backend: str, device: torch.device | str) -> str:
         return "triton" if device.type == "cuda" and triton_available() else "torch"
     if backend == "triton" and not triton_available():
         raise RuntimeError("mask.backend=triton needs the triton package; use mask.backend=torch or auto")
-    if backend not in ("triton", "torch"):
-        raise ValueError(f"unknown masking backend {backend!r}; valid: auto, triton, torch")
+    if backend not in MASKING_BACKENDS:
+        raise ValueError(f"unknown masking backend {backend!r}; valid: {', '.join(MASKING_BACKENDS)}")
     return backend
 
 

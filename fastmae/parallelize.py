@@ -1,18 +1,7 @@
-"""Performance toggles applied outside the model, in one place and one order (torchtitan style):
-
-1. under ZeRO-3 with compilation, every transformer block becomes a DeepSpeed "leaf" module (its parameters are
-   gathered by one eager hook on the block, none on its sub-modules), so the block's computation has no hook
-   inside it and compiles as one graph;
-2. activation checkpointing per transformer block (recompute the block in backward);
-3. ``torch.compile`` (after checkpointing, so the compiled region includes the recompute), one of
-   ``blocks`` (each block's forward, ``fullgraph=True``), ``step`` (the model's whole forward with its loss,
-   ``fullgraph=True``: masking, encoder, decoder and loss in one graph) or ``cudagraphs`` (``step`` captured as
-   CUDA graphs, ``mode="reduce-overhead"``). Shapes are static (``dynamic=False``): encoder and decoder each
-   compile once for their token count;
-4. DeepSpeed wraps the result (in the program).
-
-Every toggle keeps parameter names unchanged (``forward`` is wrapped, the module tree is not), so checkpoints
-stay in the official MAE naming.
+"""Performance toggles applied outside the model, in one place and one order (torchtitan style): ZeRO-3 leaf
+blocks, per-block activation checkpointing, then ``torch.compile`` (``blocks``, ``step`` or ``cudagraphs``),
+before DeepSpeed wraps the result; parameter names stay unchanged. See docs/architecture.md and
+docs/training.md.
 """
 
 from __future__ import annotations

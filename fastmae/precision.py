@@ -1,15 +1,6 @@
-"""fastmae's precision policy: one definition for the training programs and the benchmarks.
-
-``train.precision=bf16`` (the default) is mixed precision as in the official MAE code: **fp32 weights** (they are
-the optimizer's master weights; no second copy), the forward pass under ``torch.autocast`` in bfloat16 (matrix
-products, convolutions and attention in bf16; LayerNorm, softmax statistics and the loss in fp32), and
-**gradients accumulated over micro steps and reduced across ranks in fp32**: DeepSpeed runs an fp32 engine.
-The fixed sin-cos position embeddings stay exact fp32 tables. DeepSpeed's own ``bf16`` mode, which casts the
-whole module to bf16 and accumulates and reduces gradients in bf16 unless told otherwise, is refused for this
-reason (see :func:`fastmae.engine.fill_ds_config`).
-
-``fp32`` runs everything in fp32. ``fp16`` (cards without bf16) keeps DeepSpeed's fp16 mode, with its dynamic
-loss scaling, fp16 weights and fp32 master weights.
+"""fastmae's precision policy, one definition for the training programs and the benchmarks: ``bf16`` (the
+default) autocasts the forward pass over fp32 weights, with fp32 gradients on DeepSpeed's fp32 engine;
+``fp32`` is plain fp32; ``fp16`` keeps DeepSpeed's fp16 mode. See docs/training.md (precision).
 """
 
 from __future__ import annotations

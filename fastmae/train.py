@@ -1,10 +1,6 @@
-"""MAE pre-training with DeepSpeed: ``deepspeed fastmae/train.py --ds_config zero2.json [--preset P] [k=v ...]``.
-
-Also ``torchrun --nproc_per_node N fastmae/train.py ...``, ``srun python fastmae/train.py ...`` or
-``mpirun -n N python fastmae/train.py ...``: every launcher gives each process its rank. The program supplies
-the MAE task (data, model, AdamW with the paper's weight-decay groups, the masked-patch loss) to the shared
-:class:`~fastmae.trainer.Trainer`, which runs the loop, resume, checkpoints, metrics and signals.
-Overrides are ``section.key=value`` or ``--section.key value``.
+"""MAE pre-training with DeepSpeed: ``deepspeed fastmae/train.py --ds_config zero2.json [--preset P] [k=v ...]``
+(torchrun, srun and mpirun work too). It supplies the MAE task -- data, model, AdamW, the masked-patch loss --
+to the shared :class:`~fastmae.trainer.Trainer`, which runs the loop.
 """
 
 from __future__ import annotations

@@ -1,16 +1,7 @@
-"""Reconstruction pictures (the paper's Figures 2-4): one row per image, four panels
-
-    original | masked input | reconstruction | reconstruction + visible patches
-
-    python -m fastmae.visualize --checkpoint mae.pth [--shards DIR | --folder DIR] [--num 4]
-                                [--mask_ratio 0.75] [--seed 0] [--out reconstruction.png]
-
-The mask is a fixed function of ``--seed`` (the torch masking reference with explicit noise), so a
-picture can be redrawn identically. Masked patches in the second panel are filled with flat grey
-(:data:`BLANK`). A model trained with ``norm_pix_loss`` predicts each patch normalised by its own
-mean and variance; its prediction is mapped back with the mean and variance of the same patch of the
-original image (the only way to show it as pixels; the caption says so). Those statistics come from
-the original, including the masked patches -- a reconstruction never sees them otherwise.
+"""Reconstruction pictures (the paper's Figures 2-4): one row per image, four panels (original, masked input,
+reconstruction, reconstruction + visible patches), the mask fixed by ``--seed``:
+``python -m fastmae.visualize --checkpoint mae.pth [--shards DIR | --folder DIR] [--num 4] [--out recon.png]``.
+See docs/evaluation.md.
 """
 
 from __future__ import annotations

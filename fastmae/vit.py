@@ -1,15 +1,6 @@
-"""The ViT classifier of fine-tuning and linear probing: the MAE encoder plus a pooled head.
-
-Parameter names are timm's ``VisionTransformer`` (and the official ``models_vit.py``) names, so
-
-* an MAE checkpoint (fastmae export, official ``mae_pretrain_vit_*.pth`` / ``mae_visualize_vit_*.pth``)
-  loads its encoder weights (``cls_token``, ``pos_embed``, ``patch_embed``, ``blocks``, ``norm``) directly;
-* a fine-tuned model's state dict is a timm ``vit_*_patch*_224`` state dict (``global_pool='avg'``:
-  ``fc_norm`` + ``head``; ``global_pool='token'``: ``norm`` + ``head``) and the other way round.
-
-Pooling follows the official fine-tuning default: the mean of the patch tokens, then ``fc_norm`` (the
-encoder's final ``norm`` is dropped, as in ``models_vit.py``); ``global_pool=False`` takes the cls token
-after ``norm``. Drop path rises linearly over the blocks up to ``drop_path_rate`` (timm's schedule).
+"""The ViT classifier of fine-tuning and linear probing: the MAE encoder plus a pooled head, in timm's
+``VisionTransformer`` parameter names, so MAE checkpoints load their encoder directly and a fine-tuned model's
+state dict is a timm ``vit_*_patch*_224`` one. See docs/evaluation.md.
 """
 
 from __future__ import annotations

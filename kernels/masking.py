@@ -1,51 +1,7 @@
-"""Fused per-sample random masking + gather of the visible tokens (+ position embedding) in Triton.
-
-One kernel replaces the official MAE sequence ``argsort(noise) -> argsort -> gather -> add pos_embed``:
-
-* **Forward, ``fused``** (default; ``_masking_fwd_kernel``), grid ``(B, cdiv(D, BLOCK_D))``. Each
-  program owns one sample and one chunk of ``BLOCK_D`` channels. It builds the sample's N sort keys
-  in registers, sorts them with ``tl.sort`` and gathers its ``(K, BLOCK_D)`` slab of kept rows (plus
-  ``pos_embed``) straight into ``x_vis``. Every program of a sample re-does the same sort (N <= 1024
-  int64 keys in registers, ~1k instructions per warp) instead of sharing it through memory: one
-  launch, no intermediate, and ``B * D / BLOCK_D`` programs (~800-2000 at B=256, D=768..1280) so the
-  gather, which is what costs, is spread over every SM. The first D-chunk program of each sample
-  also scatters ``mask`` and ``ids_restore``.
-* **Forward, ``split``** (``_masking_sort_kernel`` + ``_gather_rows_kernel``): one sort per sample
-  (grid ``(B,)``) writes mask, ids_restore and ``ids_keep`` (B, K) int32 (50 KB at ViT-L), then a
-  sort-free gather over ``(B, K-chunks, D-chunks)``. Two launches instead of B*D/BLOCK_D redundant
-  sorts; which one is faster on a given card is for ``benchmarks/masking_kernel.py`` to say (both give
-  identical outputs; ``DEFAULT_STRATEGY`` picks).
-* **Sort keys.** There is no ``tl.argsort``: each key is packed into one int64 as
-  ``(random or noise key) << b | index`` so that sorting the packed values sorts by key with the
-  index as tie-break (exactly torch's stable argsort), and the low bits give back the permutation.
-  Length is padded to a power of two with ``INT64_MAX`` keys, which sort after every real key.
-
-  - ``noise`` given: the float32 bits are mapped to a monotone int32 (sign-magnitude -> two's
-    complement; -0.0 equals +0.0; every NaN sorts last, as in torch), packed over a 32-bit index.
-  - otherwise: Philox (``tl.philox``) with key ``seed`` and counter ``(n, b, 0, 0)`` gives 64 random
-    bits per token, of which ``63 - log2(N_pow2)`` are used as the key (55 bits at N=196/256): a tie
-    (broken towards the lower index) has probability ~N^2 / 2^56 per sample, so the kept subset and
-    its order are uniform for all practical purposes. No [B, N] noise tensor exists. Sample b's mask
-    is a pure function of ``(seed, b, N, K)``: the training program passes one seed per (step, rank)
-    so every step, sample and rank differs and a resumed run masks exactly as the uninterrupted one.
-    An int seed is a plain kernel argument, a 1-element int64 device tensor is read by the kernel (the
-    training step passes one, so no host sync and one compiled graph serve every seed); without one, a
-    seed is drawn by torch's generator on the device (follows ``torch.manual_seed``, no sync). The torch
-    reference computes the same Philox keys (``masking_keys``): both backends mask identically.
-* **Backward** (``_masking_bwd_kernel``), grid ``(B, cdiv(N, BLOCK_N), cdiv(D, BLOCK_D))``: for every
-  token n it reads ``j = ids_restore[b, n]`` and writes ``grad_x[b, n] = grad_x_vis[b, j]`` if
-  ``j < K`` else 0. Writing every row (zeros included) means no memset, and reads by inverse
-  permutation make the big write stream contiguous; no atomics. If ``pos_embed`` is trainable,
-  ``_pos_grad_kernel`` sums the same rows over the batch in fp32 (deterministic, no atomics).
-
-Values: ``x_vis = round(float32(x) + float32(pos_embed))`` in ``promote_types(x, pos_embed)``, the same
-single rounding torch's add does, so both paths equal :func:`random_masking_ref` bit for bit.
-
-The launchers are torch custom ops (``fastmae::masking_fwd`` and its backward ops, with shape-only fake
-versions): ``torch.compile`` treats each as one node, so a whole training step compiles without a break.
-
-Runs on CUDA tensors, or on CPU tensors under the Triton interpreter (``TRITON_INTERPRET=1``), which
-is how the tests run without a GPU.
+"""Fused per-sample random masking + gather of the visible tokens (+ position embedding) in Triton: one kernel
+(or a sort and a gather kernel) replaces the official ``argsort -> argsort -> gather -> add`` sequence, bit
+for bit equal to :func:`random_masking_ref`, as torch custom ops so that whole steps compile. Runs on CUDA
+tensors, or on CPU ones under ``TRITON_INTERPRET=1``. See docs/architecture.md.
 """
 
 from __future__ import annotations

@@ -1,10 +1,5 @@
-"""Plain-torch per-sample random masking: the readable reference of the fused Triton kernel.
-
-This is the official MAE ``random_masking`` (two argsorts and a gather) with an explicit contract so the fused
-kernel in :mod:`fastmae.kernels.masking` can be checked against it element for element. With a ``seed`` the
-sort keys come from the same counter-based Philox4x32-10 the kernel runs, written in int64 torch ops: the torch
-and Triton paths then mask identically on any device, and no ``torch.Generator`` exists inside the traced
-forward (a graph break under ``torch.compile``).
+"""Plain-torch per-sample random masking: the readable reference of the fused Triton kernel in
+:mod:`fastmae.kernels.masking`, which is checked against it element for element.
 """
 
 from __future__ import annotations
