@@ -25,9 +25,10 @@ from PIL import Image
 
 from fastmae.config import DataConfig
 
+NO_DALI = "nvidia.dali not installed: pip install -e '.[dali]'"
 BACKENDS = [
     "torch",
-    pytest.param("dali", marks=pytest.mark.skipif(not dali_available(), reason="nvidia.dali not installed")),
+    pytest.param("dali", marks=pytest.mark.skipif(not dali_available(), reason=NO_DALI)),
 ]
 MEAN = torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1)
 STD = torch.tensor(IMAGENET_STD).view(1, 3, 1, 1)
@@ -273,7 +274,7 @@ def test_determinism(backend: str, ids_shards: Path) -> None:
     assert any(not torch.equal(x[1], y[1]) for x, y in zip(a, c, strict=True))
 
 
-@pytest.mark.skipif(not dali_available(), reason="nvidia.dali not installed")
+@pytest.mark.skipif(not dali_available(), reason=NO_DALI)
 def test_dali_and_torch_agree_on_the_bundled_sample() -> None:
     cfg = _cfg("torch", "", batch=16, workers=0)
     ref = _epoch(build_loader(cfg, img_size=64, seed=3))
@@ -454,7 +455,7 @@ def _check_randaug(plain: list, aug: list) -> int:
     return changed
 
 
-@pytest.mark.skipif(not dali_available(), reason="nvidia.dali not installed")
+@pytest.mark.skipif(not dali_available(), reason=NO_DALI)
 def test_dali_randaugment_augments_deterministically_and_resumes(ids_shards: Path) -> None:
     cfg = _cfg("dali", ids_shards, batch=8, drop_last=False)
     plain = _epoch(build_loader(cfg, img_size=32, seed=4))
@@ -573,7 +574,7 @@ def test_on_error_skip_replaces_bad_samples_deterministically(backend: str, tmp_
 
 # ----------------------------------------------------------------------------- DALI feed in worker processes
 
-DALI_ONLY = pytest.mark.skipif(not dali_available(), reason="nvidia.dali not installed")
+DALI_ONLY = pytest.mark.skipif(not dali_available(), reason=NO_DALI)
 
 
 @DALI_ONLY

@@ -411,7 +411,7 @@ def test_finetune_nonfinite_skip_progress_bar_and_toggles(env: dict[str, str], p
     assert all(math.isfinite(v) for v in train_losses(tmp_path).values())
 
 
-@pytest.mark.parametrize("stage", [0, 1, 3])  # zero2.json: the one-rank test above
+@pytest.mark.parametrize("stage", [0, 1, 2, 3])
 def test_finetune_compiled_on_two_ranks_with_every_zero_config(stage: int, env: dict[str, str], pretrained: Path,
                                                                 tmp_path: Path) -> None:
     """Fine-tuning on 2 ranks with train.compile=on (every classifier block compiled, fullgraph) trains and

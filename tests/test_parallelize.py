@@ -12,6 +12,18 @@ from fastmae.parallelize import apply_activation_checkpointing, apply_performanc
 from fastmae.precision import Precision
 
 
+def reset_dynamo() -> None:
+    """torch._dynamo.reset(), retried: it iterates its cache of backends while a compile context made elsewhere in
+    the process may be adding to it ("dictionary changed size during iteration")."""
+    for attempt in range(3):
+        try:
+            torch._dynamo.reset()
+            return
+        except RuntimeError:
+            if attempt == 2:
+                raise
+
+
 def _loss_and_grads(model: torch.nn.Module, imgs: torch.Tensor, noise: torch.Tensor):
     model.zero_grad()
     loss, _, _ = model(imgs, noise=noise)
@@ -76,7 +88,7 @@ def test_memory_estimate_orders_and_vit_h_fits_80gb() -> None:
 def test_blocks_trace_without_graph_breaks(backend: str, precision: str) -> None:
     """What train.compile compiles (every block, fullgraph) traces as one graph with each attention backend
     choice, in fp32 and under the bf16 autocast policy, with and without activation checkpointing."""
-    torch._dynamo.reset()
+    reset_dynamo()
     model = fastmae.create_model("debug", attention=backend)
     x = torch.randn(2, 17, model.blocks[0].attn.qkv.in_features, requires_grad=True)
     for checkpointed in (False, True):
@@ -109,7 +121,7 @@ def test_whole_training_forward_and_loss_trace_without_graph_breaks(masking: str
     """train.compile=step compiles masking, encoder, decoder and loss as one graph: no graph break with either
     masking backend (the kernel is one custom op; the torch path draws its keys from the seed tensor without a
     Generator), either patch-embedding order, under bf16 autocast, with and without activation checkpointing."""
-    torch._dynamo.reset()
+    reset_dynamo()
     model = fastmae.create_model("debug", masking=masking, patch_embed_order=order)
     imgs, seed = torch.randn(2, 3, 64, 64), torch.tensor(5)
     for checkpointed in (False, True):
@@ -126,7 +138,7 @@ def test_whole_step_compile_equals_eager_and_compiles_once() -> None:
     tensor) reuses the graph instead of recompiling."""
     from torch._dynamo.utils import counters
 
-    torch._dynamo.reset()
+    reset_dynamo()
     counters.clear()
     plain, comp = _pair(depth=1, decoder_depth=1)
     assert apply_performance_toggles(comp, False, "step") == ["torch.compile of the whole forward and loss"]
@@ -179,7 +191,7 @@ def test_classifier_blocks_with_a_drop_path_schedule_share_graphs() -> None:
         graphs.append(gm)
         return gm.forward
 
-    torch._dynamo.reset()
+    reset_dynamo()
     model = build_classifier(get_preset("debug").model, 10, drop_path=0.3)
     assert [round(b.drop_path1.p, 6) for b in model.blocks] == [0.0, 0.1, 0.2, 0.3]
     apply_performance_toggles(model, activation_checkpointing=True, compile="blocks", backend=counting)

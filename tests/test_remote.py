@@ -18,10 +18,11 @@ from storeutil import S3_CREDENTIALS, delete, start_http_server, start_s3_server
 
 from fastmae.config import DataConfig
 
-pytest.importorskip("s3fs", reason="s3fs (fastmae[remote]) is not installed")
+pytest.importorskip("s3fs", reason="s3fs not installed: pip install -e '.[remote]'")
+NO_DALI = "nvidia.dali not installed: pip install -e '.[dali]'"
 BACKENDS = [
     "torch",
-    pytest.param("dali", marks=pytest.mark.skipif(not dali_available(), reason="nvidia.dali not installed")),
+    pytest.param("dali", marks=pytest.mark.skipif(not dali_available(), reason=NO_DALI)),
 ]
 
 

@@ -390,7 +390,7 @@ def test_s3_shards_train_and_resume_after_kill_9(env: dict[str, str], tmp_path: 
     only from AWS_ENDPOINT_URL): every epoch reads each sample once across the ranks, each rank a run of whole
     shards; killed with SIGKILL after a checkpoint and resumed, the run logs the uninterrupted run's losses bit
     for bit."""
-    pytest.importorskip("s3fs", reason="s3fs (fastmae[remote]) is not installed")
+    pytest.importorskip("s3fs", reason="s3fs not installed: pip install -e '.[remote]'")
     server, endpoint = start_s3_server(tmp_path / "moto.log")
     try:
         upload(endpoint, "photos", "train", sorted(id_shards.glob("*.tar")) + sorted(id_shards.glob("*.idx")))
@@ -431,6 +431,7 @@ def test_s3_shards_train_and_resume_after_kill_9(env: dict[str, str], tmp_path: 
 
 
 def test_http_shards_train(env: dict[str, str], tmp_path: Path, id_shards: Path) -> None:
+    pytest.importorskip("aiohttp", reason="aiohttp not installed: pip install -e '.[remote]'")
     server, base = start_http_server(id_shards, tmp_path / "http.log")
     try:
         out = run(launch(1, RUNNER, ["--ds_config", "zero2.json", "data.backend=torch",
