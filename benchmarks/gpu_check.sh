@@ -86,7 +86,7 @@ if [ "$PREPARE" = 1 ]; then
 fi
 
 START=$(date +%s)
-# each part's budget, which its stage limits (with env) add up to (tests/test_benchmarks.py checks it)
+# each part's budget, which its stage limits (with env) add up to (tests/integration/test_benchmark_runs.py checks it)
 PART_BUDGETS=([1]=360 [2]=300 [3]=120)
 if [ "$PART" = all ]; then
     DEFAULT_BUDGET=$((PART_BUDGETS[1] + PART_BUDGETS[2] + PART_BUDGETS[3]))
@@ -300,9 +300,10 @@ fi
 pytest_gpu() {
     # the kernel tests whole (their CUDA paths), then every test marked gpu elsewhere (e.g. DALI "mixed")
     local files rc rc2
-    files=$(grep -l -E "mark\.gpu" tests/test_*.py 2>/dev/null | grep -v test_kernels.py)
+    files=$(grep -l -E "mark\.gpu" tests/unit/test_*.py tests/integration/test_*.py 2>/dev/null |
+        grep -v test_kernels.py)
     # shellcheck disable=SC2086
-    "$PY" -m pytest -q -rs -p no:cacheprovider ${PYTEST_EXTRA:-} tests/test_kernels.py
+    "$PY" -m pytest -q -rs -p no:cacheprovider ${PYTEST_EXTRA:-} tests/integration/test_kernels.py
     rc=$?
     [ "$rc" = 5 ] && { echo "no kernel tests collected"; rc=0; }
     if [ -n "$files" ]; then

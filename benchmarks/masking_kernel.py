@@ -318,7 +318,7 @@ def _select_device(args: argparse.Namespace) -> int:
         args.warmup, args.repeats, args.inner = 1, 1, 1
     elif not torch.cuda.is_available():
         print("benchmarks/masking_kernel.py needs CUDA: the fused masking kernel is timed on a GPU only "
-              "(its CPU correctness tests are tests/test_kernels.py under the Triton interpreter).",
+              "(its CPU correctness tests are tests/integration/test_kernels.py under the Triton interpreter).",
               file=sys.stderr)
         return 2
     return 0

@@ -54,7 +54,7 @@ setup_triton() {
 
 test_triton() {
     setup_triton
-    "$TRITON_VENV/bin/pytest" -q -n "${FASTMAE_TEST_WORKERS:-2}" tests/test_kernels.py
+    "$TRITON_VENV/bin/pytest" -q -n "${FASTMAE_TEST_WORKERS:-2}" tests/integration/test_kernels.py
 }
 
 case "${1:-}" in

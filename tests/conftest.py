@@ -1,7 +1,9 @@
-"""Test set-up shared by every test module.
+"""Test set-up shared by every test module (tests/unit, tests/integration) and the fixtures several use.
 
-Without CUDA, Triton kernels run under the Triton interpreter on CPU tensors; TRITON_INTERPRET must be set
-before triton is first imported, so it is set here, at collection time.
+The helper modules in tests/helpers are importable by name (``from dsutil import ...``): their folder goes on
+sys.path here, before any test module is imported. Without CUDA, Triton kernels run under the Triton interpreter
+on CPU tensors; TRITON_INTERPRET must be set before triton is first imported, so it is set here, at collection
+time.
 """
 
 from __future__ import annotations
@@ -9,6 +11,7 @@ from __future__ import annotations
 import os
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 # The interpreter's own bin folder first on PATH, as in an activated environment: subprocesses then find its
 # deepspeed/torchrun, and DeepSpeed's comm op is always built by the same ninja (a second ninja version on PATH
@@ -19,12 +22,17 @@ if os.environ.get("PATH", "").split(os.pathsep)[0] != _BIN:
 # two threads for the in-process tests; one each when the suite runs on parallel workers (pytest -n)
 os.environ.setdefault("OMP_NUM_THREADS", "1" if "PYTEST_XDIST_WORKER" in os.environ else "2")
 
+sys.path.insert(0, str(Path(__file__).resolve().parent / "helpers"))
+
 import torch  # noqa: E402
 
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 import pytest  # noqa: E402
+
+if TYPE_CHECKING:
+    from fastmae.model import MaskedAutoencoderViT
 
 requires_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU; its CPU twin runs instead")
 
@@ -51,3 +59,36 @@ def id_shards(tmp_path_factory: pytest.TempPathFactory) -> Path:
     (root / "list.txt").write_text("\n".join(lines) + "\n")
     write_shards(root / "list.txt", root / "shards", samples_per_shard=16, workers=1, shuffle=False, progress=False)
     return root / "shards"
+
+
+@pytest.fixture(scope="module")
+def ids_shards(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """23 gradient images of assorted sizes in 3 shards, labelled with the unique ``IDS``."""
+    from fastmae.data.shards import write_shards
+    from loaderutil import IDS
+    from loaderutil import gradient as _gradient
+    from PIL import Image
+
+    root = tmp_path_factory.mktemp("ids")
+    sizes = [(200, 150), (150, 200), (256, 256), (320, 180), (120, 160)]
+    lines = []
+    for i, lab in enumerate(IDS):
+        p = root / "src" / f"img{i}.png"
+        p.parent.mkdir(exist_ok=True)
+        Image.fromarray(_gradient(*sizes[i % len(sizes)])).save(p)
+        lines.append(f"{p} {lab}")
+    (root / "list.txt").write_text("\n".join(lines) + "\n")
+    write_shards(root / "list.txt", root / "shards", samples_per_shard=8, quality=95, workers=1,
+                 shuffle=False, progress=False)
+    return root / "shards"
+
+
+@pytest.fixture()
+def mae() -> MaskedAutoencoderViT:
+    """The small official-like MAE of the checkpoint interop tests, in eval mode."""
+    from modelutil import OFFICIAL_LIKE
+
+    from fastmae.model import MaskedAutoencoderViT
+
+    torch.manual_seed(0)
+    return MaskedAutoencoderViT(OFFICIAL_LIKE).eval()

@@ -1,9 +1,11 @@
 """Real servers for the remote-shard tests: an S3-compatible server (moto's server mode, a separate process)
-and a plain HTTP server, each on a free port; :func:`stop` ends them (and any other server a test starts)."""
+and a plain HTTP server, each on a free port; :func:`stop` ends them (and any other server a test starts). Also
+the loader settings those tests read remote shards with."""
 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import os
 import socket
 import subprocess
@@ -13,9 +15,18 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+from fastmae.config import DataConfig
+
 # what boto3 / s3fs read from the environment; the endpoint comes only from AWS_ENDPOINT_URL
 S3_CREDENTIALS = {"AWS_ACCESS_KEY_ID": "fastmae-test", "AWS_SECRET_ACCESS_KEY": "fastmae-test-secret",
                   "AWS_DEFAULT_REGION": "us-east-1"}
+
+
+def remote_loader_cfg(backend: str, shards: str, cache: Path, batch: int = 4, read: str = "global",
+                      **kw: object) -> DataConfig:
+    fields: dict[str, object] = dict(backend=backend, shards=shards, batch_size=batch, drop_last=False,
+                                     num_workers=1 if backend == "dali" else 0, cache_dir=str(cache), read=read)
+    return dataclasses.replace(DataConfig(), **{**fields, **kw})
 
 
 def free_port() -> int:

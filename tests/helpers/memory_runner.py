@@ -1,6 +1,6 @@
 """Measures what DeepSpeed really holds per rank for each bundled ZeRO config, next to fastmae's estimate.
 
-Run as ``python tests/memory_runner.py OUT.jsonl [--benchmark-rows ROWS.jsonl]`` (one rank) or under
+Run as ``python tests/helpers/memory_runner.py OUT.jsonl [--benchmark-rows ROWS.jsonl]`` (one rank) or under
 ``torchrun --nproc_per_node N``. For each stage and gradient accumulation 1 and 2 (only 1 on several ranks) it
 builds the pre-training model, optimizer and engine as the trainer does (``fastmae.engine``), takes one optimizer
 step, then measures the bytes allocated at the end of the next backward (the model states plus the gradients in
@@ -23,7 +23,7 @@ from fastmae.engine import fill_ds_config, load_ds_config, make_engine, zero3_bu
 from fastmae.memory import allocated_bytes, estimate_memory
 from fastmae.optim import build_adamw, param_groups
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 # a mid-size MAE (12 M parameters at 64 px): the per-parameter terms outweigh ZeRO's fixed buffers
 OVERRIDES = ["model.embed_dim=384", "model.num_heads=6", "model.depth=6", "model.decoder_embed_dim=256",
              "model.decoder_num_heads=8", "mask.backend=torch", "train.precision=fp32"]

@@ -413,7 +413,7 @@ def _load_benchmark() -> ModuleType:
     """benchmarks/masking_kernel.py as a module (under another name: ``kernels`` is a PyPI package's)."""
     import importlib.util
 
-    path = Path(__file__).resolve().parent.parent / "benchmarks" / "masking_kernel.py"
+    path = Path(__file__).resolve().parents[2] / "benchmarks" / "masking_kernel.py"
     spec = importlib.util.spec_from_file_location("fastmae_benchmark_kernels", path)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)

@@ -1,7 +1,8 @@
 """Shards behind s3:// (a real S3-compatible server, moto's server mode, started here) and http:// (Python's
 HTTP server): streamed (data.read=stream: the same batches as the streamed order of the local copies, shards
 fetched just ahead of use and deleted after, exact resume) and fetched once into the cache folder
-(data.read=global: read exactly like the local copies), on both backends."""
+(data.read=global: read exactly like the local copies), on both backends. URLs, cache names and a store that does
+not answer: tests/unit/test_remote_urls.py."""
 
 from __future__ import annotations
 
@@ -12,11 +13,10 @@ from pathlib import Path
 import pytest
 import torch
 from fastmae.data import ShardError, build_loader, dali_available
-from fastmae.data.remote import cache_path, expand_remote, is_remote
+from fastmae.data.remote import cache_path
 from fastmae.data.shards import write_shards
 from storeutil import S3_CREDENTIALS, delete, start_http_server, start_s3_server, stop, upload
-
-from fastmae.config import DataConfig
+from storeutil import remote_loader_cfg as _cfg
 
 pytest.importorskip("s3fs", reason="s3fs not installed: pip install -e '.[remote]'")
 NO_DALI = "nvidia.dali not installed: pip install -e '.[dali]'"
@@ -63,22 +63,8 @@ def s3_env(s3: str, monkeypatch: pytest.MonkeyPatch) -> str:
     return s3
 
 
-def _cfg(backend: str, shards: str, cache: Path, batch: int = 4, read: str = "global", **kw: object) -> DataConfig:
-    fields: dict[str, object] = dict(backend=backend, shards=shards, batch_size=batch, drop_last=False,
-                                     num_workers=1 if backend == "dali" else 0, cache_dir=str(cache), read=read)
-    return dataclasses.replace(DataConfig(), **{**fields, **kw})
-
-
 def _epoch(loader: object) -> list[tuple[torch.Tensor, torch.Tensor]]:
     return [(x.clone(), y.clone()) for x, y in loader]  # type: ignore[attr-defined]
-
-
-def test_urls_and_cache_names() -> None:
-    assert is_remote("s3://b/x.tar") and is_remote("HTTPS://h/x.tar") and is_remote("gs://b/{0..3}.tar")
-    assert not is_remote("/data/x.tar") and not is_remote("file:///data/x.tar") and not is_remote("")
-    assert expand_remote("https://h/d/{000..002}.tar") == [f"https://h/d/{i:03d}.tar" for i in range(3)]
-    a, b = cache_path("s3://one/train/0.tar", Path("/c")), cache_path("s3://two/train/0.tar", Path("/c"))
-    assert a.name == b.name == "0.tar" and a.parent != b.parent  # datasets with the same names never collide
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -287,18 +273,6 @@ def test_streamed_damaged_image_names_the_url_and_key(backend: str, s3_env: str,
     with pytest.raises(ShardError, match=f"s3://photos/damaged/000000.tar: {index.key(1)}: image"):
         _epoch(loader)
     loader.close()
-
-
-def test_an_unreachable_store_is_named(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
-    """No S3 server at the endpoint: a ShardError naming the shard and what to check, for both ways of reading."""
-    from storeutil import free_port
-
-    for k, v in {**S3_CREDENTIALS, "AWS_ENDPOINT_URL": f"http://127.0.0.1:{free_port()}",
-                 "AWS_MAX_ATTEMPTS": "1"}.items():
-        monkeypatch.setenv(k, v)
-    for read in ("stream", "global"):
-        with pytest.raises(ShardError, match=r"shard s3://nowhere/000000.tar: the store failed .*AWS_ENDPOINT_URL"):
-            build_loader(_cfg("torch", "s3://nowhere/{000000..000001}.tar", tmp_path, read=read), img_size=32)
 
 
 def test_two_streamed_loaders_of_one_process(s3_env: str, tmp_path: Path) -> None:

@@ -1,8 +1,8 @@
 """The training program through DeepSpeed on CPU (gloo), as users launch it: the README command on 1, 2 and 3
 ranks and through torchrun, ZeRO 0-3 with 2 ranks (compiled) against 1 (eager), no host sync between log steps,
 kill -9 + exact resume on the same and on another number of ranks, preemption by SIGTERM, one rank's failure
-(damaged JPEG, NaN) ending the whole job, the non-finite skip policy, resume rules, and the recipe's schedule and
-weight-decay groups."""
+(damaged JPEG, NaN) ending the whole job, the non-finite skip policy, and resume rules. The recipe's schedule and
+weight-decay groups: tests/unit/test_train_recipe.py."""
 
 from __future__ import annotations
 
@@ -29,10 +29,10 @@ import fastmae
 from fastmae import checkpoint as ckpt
 from fastmae.config import get_preset
 from fastmae.distributed import SHM_DIR
-from fastmae.optim import build_scheduler, lr_factor, param_groups, scaled_lr
+from fastmae.optim import lr_factor
 
 BIN = Path(sys.executable).parent
-RUNNER = "tests/train_runner.py"
+RUNNER = "tests/helpers/train_runner.py"
 # tiny synthetic runs: 8 images per micro batch, effective batch 16
 SMALL = ["data.backend=synthetic", "data.synthetic_size=512", "data.batch_size=8", "train.batch_size=16",
          "train.log_interval=1", "train.progress=false"]
@@ -153,53 +153,7 @@ def recorded(folder: Path) -> list[dict]:
     return [json.loads(line) for f in sorted(folder.glob("rank*.jsonl")) for line in f.read_text().splitlines()]
 
 
-# ----------------------------------------------------------------------------- recipe (no DeepSpeed)
-
-
-def test_lr_schedule_matches_formula() -> None:
-    total, warm = 100, 10
-    assert lr_factor(0, total, warm) == 0.0
-    assert lr_factor(5, total, warm) == 0.5
-    assert lr_factor(10, total, warm) == 1.0
-    assert math.isclose(lr_factor(55, total, warm), 0.5)  # half-way through the cosine
-    assert math.isclose(lr_factor(100, total, warm), 0.0, abs_tol=1e-12)
-    assert math.isclose(lr_factor(55, total, warm, min_ratio=0.1), 0.1 + 0.9 * 0.5)
-    cfg = get_preset("mae_vit_large_patch16")
-    assert scaled_lr(cfg.optim, 4096) == pytest.approx(1.5e-4 * 16)  # base_lr x 4096 / 256
-    model = torch.nn.Linear(2, 2)
-    opt = torch.optim.AdamW(model.parameters(), lr=2.0)
-    sched = build_scheduler(opt, total, warm)
-    seen = []
-    for _ in range(12):
-        seen.append(opt.param_groups[0]["lr"])
-        opt.step()
-        sched.step()
-    assert seen[:3] == [0.0, 0.2, 0.4] and math.isclose(seen[10], 2.0) and seen[11] < 2.0
-
-
-def test_weight_decay_groups_exclude_norms_biases_tokens_and_pos_embed() -> None:
-    model = fastmae.create_model("debug", encoder_mask_tokens=True)
-    groups = param_groups(model, 0.05, model.no_weight_decay())
-    decay = {n for g in groups if g["weight_decay"] > 0 for n in g["names"]}
-    no_decay = {n for g in groups if g["weight_decay"] == 0 for n in g["names"]}
-    for n in ["cls_token", "mask_token", "encoder_mask_token", "norm.weight", "norm.bias", "blocks.0.norm1.weight",
-              "blocks.0.attn.qkv.bias", "decoder_pred.bias", "patch_embed.proj.bias"]:
-        assert n in no_decay, n
-    for n in ["blocks.0.attn.qkv.weight", "blocks.0.mlp.fc1.weight", "patch_embed.proj.weight",
-              "decoder_embed.weight", "decoder_pred.weight"]:
-        assert n in decay, n
-    assert "pos_embed" not in decay | no_decay  # fixed, not trained at all
-    assert {g["weight_decay"] for g in groups} == {0.0, 0.05}
-
-
-def test_latest_never_points_at_incomplete_checkpoint(tmp_path: Path) -> None:
-    d = tmp_path / "checkpoints"
-    (d / "step_00000004").mkdir(parents=True)
-    (d / "step_00000004" / ckpt.STATE_FILE).write_text("{}")
-    (d / "step_00000008").mkdir()  # killed during the save: shards maybe, no marker
-    (d / "latest").write_text("step_00000008")
-    assert ckpt.latest_complete(d) == "step_00000004"
-    assert ckpt.complete_tags(d) == ["step_00000004"]
+# ----------------------------------------------------------------------------- the command line
 
 
 def test_config_error_exits_with_message(env: dict[str, str]) -> None:
@@ -238,7 +192,8 @@ def test_readme_command_trains_on_any_number_of_ranks(ranks: int, env: dict[str,
 
 def test_torchrun_starts_two_ranks(env: dict[str, str], tmp_path: Path) -> None:
     """torchrun starts 2 ranks; with train.compile=on every block is captured whole (fullgraph) under DeepSpeed
-    (aot_eager: the graphs without the CPU's slow code generation; inductor compiles in tests/test_parallelize.py)."""
+    (aot_eager: the graphs without the CPU's slow code generation; inductor compiles in
+    tests/integration/test_parallelize.py)."""
     cmd = [str(BIN / "torchrun"), "--nproc_per_node", "2", "--master_port", str(free_port()), "fastmae/train.py",
            "--ds_config", "zero2.json", *SMALL, "train.steps=2", "train.trackers=csv", "train.compile=on",
            "train.compile_backend=aot_eager", f"train.output_dir={tmp_path}"]
@@ -270,7 +225,7 @@ def test_zero_stage_two_ranks_compiled_match_one_rank_eager(stage: int, mode: st
     block, and the whole forward + loss as one graph. Under ZeRO-3 the whole-step mode compiles each block (a ZeRO-3
     leaf module) and says so. (With the aot_eager backend, which captures and differentiates the same graphs
     without the CPU's slow code generation; inductor compiles the blocks and the whole step in
-    tests/test_parallelize.py, against eager.)"""
+    tests/integration/test_parallelize.py, against eager.)"""
     out = run(launch(2, RUNNER, ["--ds_config", f"zero{stage}.json", *SMALL, "train.steps=5", f"train.compile={mode}",
                                  f"train.compile_backend={backend}", f"train.output_dir={tmp_path}"]), env,
               timeout=600)

@@ -40,7 +40,7 @@ def test_estimate_is_what_deepspeed_holds_on_one_rank_and_benchmark_rows_free_it
     (DeepSpeed ZeRO-2, 0, 1, the plain torch step, ZeRO-2 again): after each row the process holds what it held
     before it. An engine that is not destroyed keeps ~17 bytes per parameter through ZeRO's gradient hooks (10 MB
     for the debug MAE), which every later row would measure."""
-    _run([sys.executable, "tests/memory_runner.py", str(tmp_path / "memory.jsonl"), "--benchmark-rows",
+    _run([sys.executable, "tests/helpers/memory_runner.py", str(tmp_path / "memory.jsonl"), "--benchmark-rows",
           str(tmp_path / "rows.jsonl")])
     rows = _read(tmp_path / "memory.jsonl")
     _check_estimate(rows, 1, (0, 1, 2, 3), (1, 2))
@@ -59,7 +59,7 @@ def test_estimate_is_what_deepspeed_holds_on_two_ranks(tmp_path: Path) -> None:
     beyond the one-rank figure the estimate counts: ZeRO-2 is the default)."""
     out = tmp_path / "memory.jsonl"
     _run([str(BIN / "torchrun"), "--nproc_per_node", "2", "--master_port", str(free_port()),
-          "tests/memory_runner.py", str(out)])
+          "tests/helpers/memory_runner.py", str(out)])
     rows = _read(out)
     _check_estimate(rows, 2, (0, 2, 3), (1,))
     per_param = {r["stage"]: r["held"] / r["params"] for r in rows if r["rank"] == 0}

@@ -1,5 +1,5 @@
 """Runs a training program's main() for the tests, with optional instrumentation through the trainer's
-batch hooks. Launched like the real programs (``deepspeed --num_gpus N tests/train_runner.py ...``, torchrun,
+batch hooks. Launched like the real programs (``deepspeed --num_gpus N tests/helpers/train_runner.py ...``, torchrun,
 or plain python).
 
 * ``FASTMAE_TEST_PROGRAM``: ``train`` (default), ``finetune`` or ``linprobe``.

@@ -10,7 +10,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 # one cache for DeepSpeed's CPU comm op, compiled once per machine (~30-60 s)
 EXTENSIONS_DIR = Path(os.environ.get("TORCH_EXTENSIONS_DIR", REPO / ".cache" / "torch_extensions"))
 # one torch.compile cache for every compiled run the tests start: the same graphs compile once (~20-60 s on CPU)

@@ -1,10 +1,10 @@
-"""The DALI (CPU twin) and torch loaders: shapes, labels, normalisation, crops and flips, exact epochs with
-1 and 2 ranks, resume, determinism, agreement between the two backends, and RandAugment (fine-tuning)."""
+"""The DALI (CPU twin) and torch loaders in the test process: shapes, labels, normalisation, crops and flips,
+exact epochs with 1 and 2 ranks, resume, determinism, agreement between the two backends, bad samples, and
+RandAugment (fine-tuning). Loaders with worker processes: tests/integration/test_data_loader_workers.py."""
 
 from __future__ import annotations
 
 import dataclasses
-import gc
 from pathlib import Path
 
 import numpy as np
@@ -20,64 +20,19 @@ from fastmae.data import (
 )
 from fastmae.data.loader import IMAGENET_MEAN, IMAGENET_STD
 from fastmae.data.randaug import parse_policy, timm_available
-from fastmae.data.shards import write_shards
+from loaderutil import DALI_ONLY, IDS, NO_DALI
+from loaderutil import damaged_shard as _damaged_shard
+from loaderutil import gradient as _gradient
+from loaderutil import loader_cfg as _cfg
+from loaderutil import read_epoch as _epoch
 from PIL import Image
 
-from fastmae.config import DataConfig
-
-NO_DALI = "nvidia.dali not installed: pip install -e '.[dali]'"
 BACKENDS = [
     "torch",
     pytest.param("dali", marks=pytest.mark.skipif(not dali_available(), reason=NO_DALI)),
 ]
 MEAN = torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1)
 STD = torch.tensor(IMAGENET_STD).view(1, 3, 1, 1)
-# unique labels of varying digit counts: a label identifies its sample
-IDS = [3, 42, 7, 999, 12345, 5, 80, 123456, 64, 1, 2048, 9, 31337, 600, 11, 77, 4096, 8, 100000, 13, 250, 6,
-       70]
-
-
-def _gradient(w: int, h: int) -> np.ndarray:
-    """R grows with x, G with y: a crop's pixel values reveal its box and whether it was flipped."""
-    x = np.linspace(0, 255, w)[None, :].repeat(h, 0)
-    y = np.linspace(0, 255, h)[:, None].repeat(w, 1)
-    return np.stack([x, y, np.full_like(x, 128)], -1).round().astype(np.uint8)
-
-
-@pytest.fixture(scope="module")
-def ids_shards(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """23 gradient images of assorted sizes in 3 shards, labelled with the unique ``IDS``."""
-    root = tmp_path_factory.mktemp("ids")
-    sizes = [(200, 150), (150, 200), (256, 256), (320, 180), (120, 160)]
-    lines = []
-    for i, lab in enumerate(IDS):
-        p = root / "src" / f"img{i}.png"
-        p.parent.mkdir(exist_ok=True)
-        Image.fromarray(_gradient(*sizes[i % len(sizes)])).save(p)
-        lines.append(f"{p} {lab}")
-    (root / "list.txt").write_text("\n".join(lines) + "\n")
-    write_shards(root / "list.txt", root / "shards", samples_per_shard=8, quality=95, workers=1,
-                 shuffle=False, progress=False)
-    return root / "shards"
-
-
-def _cfg(backend: str, shards: Path | str, batch: int = 4, workers: int = 0, **kw: object) -> DataConfig:
-    return dataclasses.replace(DataConfig(), backend=backend, shards=str(shards), batch_size=batch,
-                               num_workers=max(workers, 1) if backend == "dali" else workers, **kw)
-
-
-def _epoch(loader: object) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    return [(x.clone(), y.clone()) for x, y in loader]  # type: ignore[attr-defined]
-
-
-def test_torch_loader_with_workers(ids_shards: Path) -> None:
-    gc.collect()  # no DALI pipeline (native threads) may be alive when workers fork: this test runs first
-    ref = _epoch(build_loader(_cfg("torch", ids_shards, workers=0), img_size=16, seed=2))
-    loader = build_loader(_cfg("torch", ids_shards, workers=2), img_size=16, seed=2)
-    for _ in range(2):  # persistent workers across epochs
-        loader.set_epoch(0)
-        got = _epoch(loader)
-        assert all(torch.equal(a[0], b[0]) and torch.equal(a[1], b[1]) for a, b in zip(ref, got, strict=True))
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -440,6 +395,7 @@ def test_missing_label_is_an_error_for_classification(backend: str, tmp_path: Pa
 
 # ----------------------------------------------------------------------------- RandAugment (fine-tuning)
 
+
 RANDAUG = "rand-m9-mstd0.5-inc1"
 
 
@@ -521,33 +477,6 @@ def test_normalisation_constants_are_made_once_per_device() -> None:
     torch.testing.assert_close(normalize_uint8(imgs, torch.float32), want, rtol=1e-5, atol=1e-5)
 
 
-def _labelled_tar(path: Path, samples: list[tuple[str, bytes]]) -> None:
-    import io
-    import tarfile
-
-    with tarfile.open(path, "w") as tf:
-        for n, (key, data) in enumerate(samples):
-            for ext, payload in (("cls", str(n).encode()), ("jpg", data)):
-                info = tarfile.TarInfo(f"{key}.{ext}")
-                info.size = len(payload)
-                tf.addfile(info, io.BytesIO(payload))
-
-
-def _damaged_shard(folder: Path) -> tuple[bytes, bytes]:
-    """``folder/000000.tar``: a, b, broken (a JPEG body only the decoder rejects), c, garbage (no JPEG header),
-    d, labelled 0-5; returns a good JPEG and the garbage."""
-    import io
-
-    buf = io.BytesIO()
-    Image.fromarray(_gradient(80, 60)).save(buf, "JPEG")
-    good = buf.getvalue()
-    broken = good[:300] + b"\x00" * 200 + good[500:600]
-    garbage = b"\xff\xd8\xff\xe0 not a JPEG " * 3
-    _labelled_tar(folder / "000000.tar", [("a", good), ("b", good), ("broken", broken), ("c", good),
-                                          ("garbage", garbage), ("d", good)])
-    return good, garbage
-
-
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_on_error_skip_replaces_bad_samples_deterministically(backend: str, tmp_path: Path) -> None:
     """data.on_error=skip: a damaged JPEG body (found by the decoder) and a damaged header each give their place
@@ -572,53 +501,7 @@ def test_on_error_skip_replaces_bad_samples_deterministically(backend: str, tmp_
         build_loader(dataclasses.replace(cfg, on_error="ignore"), img_size=16)
 
 
-# ----------------------------------------------------------------------------- DALI feed in worker processes
-
-DALI_ONLY = pytest.mark.skipif(not dali_available(), reason=NO_DALI)
-
-
-@DALI_ONLY
-@pytest.mark.parametrize("read", ["global", "stream"])
-def test_dali_feed_worker_processes_give_the_same_batches(read: str, ids_shards: Path) -> None:
-    """data.feed_workers > 0 (the default on a GPU): DALI's parallel external source runs the feed in spawned
-    worker processes; the batches are bit-identical to the threaded feed's, across epochs and a resume."""
-    cfg = _cfg("dali", ids_shards, batch=3, read=read, shuffle_buffer=5)
-    thread = build_loader(dataclasses.replace(cfg, feed_workers=0), img_size=16, rank=1, world_size=2, seed=7)
-    ref = _epoch(thread) + _epoch(thread)
-    procs = build_loader(dataclasses.replace(cfg, feed_workers=2), img_size=16, rank=1, world_size=2, seed=7)
-    assert procs.feed_workers == 2 and thread.feed_workers == 0
-    got = [next(iter(procs))]  # one batch, then the state of a run interrupted there
-    state = procs.state_dict()
-    got += _epoch(procs) + _epoch(procs)
-    resumed = build_loader(dataclasses.replace(cfg, feed_workers=2), img_size=16, rank=1, world_size=2, seed=7)
-    resumed.load_state_dict(state)
-    rest = _epoch(resumed)
-    assert len(got) == len(ref) and len(rest) == len(ref) // 2 - 1
-    for (xa, ya), (xb, yb) in zip(got + rest, ref + ref[1:len(ref) // 2], strict=True):
-        assert torch.equal(ya, yb) and torch.equal(xa, xb)
-    for ld in (thread, procs, resumed):
-        ld.close()
-
-
-@DALI_ONLY
-def test_dali_feed_worker_processes_name_bad_samples_and_skip_them(tmp_path: Path) -> None:
-    """A worker's ShardError reaches the training process as a ShardError naming shard and key; with
-    data.on_error=skip the replaced samples are counted as with the threaded feed."""
-    good, garbage = _damaged_shard(tmp_path)
-    shard = tmp_path / "000000.tar"
-    (tmp_path / "header").mkdir()
-    _labelled_tar(tmp_path / "header" / "000000.tar", [("a", good), ("b", good), ("c", good), ("garbage", garbage)])
-    stop = build_loader(_cfg("dali", tmp_path / "header", batch=2, drop_last=False, feed_workers=2), img_size=16,
-                        mode="eval")
-    with pytest.raises(ShardError, match=r"header/000000.tar: garbage: image header unreadable"):
-        list(stop)
-    stop.close()
-    cfg = _cfg("dali", tmp_path, batch=2, drop_last=False, on_error="skip", max_bad_samples=2, feed_workers=2)
-    loader = build_loader(cfg, img_size=16, mode="eval")
-    for _ in range(2):
-        assert [v for _, y in loader for v in y.tolist()] == [0, 1, 3, 3, 5, 5]
-        assert sorted(loader.bad_samples) == [f"{shard}:broken", f"{shard}:garbage"]
-    loader.close()
+# ----------------------------------------------------------------------------- DALI decoder settings and memory
 
 
 @DALI_ONLY
@@ -630,23 +513,6 @@ def test_dali_decoder_settings_are_checked_and_kept(ids_shards: Path) -> None:
     assert build_loader(_cfg("dali", ids_shards), img_size=16).decoder == {"hw_decoder_load": 0.9}
     with pytest.raises(ValueError, match="hw_decoder_load=1.5"):
         build_loader(_cfg("dali", ids_shards, hw_decoder_load=1.5), img_size=16)
-
-
-@DALI_ONLY
-@pytest.mark.gpu
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU for DALI's mixed (nvJPEG) decoder; "
-                                                          "test_dali_and_torch_agree_on_the_bundled_sample is the "
-                                                          "CPU twin")
-@pytest.mark.parametrize("feed_workers", [0, 2])
-def test_dali_mixed_decoding_matches_the_cpu_twin(ids_shards: Path, feed_workers: int) -> None:
-    cfg = _cfg("dali", ids_shards, batch=4, dtype="bfloat16", feed_workers=feed_workers)
-    gpu = build_loader(cfg, img_size=32, device="cuda", seed=1)
-    cpu = build_loader(cfg, img_size=32, device="cpu", seed=1)
-    for (xg, yg), (xc, yc) in zip(gpu, cpu, strict=True):
-        assert xg.device.type == "cuda" and xg.dtype == torch.bfloat16 and xc.dtype == torch.float32
-        assert torch.equal(yg.cpu(), yc)
-        assert (xg.float().cpu() - xc).abs().mean() < 0.05  # nvJPEG vs libjpeg-turbo IDCT, bf16 rounding
-    gpu.close()
 
 
 @DALI_ONLY

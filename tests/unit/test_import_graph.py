@@ -8,7 +8,7 @@ from __future__ import annotations
 import ast
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 DATA = REPO / "data"
 # source folder -> the package it installs as (pyproject.toml's package-dir)
 PACKAGES = {"fastmae": "fastmae", "data": "fastmae.data", "kernels": "fastmae.kernels"}
