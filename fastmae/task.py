@@ -3,15 +3,37 @@ optimizer, the loss of a micro batch, hooks)."""
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 import torch
 from torch import nn
 
+from .config import Config
+from .distributed import DistInfo
 from .memory import MemoryEstimate
+from .optim import StepPlan
 
-if TYPE_CHECKING:
-    from .trainer import Trainer
+
+class Trainer(Protocol):
+    """What a task may read of the trainer that runs it (:class:`fastmae.trainer.Trainer` is one)."""
+
+    cfg: Config
+    dist: DistInfo
+    plan: StepPlan
+    engine: Any  # the DeepSpeed engine; ``engine.module`` is the model
+    optimizer: Any
+    loader: Any
+    val_loader: Any
+    step: int
+    zero_stage: int
+    reduce_bucket_size: int
+
+    @property
+    def logger(self) -> Any: ...  # fastmae.metrics.MetricsLogger, or None
+
+    def autocast(self) -> Any: ...
+
+    def log0(self, *msg: Any) -> None: ...
 
 
 class Task:
