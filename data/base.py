@@ -10,7 +10,7 @@ from typing import Any, TypeVar
 import numpy as np
 import torch
 
-from .constants import DTYPES, IMAGENET_MEAN, IMAGENET_STD, INTERPOLATIONS, MODES, ON_ERROR, READS
+from .constants import DTYPES, IMAGENET_MEAN, IMAGENET_STD, MODES, READS
 from .index import ShardError, ShardIndex
 from .randaug import RandAugmentPolicy, describe, parse_policy
 from .sampling import (
@@ -136,33 +136,26 @@ class ShardLoader:
     def __init__(
         self,
         index: ShardIndex,
+        cfg: Any,
         *,
-        batch_size: int,
         img_size: int,
-        rank: int = 0,
-        world_size: int = 1,
-        seed: int = 0,
-        device: torch.device | str = "cpu",
-        mode: str = "train",
-        crop_scale: tuple[float, float] = (0.2, 1.0),
-        dtype: str = "float32",
-        num_workers: int = 2,
-        interpolation: str = "bicubic",
-        randaug: str = "",
-        drop_last: bool | None = None,
-        on_error: str = "stop",
-        max_bad_samples: int = 100,
-        read: str = "global",
-        shuffle_buffer: int = 10000,
+        rank: int,
+        world_size: int,
+        seed: int,
+        device: torch.device | str,
+        mode: str,
+        randaug: str,
+        read: str,
         spool: Any = None,
     ) -> None:
-        _check_arguments(mode=mode, rank=rank, world_size=world_size, dtype=dtype, interpolation=interpolation,
-                         batch_size=batch_size, img_size=img_size, randaug=randaug, on_error=on_error,
-                         max_bad_samples=max_bad_samples, read=read, shuffle_buffer=shuffle_buffer)
+        """``cfg``: the data config section (:class:`fastmae.config.DataConfig`, checked by
+        :func:`~fastmae.data.constants.check_section`); the rest describes this run and rank."""
+        _check_arguments(mode=mode, rank=rank, world_size=world_size, img_size=img_size, randaug=randaug, read=read)
+        batch_size = cfg.batch_size
         # global: one permutation of all samples per epoch (random reads); stream: shards shuffled and split
         # across ranks, each rank's run through a seeded shuffle buffer (sequential reads; see sampling)
         self.read = read
-        self.shuffle_buffer = int(shuffle_buffer)
+        self.shuffle_buffer = int(cfg.shuffle_buffer)
         # samples per shard: what the streamed order is made of (fixed for the loader's life)
         self._shard_sizes = (tuple(np.bincount(index.shard_of, minlength=len(index.shards)).tolist())
                              if read == "stream" else None)
@@ -171,8 +164,8 @@ class ShardLoader:
         # a sample that cannot be read or decoded: stop (naming shard and key) or skip it, i.e. put the next
         # readable sample of the dataset in its place (deterministic), until more than max_bad_samples
         # distinct samples were bad on this rank
-        self.on_error = on_error
-        self.max_bad_samples = int(max_bad_samples)
+        self.on_error = cfg.on_error
+        self.max_bad_samples = int(cfg.max_bad_samples)
         self.bad_samples: list[str] = []
         # RandAugment (a timm policy string, "" = off): see fastmae.data.randaug
         self.randaug: RandAugmentPolicy | None = parse_policy(randaug) if randaug else None
@@ -184,15 +177,15 @@ class ShardLoader:
         self.seed = seed
         self.device = torch.device(device)
         self.mode = mode
-        self.crop_scale = (float(crop_scale[0]), float(crop_scale[1]))
-        self.num_workers = num_workers
+        self.crop_scale = (float(cfg.crop_scale_min), float(cfg.crop_scale_max))
+        self.num_workers = cfg.num_workers
         # antialiased in both backends (PIL always is; DALI with antialias=True), like torchvision on PIL
-        self.interpolation = interpolation
+        self.interpolation = cfg.interpolation
         # low-precision output only on GPU: CPU runs (tests, CI) compute in float32
-        self.dtype = DTYPES[dtype] if self.device.type == "cuda" else torch.float32
+        self.dtype = DTYPES[cfg.dtype] if self.device.type == "cuda" else torch.float32
         self.num_samples = len(index)
         # training reads full global batches only (static shapes, no duplicates); evaluation reads every sample
-        self.drop_last = mode == "train" if drop_last is None else bool(drop_last)
+        self.drop_last = mode == "train" and bool(cfg.drop_last)
         if self.drop_last and self.num_samples < world_size * batch_size:
             # no full batch at all (a tiny dataset, e.g. the bundled sample on many ranks): read it whole instead
             self.drop_last = False
@@ -413,27 +406,16 @@ def normalize_uint8(imgs: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     return imgs.float().sub_(mean).div_(std).to(dtype)
 
 
-def _check_arguments(*, mode: str, rank: int, world_size: int, dtype: str, interpolation: str, batch_size: int,
-                     img_size: int, randaug: str, on_error: str, max_bad_samples: int, read: str,
-                     shuffle_buffer: int) -> None:
-    """A loader's arguments, each refused with what is valid."""
+def _check_arguments(*, mode: str, rank: int, world_size: int, img_size: int, randaug: str, read: str) -> None:
+    """A loader's run-level arguments (its config section is checked by ``check_section``), each refused with
+    what is valid."""
     if mode not in MODES:
         raise ValueError(f"mode={mode!r} is not valid; valid modes: {', '.join(MODES)}")
     if not 0 <= rank < world_size:
         raise ValueError(f"rank={rank} must lie in [0, world_size={world_size})")
-    if dtype not in DTYPES:
-        raise ValueError(f"dtype={dtype!r} is not valid; valid choices: {', '.join(DTYPES)}")
-    if interpolation not in INTERPOLATIONS:
-        raise ValueError(f"interpolation={interpolation!r} is not valid; valid: {', '.join(INTERPOLATIONS)}")
-    if batch_size <= 0 or img_size <= 0:
-        raise ValueError(f"batch_size={batch_size} and img_size={img_size} must be > 0")
+    if img_size <= 0:
+        raise ValueError(f"img_size={img_size} must be > 0")
     if randaug and mode != "train":
         raise ValueError(f"randaug={randaug!r} applies to mode='train' only (evaluation is a centre crop)")
-    if on_error not in ON_ERROR:
-        raise ValueError(f"data.on_error={on_error!r} is not valid; valid choices: {', '.join(ON_ERROR)}")
-    if max_bad_samples < 0:
-        raise ValueError(f"data.max_bad_samples={max_bad_samples} must be >= 0")
     if read not in READS:
         raise ValueError(f"data.read={read!r} is not valid here; valid choices: {', '.join(READS)}")
-    if shuffle_buffer < 1:
-        raise ValueError(f"data.shuffle_buffer={shuffle_buffer} must be >= 1")

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -17,3 +19,35 @@ READS = ("global", "stream")
 BACKENDS = ("auto", "dali", "torch", "synthetic")
 # data.read: auto streams remote shards and reads local ones globally
 READ_CHOICES = ("auto", *READS)
+
+
+def check_section(d: Any) -> None:
+    """Every value of a data config section (:class:`fastmae.config.DataConfig`), each refused as ``data.key=...``
+    with what is valid (ValueError). The config's validation and :func:`fastmae.data.build_loader` both call it."""
+
+    def choice(key: str, valid: tuple[str, ...]) -> None:
+        value = getattr(d, key)
+        if value not in valid:
+            raise ValueError(f"data.{key}={value!r} is not valid; valid choices: {', '.join(valid)}")
+
+    def positive(key: str, allow_zero: bool = False) -> None:
+        value = getattr(d, key)
+        if value < 0 or (value == 0 and not allow_zero):
+            raise ValueError(f"data.{key}={value} must be {'>= 0' if allow_zero else '> 0'}")
+
+    choice("backend", BACKENDS)
+    choice("dtype", tuple(DTYPES))
+    choice("interpolation", INTERPOLATIONS)
+    choice("on_error", ON_ERROR)
+    choice("read", READ_CHOICES)
+    for key in ("shuffle_buffer", "stream_fetchers", "batch_size", "synthetic_size"):
+        positive(key)
+    for key in ("preallocate_width_hint", "preallocate_height_hint", "max_bad_samples", "num_workers"):
+        positive(key, allow_zero=True)
+    if not 0.0 <= d.hw_decoder_load <= 1.0:
+        raise ValueError(f"data.hw_decoder_load={d.hw_decoder_load} must lie in [0, 1]")
+    if d.feed_workers < -1:
+        raise ValueError(f"data.feed_workers={d.feed_workers} must be >= 0, or -1 (auto)")
+    if not 0.0 < d.crop_scale_min <= d.crop_scale_max <= 1.0:
+        raise ValueError(f"data.crop_scale_min={d.crop_scale_min}, data.crop_scale_max={d.crop_scale_max}: "
+                         "need 0 < min <= max <= 1")

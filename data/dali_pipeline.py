@@ -24,9 +24,6 @@ from .index import ShardError, ShardIndex
 from .randaug import RandAugmentPolicy, dali_apply, dali_params, dali_suite
 from .sampling import PAD_LABEL, image_size, sample_crop
 
-# data.hw_decoder_load: the default of DALI's nvImageCodec decoders (its legacy nvJPEG decoder's 0.65 was tuned
-# for A100's 5 hardware JPEG engines; H100 has 7)
-HW_DECODER_LOAD = 0.9
 # batches DALI prepares ahead (its prefetch_queue_depth), and nvJPEG's device_memory_padding default
 PIPELINE_DEPTH = 2
 NVJPEG_DEVICE_PADDING = 16 << 20
@@ -217,7 +214,7 @@ def dali_gpu_bytes(batch: int, img_size: int, threads: int, decoder: dict[str, A
     total = (PIPELINE_DEPTH + 1) * batch * out + PIPELINE_DEPTH * batch * (3 * w * h * 3 // 5 + out)
     total += NVJPEG_DEVICE_PADDING * max(1, threads)
     if "preallocate_width_hint" in decoder:
-        total += int(batch * decoder.get("hw_decoder_load", HW_DECODER_LOAD) * 3 * w * h)
+        total += int(batch * decoder["hw_decoder_load"] * 3 * w * h)
     return total
 
 
@@ -278,14 +275,10 @@ class DaliLoader(ShardLoader):
 
     backend = "dali"
 
-    def __init__(self, index: ShardIndex, *, feed_workers: int = -1, hw_decoder_load: float = HW_DECODER_LOAD,
-                 preallocate_hint: tuple[int, int] = (0, 0), **kwargs: Any) -> None:
-        super().__init__(index, **kwargs)
-        if not 0.0 <= hw_decoder_load <= 1.0:
-            raise ValueError(f"data.hw_decoder_load={hw_decoder_load} must lie in [0, 1]")
-        if min(preallocate_hint) < 0:
-            raise ValueError(f"data.preallocate_width_hint / data.preallocate_height_hint={list(preallocate_hint)} "
-                             "must be >= 0")
+    def __init__(self, index: ShardIndex, cfg: Any, **kwargs: Any) -> None:
+        super().__init__(index, cfg, **kwargs)
+        feed_workers, hw_decoder_load = cfg.feed_workers, cfg.hw_decoder_load
+        preallocate_hint = (cfg.preallocate_width_hint, cfg.preallocate_height_hint)
         # the nvJPEG ("mixed") decoder: the share of images for the hardware JPEG decoder (A100/H100), the rest
         # on data.num_workers CPU threads (Huffman) + CUDA; the largest image (width, height) to pre-allocate
         # the hardware decoder's buffers for (0 = grow as needed)
@@ -293,8 +286,6 @@ class DaliLoader(ShardLoader):
         if preallocate_hint[0] and preallocate_hint[1]:
             self.decoder.update(preallocate_width_hint=int(preallocate_hint[0]),
                                 preallocate_height_hint=int(preallocate_hint[1]))
-        if feed_workers < -1:
-            raise ValueError(f"data.feed_workers={feed_workers} must be >= 0, or -1 (auto)")
         # worker processes that read the samples and draw the crops (DALI's parallel external source); 0: a
         # thread of the training process does it; -1: workers on a GPU, the thread on the CPU twin
         self.feed_workers = int(feed_workers) if feed_workers >= 0 else (AUTO_FEED_WORKERS if

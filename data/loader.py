@@ -9,7 +9,7 @@ from typing import Any
 import torch
 
 from .base import BatchPlan, EpochLayout, ShardLoader, normalize_uint8
-from .constants import BACKENDS, DTYPES, IMAGENET_MEAN, IMAGENET_STD, INTERPOLATIONS, MODES, READ_CHOICES
+from .constants import BACKENDS, DTYPES, IMAGENET_MEAN, IMAGENET_STD, INTERPOLATIONS, MODES, READ_CHOICES, check_section
 from .index import ShardError, ShardIndex, expand_shards
 from .randaug import parse_policy, unavailable_reason
 from .remote import fetch_shards, is_remote
@@ -64,6 +64,7 @@ def build_loader(
     Training (``mode="train"``) reads full global batches only unless ``cfg.drop_last`` is false; evaluation
     reads every sample once.
     """
+    check_section(cfg)
     backend = resolve_backend(cfg.backend)
     if randaug:
         parse_policy(randaug)  # fail on a malformed policy or mode before anything is built
@@ -121,25 +122,15 @@ def resolve_read(read: str, remote: bool) -> str:
     return read
 
 
-def _make(backend: str, index: ShardIndex, cfg: Any, *, img_size: int, rank: int, world_size: int, seed: int,
-          device: torch.device | str, mode: str, randaug: str, read: str, spool: Any) -> Any:
-    kwargs = dict(
-        batch_size=cfg.batch_size, img_size=img_size, rank=rank, world_size=world_size, seed=seed,
-        device=device, mode=mode, crop_scale=(cfg.crop_scale_min, cfg.crop_scale_max), dtype=cfg.dtype,
-        num_workers=cfg.num_workers, interpolation=cfg.interpolation, randaug=randaug,
-        drop_last=mode == "train" and cfg.drop_last,
-        on_error=cfg.on_error, max_bad_samples=cfg.max_bad_samples,
-        read=read, shuffle_buffer=cfg.shuffle_buffer, spool=spool,
-    )
+def _make(backend: str, index: ShardIndex, cfg: Any, **run: Any) -> Any:
+    """The loader of ``backend`` over ``index``: its settings from ``cfg``, this run's and rank's from ``run``."""
     if backend == "dali":
         from .dali_pipeline import DaliLoader
 
-        return DaliLoader(index, feed_workers=cfg.feed_workers,
-                          hw_decoder_load=cfg.hw_decoder_load,
-                          preallocate_hint=(cfg.preallocate_width_hint, cfg.preallocate_height_hint), **kwargs)
+        return DaliLoader(index, cfg, **run)
     from .torch_loader import TorchLoader
 
-    return TorchLoader(index, **kwargs)
+    return TorchLoader(index, cfg, **run)
 
 
 __all__ = ["BatchPlan", "EpochLayout", "ShardLoader", "build_loader", "resolve_backend", "dali_available",

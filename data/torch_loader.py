@@ -125,8 +125,8 @@ class TorchLoader(ShardLoader):
 
     backend = "torch"
 
-    def __init__(self, index: ShardIndex, **kwargs: Any) -> None:
-        super().__init__(index, **kwargs)
+    def __init__(self, index: ShardIndex, cfg: Any, **kwargs: Any) -> None:
+        super().__init__(index, cfg, **kwargs)
         self._sampler = _PlanSampler(self)
         workers = max(0, self.num_workers)
         self._dl = torch.utils.data.DataLoader(

@@ -15,8 +15,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, Optional, Union, get_args, get_origin
 
-from .data.constants import BACKENDS as DATA_BACKENDS
-from .data.constants import DTYPES, INTERPOLATIONS, ON_ERROR, READ_CHOICES
+from .data.constants import check_section as check_data_section
 
 ATTENTION_BACKENDS = ("auto", "flash", "sdpa", "math")
 MASKING_BACKENDS = ("auto", "triton", "torch")
@@ -120,7 +119,8 @@ class DataConfig:
     # DALI on GPU (nvJPEG, "mixed"): the share of images decoded by the hardware JPEG decoder (A100/H100; the
     # rest on num_workers CPU threads + CUDA), and the largest image (width, height) its buffers are
     # pre-allocated for (0 = grow as needed; ImageNet originals: 5980 x 6430; shards written with --resize 320:
-    # the longest side in them)
+    # the longest side in them). 0.9 is DALI's nvImageCodec default (its legacy nvJPEG decoder's 0.65 was tuned for
+    # A100's 5 hardware JPEG engines; H100 has 7)
     hw_decoder_load: float = 0.9
     preallocate_width_hint: int = 0
     preallocate_height_hint: int = 0
@@ -440,28 +440,10 @@ def validate(cfg: Config) -> None:
     validate_model(m)
     validate_mask(cfg.mask, (m.img_size // m.patch_size) ** 2)
     d = cfg.data
-    _choice("data.backend", d.backend, DATA_BACKENDS)
-    _choice("data.dtype", d.dtype, tuple(DTYPES))
-    _choice("data.interpolation", d.interpolation, INTERPOLATIONS)
-    _choice("data.on_error", d.on_error, ON_ERROR)
-    _choice("data.read", d.read, READ_CHOICES)
-    _positive("data.shuffle_buffer", d.shuffle_buffer)
-    _positive("data.stream_fetchers", d.stream_fetchers)
-    if not 0.0 <= d.hw_decoder_load <= 1.0:
-        raise ConfigError(f"data.hw_decoder_load={d.hw_decoder_load} must lie in [0, 1]")
-    _positive("data.preallocate_width_hint", d.preallocate_width_hint, allow_zero=True)
-    _positive("data.preallocate_height_hint", d.preallocate_height_hint, allow_zero=True)
-    if d.feed_workers < -1:
-        raise ConfigError(f"data.feed_workers={d.feed_workers} must be >= 0, or -1 (auto)")
-    _positive("data.max_bad_samples", d.max_bad_samples, allow_zero=True)
-    _positive("data.batch_size", d.batch_size)
-    _positive("data.num_workers", d.num_workers, allow_zero=True)
-    _positive("data.synthetic_size", d.synthetic_size)
-    if not 0.0 < d.crop_scale_min <= d.crop_scale_max <= 1.0:
-        raise ConfigError(
-            f"data.crop_scale_min={d.crop_scale_min}, data.crop_scale_max={d.crop_scale_max}: "
-            "need 0 < min <= max <= 1"
-        )
+    try:
+        check_data_section(d)
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
     o = cfg.optim
     _positive("optim.base_lr", o.base_lr)
     if o.lr is not None:
