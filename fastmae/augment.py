@@ -13,6 +13,8 @@ import torch
 import torch.nn.functional as F
 
 from fastmae.config import ClassifierConfig, Config
+from fastmae.data import resolve_backend
+from fastmae.data.randaug import TimmRandAugment, parse_policy, unavailable_reason
 from fastmae.evaluation import PAD_LABEL
 
 
@@ -181,8 +183,6 @@ class BatchAugment:
 def randaugment_hook(policy: str, img_size: int) -> Callable[[Any], Any]:
     """timm's RandAugment for PIL images as the torch loader builds it (hyper-parameters of timm
     ``create_transform``), drawing from the global RNGs; needs timm."""
-    from fastmae.data.randaug import TimmRandAugment, parse_policy
-
     return TimmRandAugment(parse_policy(policy), img_size).transform
 
 
@@ -191,8 +191,5 @@ def randaug_plan(cfg: Config) -> tuple[str, str]:
     cls = cfg.cls
     if not cls.randaug:
         return "", ""
-    from fastmae.data import resolve_backend
-    from fastmae.data.randaug import unavailable_reason
-
     reason = unavailable_reason(resolve_backend(cfg.data.backend))
     return ("", f"SKIPPED ({cls.randaug}): {reason}") if reason else (cls.randaug, "")

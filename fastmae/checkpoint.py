@@ -15,6 +15,8 @@ from typing import Any
 import torch
 
 from . import checkpoint_universal as universal
+from .config import config_from_dict
+from .model import MaskedAutoencoderViT
 
 STATE_FILE = "fastmae_state.json"
 LATEST = "latest"
@@ -116,9 +118,6 @@ def consolidate(ckpt_path: str | Path) -> tuple[dict[str, torch.Tensor], dict[st
     sd = get_fp32_state_dict_from_zero_checkpoint(str(p.parent), tag=p.name)
     sd = {k.removeprefix("module."): v.float() for k, v in sd.items()}
     # fixed (non-trainable) sin-cos position embeddings are not in ZeRO's fp32 partitions: rebuild them
-    from .config import config_from_dict
-    from .model import MaskedAutoencoderViT
-
     cfg = config_from_dict(state["config"])
     with torch.device("cpu"):
         ref = MaskedAutoencoderViT(cfg.model, cfg.mask).state_dict()

@@ -15,8 +15,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from fastmae.data import build_loader
+from fastmae.data.sample import bundled_sample_dir
+
 from .config import ConfigError, DataConfig, ModelConfig, get_preset
 from .data import PAD_LABEL  # label of padding samples (never counted)
+from .interop import checkpoint_kind, infer_model_config, load_checkpoint
 from .vit import VisionTransformer, build_classifier
 
 
@@ -58,8 +62,6 @@ def evaluate(model: nn.Module, loader: Any, device: torch.device | str, max_batc
 def load_classifier(path: str | Path, preset: str = "mae_vit_large_patch16",
                     attention: str = "auto") -> tuple[VisionTransformer, dict[str, Any]]:
     """A classifier with all weights from ``path`` (fastmae classifier file or timm ViT classifier)."""
-    from .interop import checkpoint_kind, infer_model_config, load_checkpoint
-
     sd, meta = load_checkpoint(path)
     if checkpoint_kind(sd) != "classifier":
         raise ValueError(f"{path} has no classification head ({checkpoint_kind(sd)}); evaluate a fine-tuned or "
@@ -93,8 +95,6 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--max_batches", type=int, default=0, help="stop after this many batches (0 = all)")
     args = ap.parse_args(argv)
 
-    from fastmae.data import build_loader
-
     rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
     if world > 1:
         torch.distributed.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
@@ -104,8 +104,6 @@ def main(argv: list[str] | None = None) -> int:
         model, meta = load_classifier(args.checkpoint, args.preset)
         shards = args.shards
         if not shards:
-            from fastmae.data.sample import bundled_sample_dir
-
             shards = str(bundled_sample_dir("val"))
         data = DataConfig(backend=args.backend, shards=shards, batch_size=args.batch_size,
                           num_workers=args.num_workers)

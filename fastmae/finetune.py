@@ -26,8 +26,12 @@ from fastmae.config import (
     config_from_dict,
     preset_names,
 )
+from fastmae.data import build_loader
+from fastmae.data.sample import bundled_sample_dir
 from fastmae.evaluation import evaluate
 from fastmae.flops import classifier_flops
+from fastmae.interop import UnsafeCheckpointError, checkpoint_kind, infer_model_config, load_checkpoint
+from fastmae.lars import LARS
 from fastmae.memory import MemoryEstimate, estimate_memory
 from fastmae.optim import build_adamw, param_groups
 from fastmae.recipes import (
@@ -55,8 +59,6 @@ def parse_program_args(prog: str, description: str, recipe: Callable[[str], Conf
     ignored = IGNORED if ignored is None else ignored
     loaded = None
     if args.checkpoint:
-        from fastmae.interop import load_checkpoint
-
         loaded = load_checkpoint(args.checkpoint)
     if args.config:
         cfg = config_from_dict(json.loads(Path(args.config).read_text()))
@@ -64,8 +66,6 @@ def parse_program_args(prog: str, description: str, recipe: Callable[[str], Conf
         preset = args.preset if args.preset != "auto" else auto_preset(*(loaded or (None, {})))
         cfg = recipe(preset)
     if loaded is not None:  # the checkpoint's architecture wins over the preset's
-        from fastmae.interop import infer_model_config
-
         attention = cfg.model.attention
         cfg.model = infer_model_config(loaded[0], loaded[1], cfg.model)
         cfg.model.attention = attention
@@ -97,16 +97,12 @@ def full_fp32_state_dict(engine: Any, stage: int) -> dict[str, torch.Tensor]:
 
 def make_loaders(cfg: Config, rank: int, world_size: int, device: torch.device) -> tuple[Any, Any | None, str]:
     """(train loader, validation loader or None, validation shards)."""
-    from fastmae.data import build_loader
-
     cls = cfg.cls
     train = build_loader(cfg.data, img_size=cfg.model.img_size, rank=rank, world_size=world_size,
                          seed=cfg.train.seed, device=device, mode="train", randaug=randaug_plan(cfg)[0],
                          labels=True)
     val_shards = cls.val_shards
     if not val_shards and not cfg.data.shards and cfg.data.backend != "synthetic":
-        from fastmae.data.sample import bundled_sample_dir
-
         val_shards = str(bundled_sample_dir("val"))
     if not val_shards and cfg.data.backend != "synthetic":
         return train, None, ""
@@ -126,8 +122,6 @@ def build_model(cfg: Config, loaded: Any, probe: bool) -> tuple[VisionTransforme
                              drop_path=0.0 if probe else cls.drop_path, head_bn=probe)
     if loaded is None:
         return model, "random init"
-    from fastmae.interop import checkpoint_kind
-
     sd, _ = loaded
     kind = checkpoint_kind(sd)
     missing = model.load_encoder(sd)
@@ -175,8 +169,6 @@ class ClassifierTask(Task):
     def build_optimizer(self, tr: Trainer, model: nn.Module, lr: float) -> torch.optim.Optimizer:
         o = tr.cfg.optim
         if self.probe:
-            from fastmae.lars import LARS
-
             head = [p for p in model.parameters() if p.requires_grad]
             return LARS([{"params": head, "lr": lr}], lr=lr, weight_decay=o.weight_decay, momentum=o.beta1)
         depth, decay = len(model.blocks), tr.cfg.cls.layer_decay
@@ -263,8 +255,6 @@ def run(cfg: Config, ds_config_name: str = "zero2.json", loaded: Any = None, pro
 def main(argv: list[str] | None = None, probe: bool = False, hooks: list[Any] | None = None) -> int:
     """Command-line entry of fine-tuning (and, with ``probe=True``, of linear probing); returns the exit
     status (see :mod:`fastmae.trainer`)."""
-    from fastmae.interop import UnsafeCheckpointError
-
     if probe:
         prog, desc, recipe, ignored = "fastmae/linprobe.py", PROBE_DESCRIPTION, linprobe_recipe, PROBE_IGNORED
     else:

@@ -14,7 +14,9 @@ from typing import Any
 
 import torch
 
+from .checkpoint import consolidate
 from .config import Config, ModelConfig, config_from_dict, get_preset
+from .model import MaskedAutoencoderViT
 
 # (embed_dim, depth, num_heads) -> timm size name; the official MAE encoders are base/large/huge
 TIMM_SIZES: dict[tuple[int, int, int], str] = {
@@ -79,8 +81,6 @@ def load_checkpoint(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str
     """(state dict, metadata) of a checkpoint file or a fastmae DeepSpeed checkpoint directory."""
     p = Path(path)
     if p.is_dir():
-        from .checkpoint import consolidate
-
         sd, state = consolidate(p)
         return sd, {"config": state.get("config"), "step": state.get("step"), "epoch": state.get("epoch")}
     return extract_state_dict(safe_load(p))
@@ -139,8 +139,6 @@ def load_mae(path: str | Path, norm_pix_loss: bool | None = None, base: ModelCon
              attention: str = "auto") -> tuple[torch.nn.Module, dict[str, Any]]:
     """An :class:`~fastmae.model.MaskedAutoencoderViT` with all weights from ``path`` (needs the decoder:
     ``mae_visualize_vit_*.pth``, a fastmae export or run). Returns (model in eval mode, metadata)."""
-    from .model import MaskedAutoencoderViT
-
     sd, meta = load_checkpoint(path)
     kind = checkpoint_kind(sd)
     if kind != "mae":

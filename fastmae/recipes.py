@@ -8,6 +8,7 @@ from typing import Any
 import torch
 
 from fastmae.config import ClassifierConfig, Config, get_preset, preset_names
+from fastmae.interop import TIMM_SIZES, infer_model_config
 
 FINETUNE_DESCRIPTION = "End-to-end fine-tuning of a pre-trained MAE encoder for classification, with DeepSpeed."
 PROBE_DESCRIPTION = "MAE linear probing: frozen encoder, BatchNorm (no affine) + linear head, LARS."
@@ -80,8 +81,6 @@ def auto_preset(sd: dict[str, torch.Tensor] | None, meta: dict[str, Any]) -> str
     if isinstance(cfg_d, dict) and cfg_d.get("preset") in preset_names():
         return str(cfg_d["preset"])
     if sd is not None:
-        from fastmae.interop import TIMM_SIZES, infer_model_config
-
         m = infer_model_config(sd, meta)
         size = TIMM_SIZES.get((m.embed_dim, m.depth, m.num_heads))
         name = f"mae_vit_{size}_patch{m.patch_size}"

@@ -14,8 +14,10 @@ from typing import Any
 import torch
 from torch import nn
 
+from fastmae.attention import resolve_attention_backend
 from fastmae.cli import program_parser
 from fastmae.config import Config, ConfigError, apply_overrides, build_config, config_from_dict, preset_names
+from fastmae.data import build_loader
 from fastmae.flops import train_flops
 from fastmae.memory import MemoryEstimate, estimate_memory
 from fastmae.model import MaskedAutoencoderViT, resolve_masking_backend
@@ -45,8 +47,6 @@ def parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, Config]:
 
 def make_loader(cfg: Config, rank: int, world_size: int, device: torch.device) -> Any:
     """The configured loader for this rank (DALI / torch / synthetic)."""
-    from fastmae.data import build_loader
-
     return build_loader(cfg.data, img_size=cfg.model.img_size, rank=rank, world_size=world_size,
                         seed=cfg.train.seed, device=device, mode="train")
 
@@ -91,8 +91,6 @@ class PretrainTask(Task):
         return train_flops(tr.cfg.model, tr.cfg.mask.ratio)
 
     def describe(self, tr: Trainer) -> list[str]:
-        from fastmae.attention import resolve_attention_backend
-
         c, dev = tr.cfg, tr.dist.device
         act = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[c.train.precision]
         return [f"backends: masking={resolve_masking_backend(c.mask.backend, dev)} "

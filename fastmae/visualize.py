@@ -14,6 +14,11 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw
 
+from fastmae.config import DataConfig, get_preset
+from fastmae.data import build_loader
+from fastmae.data.sample import bundled_sample_dir
+from fastmae.interop import UnsafeCheckpointError, load_mae
+
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 BLANK = 128  # grey of masked patches (uint8, every channel)
@@ -125,9 +130,6 @@ def load_folder(folder: str | Path, img_size: int, num: int) -> torch.Tensor:
 
 def load_shards(shards: str, img_size: int, num: int) -> torch.Tensor:
     """First ``num`` images of a shard set in eval order (resize + centre crop), normalised."""
-    from fastmae.config import DataConfig
-    from fastmae.data import build_loader
-
     data = DataConfig(backend="torch", shards=shards, batch_size=num, num_workers=0)
     loader = build_loader(data, img_size=img_size, mode="eval")
     loader.set_epoch(0)
@@ -155,9 +157,6 @@ def main(argv: list[str] | None = None) -> int:
     if not 0.0 <= args.mask_ratio < 1.0:
         print(f"fastmae.visualize: --mask_ratio={args.mask_ratio} must lie in [0, 1)", file=sys.stderr)
         return 2
-    from fastmae.config import get_preset
-    from fastmae.interop import UnsafeCheckpointError, load_mae
-
     npl = None if args.norm_pix_loss == "auto" else args.norm_pix_loss == "true"
     try:
         model, _ = load_mae(args.checkpoint, norm_pix_loss=npl, base=get_preset(args.preset).model)
@@ -168,8 +167,6 @@ def main(argv: list[str] | None = None) -> int:
         else:
             shards = args.shards
             if not shards:
-                from fastmae.data.sample import bundled_sample_dir
-
                 shards = str(bundled_sample_dir("val"))
             imgs = load_shards(shards, size, args.num)
     except (UnsafeCheckpointError, ValueError, FileNotFoundError) as e:
