@@ -17,6 +17,8 @@ ON_ERROR = ("stop", "skip")
 READS = ("global", "stream")
 # data.backend: auto picks DALI when it imports, else the torch loader
 BACKENDS = ("auto", "dali", "torch", "synthetic")
+# data.crop: the training crop (random_resized | fixed | center; paper Table 1e)
+CROPS = ("random_resized", "fixed", "center")
 # data.read: auto streams remote shards and reads local ones globally
 READ_CHOICES = ("auto", *READS)
 
@@ -40,6 +42,9 @@ def check_section(d: Any) -> None:
     choice("interpolation", INTERPOLATIONS)
     choice("on_error", ON_ERROR)
     choice("read", READ_CHOICES)
+    choice("crop", CROPS)
+    if not 0.0 <= d.color_jitter < 1.0:
+        raise ValueError(f"data.color_jitter={d.color_jitter} must lie in [0, 1) (0 = off; the paper's variant: 0.4)")
     for key in ("shuffle_buffer", "stream_fetchers", "batch_size", "synthetic_size"):
         positive(key)
     for key in ("preallocate_width_hint", "preallocate_height_hint", "max_bad_samples", "num_workers"):

@@ -19,6 +19,9 @@ from .data.constants import check_section as check_data_section
 
 ATTENTION_BACKENDS = ("auto", "flash", "sdpa", "math")
 MASKING_BACKENDS = ("auto", "triton", "torch")
+# mask.strategy (paper Table 1f / Fig. 6): random | block (BEiT-style large blocks) | grid (one of every 2x2 kept)
+MASK_STRATEGIES = ("random", "block", "grid")
+KNN_FEATURES = ("cls", "pool")
 PATCH_EMBED_ORDERS = ("gather_first", "embed_first")
 PRECISIONS = ("bf16", "fp16", "fp32")
 ON_NONFINITE = ("stop", "skip")
@@ -65,9 +68,13 @@ class ModelConfig:
 
 @dataclass
 class MaskConfig:
-    """Per-sample random masking."""
+    """Per-sample masking: which patches the encoder sees."""
 
     ratio: float = 0.75
+    # random (the paper's default) | block (large random blocks, BEiT-style; paper Table 1f: 83.9 at 50 %,
+    # 82.8 at 75 %) | grid (keeps one of every 2x2 patches: mask.ratio 0.75 only). Every strategy keeps exactly
+    # int(N * (1 - ratio)) patches per sample and is a pure function of (seed, micro batch, sample)
+    strategy: str = "random"
     # auto | triton | torch (auto: the fused Triton kernel on CUDA, the torch reference elsewhere)
     backend: str = "auto"
 
@@ -109,8 +116,17 @@ class DataConfig:
     # source), so no per-sample Python runs in the training process; 0 = a thread of the training process;
     # -1 = auto: 2 on a GPU, 0 on the CPU (same batches either way)
     feed_workers: int = -1
+    # training crop (paper Table 1e): random_resized (RandomResizedCrop, the paper's) | fixed (a random img_size
+    # crop of the image resized to img_size * 256 / 224 on its shorter side, as for evaluation) | center (that
+    # resize + the centre crop: no crop augmentation; the Table 1e "none" row together with hflip=false)
+    crop: str = "random_resized"
     crop_scale_min: float = 0.2
     crop_scale_max: float = 1.0
+    # training horizontal flip (p = 0.5)
+    hflip: bool = True
+    # colour jitter strength of brightness, contrast and saturation (each factor uniform in [1 - s, 1 + s]) on
+    # training images; 0 = off (the paper's default; Table 1e "crop + color jit" uses 0.4)
+    color_jitter: float = 0.0
     # resampling of the random crop: bicubic (the paper's recipe) | bilinear (cheaper on CPU)
     interpolation: str = "bicubic"
     # dtype of the images handed to the model on GPU (float32 | bfloat16 | float16): DALI outputs uint8, torch
@@ -217,6 +233,29 @@ class ClassifierConfig:
     head_init_std: float = 2e-5
     # evaluate every this many epochs (and at the end)
     eval_interval: int = 1
+    # partial fine-tuning (paper Fig. 9): train only the last N encoder blocks, the final norm and the head; the
+    # frozen prefix runs without a backward graph; 0 = head (and norm) only; -1 = every block (the default)
+    finetune_blocks: int = -1
+
+
+@dataclass
+class KnnConfig:
+    """Weighted k-NN on frozen encoder features (DINO's monitor): ``python -m fastmae.evaluation --knn`` and,
+    with ``knn.interval`` > 0, every that many epochs of pre-training."""
+
+    # epochs between k-NN evaluations during pre-training (and at the end); 0 = off
+    interval: int = 0
+    # labelled shards of the feature bank and of the queries ("" with interval > 0: the bundled sample's
+    # train and val splits)
+    train_shards: str = ""
+    val_shards: str = ""
+    # neighbours and the temperature of their exp(similarity / T) votes (DINO: 20, 0.07)
+    k: int = 20
+    temperature: float = 0.07
+    # cls (the cls token after the final norm) | pool (mean of the patch tokens)
+    features: str = "cls"
+    # images of each set read per evaluation (0 = all): bounds the monitor's cost on large sets
+    max_images: int = 0
 
 
 @dataclass
@@ -229,6 +268,7 @@ class Config:
     optim: OptimConfig = field(default_factory=OptimConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     cls: ClassifierConfig = field(default_factory=ClassifierConfig)
+    knn: KnnConfig = field(default_factory=KnnConfig)
     preset: str = "custom"
 
     def to_dict(self) -> dict[str, Any]:
@@ -238,7 +278,7 @@ class Config:
         return json.dumps(self.to_dict(), indent=2, sort_keys=True)
 
 
-SECTIONS = ("model", "mask", "data", "optim", "train", "cls")
+SECTIONS = ("model", "mask", "data", "optim", "train", "cls", "knn")
 
 # ----------------------------------------------------------------------------- presets
 
@@ -430,8 +470,17 @@ def validate_mask(k: MaskConfig, num_patches: int | None = None) -> None:
     if not 0.0 < k.ratio < 1.0:
         raise ConfigError(f"mask.ratio={k.ratio} must lie strictly between 0 and 1 (the paper uses 0.75)")
     _choice("mask.backend", k.backend, MASKING_BACKENDS)
+    _choice("mask.strategy", k.strategy, MASK_STRATEGIES)
     if num_patches is not None and int(num_patches * (1 - k.ratio)) < 1:
         raise ConfigError(f"mask.ratio={k.ratio} keeps no token of {num_patches} patches")
+    if k.strategy == "grid":
+        side = int(round((num_patches or 4) ** 0.5))
+        if k.ratio != 0.75:
+            raise ConfigError(f"mask.strategy=grid keeps one of every 2x2 patches: mask.ratio must be 0.75, "
+                              f"not {k.ratio}")
+        if side % 2:
+            raise ConfigError(f"mask.strategy=grid needs an even number of patches per side, not {side} "
+                              "(model.img_size / model.patch_size)")
 
 
 def validate(cfg: Config) -> None:
@@ -483,10 +532,20 @@ def validate(cfg: Config) -> None:
         if key not in SCHEDULE_KEYS:
             raise ConfigError(f"train.resume_allow_changes: {key!r} is not a schedule setting; valid: "
                               f"{', '.join(SCHEDULE_KEYS)}")
-    validate_cls(cfg.cls)
+    validate_cls(cfg.cls, m.depth)
+    validate_knn(cfg.knn)
 
 
-def validate_cls(c: ClassifierConfig) -> None:
+def validate_knn(k: KnnConfig) -> None:
+    """Impossible values of the ``knn`` section."""
+    _positive("knn.interval", k.interval, allow_zero=True)
+    _positive("knn.k", k.k)
+    _positive("knn.temperature", k.temperature)
+    _positive("knn.max_images", k.max_images, allow_zero=True)
+    _choice("knn.features", k.features, KNN_FEATURES)
+
+
+def validate_cls(c: ClassifierConfig, depth: int | None = None) -> None:
     """Impossible values of the ``cls`` section."""
     if c.num_classes < 1:
         raise ConfigError(f"cls.num_classes={c.num_classes} must be >= 1")
@@ -503,6 +562,9 @@ def validate_cls(c: ClassifierConfig) -> None:
         raise ConfigError(f"cls.layer_decay={c.layer_decay} must lie in (0, 1]")
     if c.eval_interval < 1:
         raise ConfigError(f"cls.eval_interval={c.eval_interval} must be >= 1")
+    if c.finetune_blocks < -1 or (depth is not None and c.finetune_blocks > depth):
+        raise ConfigError(f"cls.finetune_blocks={c.finetune_blocks}: valid are 0 (head only) to model.depth="
+                          f"{depth if depth is not None else 'depth'}, or -1 (every block)")
     _choice("cls.augment_impl", c.augment_impl, AUGMENT_IMPLS)
     if c.randaug:
         from .data.randaug import parse_policy

@@ -21,6 +21,7 @@ IGNORED = {
     "model.decoder_num_heads": "the classifier has no decoder",
     "model.norm_pix_loss": "a pre-training loss setting",
     "model.encoder_mask_tokens": "a pre-training benchmark variant",
+    "knn": "the k-NN monitor runs during pre-training (python -m fastmae.evaluation --knn scores any encoder)",
 }
 PROBE_IGNORED = {
     **IGNORED,
