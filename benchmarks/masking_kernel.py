@@ -1,5 +1,5 @@
 """Benchmark of the fused Triton masking kernel (CUDA only): checks it against the torch reference, then times
-both kernel strategies and the reference, eager and as CUDA graphs, against the card's copy bandwidth:
+both kernel schedules and the reference, eager and as CUDA graphs, against the card's copy bandwidth:
 ``python benchmarks/masking_kernel.py [--out DIR] [--shapes vit_l,vit_b,vit_h] [--batch 256]``. See
 benchmarks/README.md.
 """
@@ -160,22 +160,22 @@ def _same(got: tuple[torch.Tensor, ...], want: tuple[torch.Tensor, ...]) -> list
 def check_correctness(
     masking: ModuleType, masking_ref: ModuleType, N: int, D: int, block_ds: list[int]
 ) -> list[str]:
-    """GPU vs reference: exact forward (noise path), valid and strategy/block-independent Philox masks,
+    """GPU vs reference: exact forward (noise path), valid and schedule/block-independent Philox masks,
     exact x gradient. Kept to the kernel variants the timings use (each is a Triton compile)."""
     errors: list[str] = []
     ref_fn, fused = masking_ref.random_masking_ref, masking.random_masking
     K = masking_ref.num_kept(N, MASK_RATIO)
     B = 8
-    # noise path == reference, bit for bit: bf16 (both strategies) and fp32 (default)
-    for dtype, strategies in ((torch.bfloat16, masking.STRATEGIES), (torch.float32, (masking.DEFAULT_STRATEGY,))):
+    # noise path == reference, bit for bit: bf16 (both schedules) and fp32 (default)
+    for dtype, schedules in ((torch.bfloat16, masking.SCHEDULES), (torch.float32, (masking.DEFAULT_SCHEDULE,))):
         x = torch.randn(B, N, D, device=DEVICE).to(dtype)  # (B, N, D)
         pos = torch.randn(1, N, D, device=DEVICE).to(dtype)  # (1, N, D)
         noise = torch.rand(B, N, device=DEVICE)  # (B, N)
         want = ref_fn(x, MASK_RATIO, noise=noise, pos_embed=pos)
-        for strategy in strategies:
-            bad = _same(fused(x, MASK_RATIO, noise=noise, pos_embed=pos, strategy=strategy), want)
-            errors += [f"N={N} D={D} {dtype} {strategy}: {name} differs from the reference" for name in bad]
-    # Philox path: a valid masking, identical for every strategy and block_d timed below
+        for schedule in schedules:
+            bad = _same(fused(x, MASK_RATIO, noise=noise, pos_embed=pos, schedule=schedule), want)
+            errors += [f"N={N} D={D} {dtype} {schedule}: {name} differs from the reference" for name in bad]
+    # Philox path: a valid masking, identical for every schedule and block_d timed below
     x = torch.randn(B, N, D, device=DEVICE, dtype=torch.bfloat16)
     pos = torch.randn(1, N, D, device=DEVICE, dtype=torch.bfloat16)
     x_vis, mask, ids = first = fused(x, MASK_RATIO, seed=123, pos_embed=pos)
@@ -186,10 +186,10 @@ def check_correctness(
         errors.append(f"N={N}: Philox x_vis are not the kept rows + pos_embed")
     if not torch.equal(mask, (ids >= K).to(mask.dtype)):
         errors.append(f"N={N}: Philox mask inconsistent with ids_restore")
-    for strategy in masking.STRATEGIES:
+    for schedule in masking.SCHEDULES:
         for bd in [None, *block_ds]:
-            bad = _same(fused(x, MASK_RATIO, seed=123, pos_embed=pos, block_d=bd, strategy=strategy), first)
-            errors += [f"N={N}: Philox {strategy} block_d={bd}: {name} differs for the same seed" for name in bad]
+            bad = _same(fused(x, MASK_RATIO, seed=123, pos_embed=pos, block_d=bd, schedule=schedule), first)
+            errors += [f"N={N}: Philox {schedule} block_d={bd}: {name} differs for the same seed" for name in bad]
     # backward: x (exact) and a trainable pos_embed (fp32 sums, close)
     x = torch.randn(B, N, D, device=DEVICE, dtype=torch.bfloat16, requires_grad=True)
     pos = torch.randn(1, N, D, device=DEVICE, dtype=torch.bfloat16, requires_grad=True)
@@ -238,11 +238,11 @@ def bench_shape(
 
     # the kernel with an int seed, as the training program calls it (one seed per step and rank)
     variants: list[tuple[str, Callable[..., Any], dict[str, Any]]] = [
-        ("fused", fused_fn, {"strategy": "fused", "seed": 1234}),
-        ("split", fused_fn, {"strategy": "split", "seed": 1234}),
+        ("fused", fused_fn, {"schedule": "fused", "seed": 1234}),
+        ("split", fused_fn, {"schedule": "split", "seed": 1234}),
     ]
-    for strategy in ("fused", "split"):
-        variants += [(f"{strategy}[block_d={bd}]", fused_fn, {"block_d": bd, "strategy": strategy, "seed": 1234})
+    for schedule in ("fused", "split"):
+        variants += [(f"{schedule}[block_d={bd}]", fused_fn, {"block_d": bd, "schedule": schedule, "seed": 1234})
                      for bd in block_ds]
     variants += [("reference", ref_fn, {})]
     if compiled is not None:
@@ -294,7 +294,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--warmup", type=int, default=5)
     p.add_argument("--repeats", type=int, default=15, help="timed repeats (median)")
     p.add_argument("--inner", type=int, default=10, help="calls per timed repeat")
-    p.add_argument("--block-d", default="64,128,256", help="block_d values swept (fwd, both strategies)")
+    p.add_argument("--block-d", default="64,128,256", help="block_d values swept (fwd, both schedules)")
     p.add_argument("--no-compile", action="store_true", help="skip the torch.compile reference")
     p.add_argument("--budget-s", type=float, default=40.0, help="skip torch.compile variants after this")
     p.add_argument("--cpu-smoke", action="store_true",
@@ -379,7 +379,7 @@ def main(argv: list[str] | None = None) -> int:
         benchmark="fused random masking kernel (benchmarks/masking_kernel.py)",
         device=card, date=date, torch=torch.__version__, triton=triton.__version__,
         batch=B, mask_ratio=MASK_RATIO, dtype="bfloat16", pos_embed_dtype="bfloat16",
-        keys="philox in the kernel, int seed (the training path)", default_strategy=masking.DEFAULT_STRATEGY,
+        keys="philox in the kernel, int seed (the training path)", default_schedule=masking.DEFAULT_SCHEDULE,
         copy_bandwidth_GBps=copy_gbps, correctness_errors=errors,
     )
     rows: list[dict[str, Any]] = []

@@ -24,7 +24,7 @@ __all__ = [
 ]
 
 # create_model keywords that are not ModelConfig fields
-_MASK_KWARGS = {"mask_ratio": "ratio", "masking": "backend"}
+_MASK_KWARGS = {"mask_ratio": "ratio", "masking": "backend", "mask_strategy": "strategy"}
 
 
 def list_models() -> list[str]:
@@ -38,7 +38,8 @@ def create_model(name: str, **overrides: Any) -> MaskedAutoencoderViT:
     Overrides use the official ``MaskedAutoencoderViT`` argument names (``img_size``, ``patch_size``,
     ``embed_dim``, ``depth``, ``num_heads``, ``decoder_embed_dim``, ``decoder_depth``,
     ``decoder_num_heads``, ``mlp_ratio``, ``norm_pix_loss``) plus fastmae's ``attention``,
-    ``encoder_mask_tokens``, ``mask_ratio`` and ``masking``. Example::
+    ``encoder_mask_tokens``, ``mask_ratio``, ``masking`` (backend) and ``mask_strategy`` (random | block |
+    grid). Example::
 
         fastmae.create_model("mae_vit_base_patch16", norm_pix_loss=False)
     """

@@ -13,6 +13,7 @@ from torch import nn
 
 from .config import MASKING_BACKENDS, MaskConfig, ModelConfig, validate_mask, validate_model
 from .kernels import num_kept, random_masking_ref, triton_available
+from .kernels.mask_patterns import pattern_keys
 from .layers import Block, PatchEmbed, init_vit_weights, sincos_2d
 
 
@@ -51,6 +52,7 @@ class MaskedAutoencoderViT(nn.Module):
         self.config = cfg
         self.mask_ratio = mask.ratio
         self.masking_backend = mask.backend
+        self.mask_strategy = mask.strategy
         self.norm_pix_loss = cfg.norm_pix_loss
         self.encoder_mask_tokens = cfg.encoder_mask_tokens
         # "w/ [M]" needs every patch's token
@@ -129,12 +131,18 @@ class MaskedAutoencoderViT(nn.Module):
         seed: int | torch.Tensor | None = None,
         pos_embed: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Per-sample random masking through the configured backend; returns (x_vis, mask, ids_restore).
+        """Per-sample masking with the configured strategy through the configured backend; returns (x_vis, mask,
+        ids_restore).
 
         ``seed`` (an int, or an int64 tensor on the device) makes the mask a pure function of (seed, sample),
         the same on both backends: the training program passes one per micro batch so a resumed run masks
-        exactly as the uninterrupted one.
+        exactly as the uninterrupted one. ``random`` draws its keys inside the fused kernel; ``block`` and
+        ``grid`` draw sort keys (:mod:`fastmae.kernels.mask_patterns`) that the same gather then follows, as
+        it follows given ``noise`` (which takes precedence over the strategy).
         """
+        if noise is None and self.mask_strategy != "random":
+            B, N = x.shape[0], x.shape[1]
+            noise = pattern_keys(self.mask_strategy, B, N, num_kept(N, mask_ratio), seed=seed, device=x.device)
         backend = resolve_masking_backend(self.masking_backend, x.device)
         if backend == "triton":
             from .kernels.masking import random_masking

@@ -15,12 +15,12 @@ import triton.language as tl
 from .masking_ref import num_kept
 
 __all__ = [
-    "DEFAULT_STRATEGY", "MAX_TOKENS", "STRATEGIES", "masking_bwd", "masking_fwd", "pos_embed_grad", "random_masking",
+    "DEFAULT_SCHEDULE", "MAX_TOKENS", "SCHEDULES", "masking_bwd", "masking_fwd", "pos_embed_grad", "random_masking",
 ]
 
 MAX_TOKENS = 4096  # sorted in registers (compiled for sm_90 without spills); ViT-H/14 at 448 px: 1024
-STRATEGIES = ("fused", "split")
-DEFAULT_STRATEGY = "fused"  # until benchmarks/masking_kernel.py has measured both on a GPU
+SCHEDULES = ("fused", "split")
+DEFAULT_SCHEDULE = "fused"  # until benchmarks/masking_kernel.py has measured both on a GPU
 _INT64_MAX = tl.constexpr(0x7FFFFFFFFFFFFFFF)  # padding key: sorts after every real key
 
 
@@ -381,7 +381,7 @@ def masking_fwd(
     seed: torch.Tensor | int | None = None,
     out: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
     block_d: int | None = None,
-    strategy: str = "fused",
+    schedule: str = "fused",
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Launch the forward kernel(s) (no autograd, no argument normalisation).
 
@@ -389,12 +389,12 @@ def masking_fwd(
     contiguous float32/16/bf16 or None, in which case seed is an int in [0, 2^63) (a kernel argument)
     or a (1,) int64 tensor on x's device (read by the kernel: a seed drawn on the device, no sync).
     ``out`` = (x_vis (B, K, D), mask (B, N), ids_restore (B, N) int64) buffers to write (tests poison
-    them to check every element is written). ``strategy``: ``fused`` (one kernel, a sort per
+    them to check every element is written). ``schedule``: ``fused`` (one kernel, a sort per
     program) or ``split`` (a sort kernel writing ids_keep (B, K) int32, then a gather kernel).
     Returns (x_vis, mask, ids_restore).
     """
-    if strategy not in STRATEGIES:
-        raise ValueError(f"unknown masking strategy {strategy!r}; valid: {', '.join(STRATEGIES)}")
+    if schedule not in SCHEDULES:
+        raise ValueError(f"unknown masking kernel schedule {schedule!r}; valid: {', '.join(SCHEDULES)}")
     B, N, D = x.shape
     dtype = x.dtype if pos_embed is None else torch.promote_types(x.dtype, pos_embed.dtype)
     if out is None:
@@ -417,7 +417,7 @@ def masking_fwd(
     noise_stride = noise.stride(0) if use_noise else 0
     bf16_rne = _needs_bf16_rne(torch.float32 if has_pos else x.dtype, dtype)
     log2_np = NP.bit_length() - 1
-    if strategy == "fused":
+    if schedule == "fused":
         if D == 0:  # no D-chunk program would write mask / ids_restore
             return masking_fwd(x, K, pos_embed, noise, seed, (x_vis, mask, ids_restore), block_d, "split")
         _masking_fwd_kernel[(B, triton.cdiv(D, block_d))](
@@ -519,14 +519,14 @@ def pos_embed_grad(
 
 @torch.library.custom_op("fastmae::masking_fwd", mutates_args=())
 def _masking_fwd_op(x: torch.Tensor, K: int, pos_embed: torch.Tensor | None, noise: torch.Tensor | None,
-                    seed: torch.Tensor | None, seed_int: int, block_d: int, strategy: str
+                    seed: torch.Tensor | None, seed_int: int, block_d: int, schedule: str
                     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     return masking_fwd(x, K, pos_embed=pos_embed, noise=noise, seed=seed if seed is not None else seed_int,
-                       block_d=block_d or None, strategy=strategy)
+                       block_d=block_d or None, schedule=schedule)
 
 
 @_masking_fwd_op.register_fake
-def _(x, K, pos_embed, noise, seed, seed_int, block_d, strategy):
+def _(x, K, pos_embed, noise, seed, seed_int, block_d, schedule):
     B, N, D = x.shape
     dtype = x.dtype if pos_embed is None else torch.promote_types(x.dtype, pos_embed.dtype)
     return (x.new_empty((B, K, D), dtype=dtype), x.new_empty((B, N), dtype=dtype),
@@ -589,7 +589,7 @@ def random_masking(
     seed: int | torch.Tensor | None = None,
     pos_embed: torch.Tensor | None = None,
     block_d: int | None = None,
-    strategy: str | None = None,
+    schedule: str | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Keep a uniformly random subset of ``K = int(N * (1 - mask_ratio))`` tokens per sample (fused).
 
@@ -612,8 +612,8 @@ def random_masking(
         pos_embed: optional (N, D) or (1, N, D), added to the gathered rows (``x + pos_embed``); the
             outputs then have ``promote_types(x.dtype, pos_embed.dtype)`` like the reference.
         block_d: channels per program (power of two); None picks a default. For tests and tuning.
-        strategy: ``fused`` (one kernel; every program re-sorts its sample) or ``split`` (one sort
-            per sample, then a sort-free gather kernel); None: ``DEFAULT_STRATEGY``. Same results.
+        schedule: ``fused`` (one kernel; every program re-sorts its sample) or ``split`` (one sort
+            per sample, then a sort-free gather kernel); None: ``DEFAULT_SCHEDULE``. Same results.
 
     Returns:
         x_vis (B, K, D), mask (B, N) (1 = masked), ids_restore (B, N) int64.
@@ -621,12 +621,12 @@ def random_masking(
     x, K = _checked_tokens(x, mask_ratio, block_d)
     pos_embed = _checked_pos_embed(pos_embed, x)
     noise, seed_arg = _noise_or_seed(noise, seed, x)
-    strategy = DEFAULT_STRATEGY if strategy is None else strategy
-    if strategy not in STRATEGIES:
-        raise ValueError(f"unknown masking strategy {strategy!r}; valid: {', '.join(STRATEGIES)}")
+    schedule = DEFAULT_SCHEDULE if schedule is None else schedule
+    if schedule not in SCHEDULES:
+        raise ValueError(f"unknown masking kernel schedule {schedule!r}; valid: {', '.join(SCHEDULES)}")
     seed_tensor = seed_arg if isinstance(seed_arg, torch.Tensor) else None
     seed_int = 0 if seed_tensor is not None else int(seed_arg or 0)
-    return _masking_fwd_op(x, K, pos_embed, noise, seed_tensor, seed_int, block_d or 0, strategy)
+    return _masking_fwd_op(x, K, pos_embed, noise, seed_tensor, seed_int, block_d or 0, schedule)
 
 
 def _checked_tokens(x: torch.Tensor, mask_ratio: float, block_d: int | None) -> tuple[torch.Tensor, int]:

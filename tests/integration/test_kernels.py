@@ -1,9 +1,9 @@
 """The fused Triton masking kernel (fastmae.kernels.masking) against its plain-torch reference.
 
-Covers: the noise path bit for bit (both strategies, dtypes, odd shapes, ties/NaN/-0.0, float64
-noise, N=1024, strided inputs), the Philox path (valid, reproducible, seed-dependent, chi-square
-uniform), gradients of x and a trainable pos_embed, errors, the debug model with masking=triton vs
-torch, the benchmark script (--cpu-smoke), and an sm_90 compile of every kernel.
+Covers: the noise path bit for bit (both schedules, dtypes, odd shapes, ties/NaN/-0.0, float64
+noise, N=1024, strided inputs, the block / grid mask strategies' keys), the Philox path (valid,
+reproducible, seed-dependent, chi-square uniform), gradients of x and a trainable pos_embed, errors,
+the debug model with masking=triton vs torch, the benchmark script (--cpu-smoke), and an sm_90 compile of every kernel.
 
 Without CUDA these run under the Triton interpreter on CPU tensors (conftest sets TRITON_INTERPRET=1),
 where every program's in-kernel sort costs ~0.2-0.4 s at N=196..256: a few samples at N=196/256,
@@ -63,10 +63,10 @@ NOISE_CASES = [
 ]
 
 
-@pytest.mark.parametrize("strategy", km.STRATEGIES)
+@pytest.mark.parametrize("schedule", km.SCHEDULES)
 @pytest.mark.parametrize("B,N,D,ratio,dtype,pos,block_d", NOISE_CASES)
 def test_noise_path_equals_reference(
-    B: int, N: int, D: int, ratio: float, dtype: torch.dtype, pos: tuple | None, block_d: int | None, strategy: str
+    B: int, N: int, D: int, ratio: float, dtype: torch.dtype, pos: tuple | None, block_d: int | None, schedule: str
 ) -> None:
     """Same noise -> bit-identical x_vis, mask and ids_restore; every output element written."""
     x = (torch.randn(B, N, D) * 3).to(dtype).to(DEVICE)
@@ -78,12 +78,12 @@ def test_noise_path_equals_reference(
         if shape == "ND":
             pos_embed = pos_embed[0]
     want = random_masking_ref(x, ratio, noise=noise, pos_embed=pos_embed)
-    _assert_same(random_masking(x, ratio, noise=noise, pos_embed=pos_embed, block_d=block_d, strategy=strategy), want)
+    _assert_same(random_masking(x, ratio, noise=noise, pos_embed=pos_embed, block_d=block_d, schedule=schedule), want)
 
     K = num_kept(N, ratio)
     out = _poisoned_outputs(B, N, K, D, want[0].dtype)
     pos2d = None if pos_embed is None else pos_embed.reshape(N, D)
-    got = km.masking_fwd(x, K, pos_embed=pos2d, noise=noise, out=out, block_d=block_d, strategy=strategy)
+    got = km.masking_fwd(x, K, pos_embed=pos2d, noise=noise, out=out, block_d=block_d, schedule=schedule)
     assert all(g is o for g, o in zip(got, out, strict=True)), "must write into the given buffers"
     _assert_same(got, want)
 
@@ -157,27 +157,27 @@ def _check_valid_masking(x: torch.Tensor, K: int, out: tuple[torch.Tensor, ...])
 
 def test_philox_valid_masking_n196() -> None:
     """Realistic shape: K=49 distinct kept of 196, everything written (poisoned buffers), D tail;
-    both strategies and any block_d give the same masks for the same seed."""
+    both schedules and any block_d give the same masks for the same seed."""
     B, N, D, K = 2, 196, 24, 49
     x = torch.randn(B, N, D, device=DEVICE)
     seed = torch.full((1,), 1234, dtype=torch.int64, device=DEVICE)
     outs = []
     # the seed as a device tensor (seed=None draws one so) or as a plain int kernel argument
-    for strategy, block_d, s in (("fused", 16, seed), ("split", 8, seed), ("split", None, 1234), ("fused", None, 1234)):
+    for schedule, block_d, s in (("fused", 16, seed), ("split", 8, seed), ("split", None, 1234), ("fused", None, 1234)):
         out = _poisoned_outputs(B, N, K, D, x.dtype)
-        outs.append(km.masking_fwd(x, K, seed=s, out=out, block_d=block_d, strategy=strategy))
+        outs.append(km.masking_fwd(x, K, seed=s, out=out, block_d=block_d, schedule=schedule))
         _check_valid_masking(x, K, outs[-1])
     for other in outs[1:]:
         _assert_same(other, outs[0])
 
 
-@pytest.mark.parametrize("strategy", km.STRATEGIES)
-def test_empty_dims(strategy: str) -> None:
+@pytest.mark.parametrize("schedule", km.SCHEDULES)
+def test_empty_dims(schedule: str) -> None:
     """D=0 still writes mask and ids_restore; B=0 returns empty outputs."""
     x = torch.randn(2, 12, 0, device=DEVICE)
     noise = torch.rand(2, 12, device=DEVICE)
-    _assert_same(random_masking(x, 0.5, noise=noise, strategy=strategy), random_masking_ref(x, 0.5, noise=noise))
-    x_vis, mask, ids = random_masking(torch.randn(0, 12, 4, device=DEVICE), 0.5, seed=1, strategy=strategy)
+    _assert_same(random_masking(x, 0.5, noise=noise, schedule=schedule), random_masking_ref(x, 0.5, noise=noise))
+    x_vis, mask, ids = random_masking(torch.randn(0, 12, 4, device=DEVICE), 0.5, seed=1, schedule=schedule)
     assert x_vis.shape == (0, 6, 4) and mask.shape == (0, 12) and ids.shape == (0, 12)
 
 
@@ -220,9 +220,9 @@ def test_philox_known_answers() -> None:
         assert tuple(int(g) for g in got_t) == want
 
 
-@pytest.mark.parametrize("strategy", km.STRATEGIES)
+@pytest.mark.parametrize("schedule", km.SCHEDULES)
 @pytest.mark.parametrize("B,N,D,dtype,pos", [(2, 196, 24, BF16, True), (3, 64, 5, F32, False), (4, 17, 3, F16, True)])
-def test_seeded_kernel_equals_seeded_reference(strategy: str, B: int, N: int, D: int, dtype: torch.dtype,
+def test_seeded_kernel_equals_seeded_reference(schedule: str, B: int, N: int, D: int, dtype: torch.dtype,
                                                pos: bool) -> None:
     """With a seed (an int kernel argument or an int64 device tensor) the kernel's in-register Philox keys and
     the torch reference's give the same masks, order and values bit for bit: both backends mask identically."""
@@ -230,7 +230,7 @@ def test_seeded_kernel_equals_seeded_reference(strategy: str, B: int, N: int, D:
     pe = torch.randn(1, N, D, device=DEVICE, dtype=dtype) if pos else None
     for seed in (7, 2**62 + 12345, torch.tensor(1234, device=DEVICE)):
         want = random_masking_ref(x, 0.75, seed=seed, pos_embed=pe)
-        got = random_masking(x, 0.75, seed=seed, pos_embed=pe, strategy=strategy)
+        got = random_masking(x, 0.75, seed=seed, pos_embed=pe, schedule=schedule)
         _assert_same(got, want)
     with pytest.raises(ValueError, match="one int64 element"):
         random_masking(x, 0.75, seed=torch.tensor(3.0, device=DEVICE))
@@ -341,8 +341,8 @@ def test_errors() -> None:
         random_masking(x.double(), 0.5)
     with pytest.raises(ValueError, match="power of two"):
         random_masking(x, 0.5, block_d=24)
-    with pytest.raises(ValueError, match="unknown masking strategy"):
-        random_masking(x, 0.5, strategy="magic")
+    with pytest.raises(ValueError, match="unknown masking kernel schedule"):
+        random_masking(x, 0.5, schedule="magic")
     with pytest.raises(ValueError, match="at most"):
         random_masking(torch.empty(1, km.MAX_TOKENS + 1, 1, device=DEVICE), 0.5)
 
@@ -404,6 +404,27 @@ def test_model_trains_with_triton_masking() -> None:
     assert losses[-1] < losses[0], losses
     again = m_tri(imgs, mask_seed=1005)[2]
     assert torch.equal(again, mask)  # the mask is a function of the seed
+
+
+@pytest.mark.parametrize("pattern", ["block", "grid"])
+def test_mask_patterns_through_the_kernel(pattern: str) -> None:
+    """block / grid keys go through the kernel's noise path: the reference's outputs bit for bit (fp32 keys),
+    and the debug model with masking=triton masks, predicts and scores as with masking=torch."""
+    from fastmae.kernels.mask_patterns import pattern_keys
+
+    N, K = 196, 49
+    keys = pattern_keys(pattern, 2, N, K, seed=21, device=DEVICE)
+    x = torch.randn(2, N, 24, device=DEVICE)
+    pos = torch.randn(N, 24, device=DEVICE)
+    _assert_same(random_masking(x, 0.75, noise=keys, pos_embed=pos), random_masking_ref(x, 0.75, noise=keys,
+                                                                                         pos_embed=pos))
+    m_tri, m_ref = _debug_pair()
+    m_tri.mask_strategy = m_ref.mask_strategy = pattern
+    imgs = torch.randn(2, 3, 64, 64, device=DEVICE)
+    seed = torch.tensor([5], device=DEVICE)
+    got, want = m_tri(imgs, mask_seed=seed), m_ref(imgs, mask_seed=seed)
+    for g, w in zip(got, want, strict=True):
+        assert torch.equal(g, w)
 
 
 # ----------------------------------------------------------------------------- benchmark script

@@ -247,17 +247,18 @@ def test_zero_stage_two_ranks_compiled_match_one_rank_eager(stage: int, mode: st
 # ----------------------------------------------------------------------------- host syncs in the hot loop
 
 
-@pytest.mark.parametrize("stage", [0, 1, 2, 3])
-def test_no_host_sync_between_log_steps(stage: int, env: dict[str, str], tmp_path: Path) -> None:
+@pytest.mark.parametrize("stage,strategy", [(0, "random"), (1, "block"), (2, "grid"), (3, "random")])
+def test_no_host_sync_between_log_steps(stage: int, strategy: str, env: dict[str, str], tmp_path: Path) -> None:
     """Between log steps a training step neither synchronises the device with the host nor reads a tensor value on
     the host, with each bundled config on one rank (fused AdamW, as on CUDA; ZeRO-1/2 take DeepSpeed's CUDA code
-    paths). ZeRO-3 keeps DeepSpeed's own finiteness check of the gradient norm: one read per step. (Without
-    checkpoints: train.checkpoint_at_end=false leaves none.)"""
+    paths), and with each mask strategy (block and grid draw their masks on the device too). ZeRO-3 keeps
+    DeepSpeed's own finiteness check of the gradient norm: one read per step. (Without checkpoints:
+    train.checkpoint_at_end=false leaves none.)"""
     counts_file = tmp_path / "syncs.json"
     e = dict(env, MASTER_PORT=str(free_port()), FASTMAE_TEST_SYNCS=str(counts_file),
              FASTMAE_TEST_SYNCS_AS_CUDA="0" if stage == 3 else "1")
     run([sys.executable, RUNNER, "--ds_config", f"zero{stage}.json", *SMALL, "train.steps=8", "train.log_interval=4",
-         "optim.fused=on", "train.checkpoint_interval=0", "train.checkpoint_at_end=false",
+         "optim.fused=on", "train.checkpoint_interval=0", "train.checkpoint_at_end=false", f"mask.strategy={strategy}",
          f"train.output_dir={tmp_path / 'run'}"], e)
     assert not list((tmp_path / "run").glob("checkpoints/step_*"))  # a smoke run without any checkpoint
     events: dict[int, dict[str, int]] = {}
