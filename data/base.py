@@ -14,9 +14,14 @@ from .constants import DTYPES, IMAGENET_MEAN, IMAGENET_STD, MODES, READS
 from .index import ShardError, ShardIndex
 from .randaug import RandAugmentPolicy, describe, parse_policy
 from .sampling import (
+    JITTER_OPS,
     SKIP_TRIES,
+    CropSpec,
     batch_uniforms,
     epoch_order,
+    eval_resize_size,
+    jitter_factors,
+    jitter_uniforms,
     randaug_uniforms,
     rank_batch,
     sample_crop,
@@ -31,13 +36,14 @@ T = TypeVar("T")
 @dataclass
 class BatchPlan:
     """One rank's batch at one step: global sample indices, padding flag, augmentation uniforms (crop + flip;
-    RandAugment when it is on)."""
+    RandAugment when it is on) and the colour jitter factors (B, 3) when it is on."""
 
     step: int
     indices: np.ndarray
     pad: bool
     uniforms: np.ndarray | None
     randaug: np.ndarray | None = None
+    jitter: np.ndarray | None = None
 
 
 @dataclass(frozen=True)
@@ -50,6 +56,7 @@ class EpochLayout:
     ``shard_sizes`` (samples per shard) set: the streamed order (:func:`~fastmae.data.sampling.stream_order`,
     shuffle buffer ``buffer``) laid out for ``order_layout`` = (ranks, micro batch, drop_last), the layout the
     epoch began with (None: this one); None: the global shuffle.
+    ``color_jitter``: the data.color_jitter strength of training batches (0 = off).
     """
 
     num_samples: int
@@ -64,6 +71,7 @@ class EpochLayout:
     shard_sizes: tuple[int, ...] | None = None
     buffer: int = 0
     order_layout: tuple[int, int, bool] | None = None
+    color_jitter: float = 0.0
 
     def order(self, epoch: int) -> np.ndarray:
         """The order in which ``epoch`` visits the samples (all ranks together)."""
@@ -94,7 +102,15 @@ class EpochLayout:
             u = batch_uniforms(self.seed, epoch, step, self.rank, len(idx), seg) if self.shuffle else None
             ra = (randaug_uniforms(self.seed, epoch, step, self.rank, len(idx), self.randaug_layers, seg)
                   if self.shuffle and self.randaug_layers else None)
-            yield BatchPlan(step, idx, pad, u, ra)
+            yield BatchPlan(step, idx, pad, u, ra, self.jitter(epoch, step, len(idx)))
+
+    def jitter(self, epoch: int, step: int, size: int) -> np.ndarray | None:
+        """The colour jitter factors (size, 3) of this rank's batch at ``step`` of ``epoch`` (None when off or
+        not training): a pure function of the position, like the crops."""
+        if not (self.shuffle and self.color_jitter > 0):
+            return None
+        u = jitter_uniforms(self.seed, epoch, step, self.rank, size, self.start_sample)
+        return jitter_factors(u, self.color_jitter)
 
     def indices(self, epoch: int, start: int) -> Iterator[tuple[np.ndarray, bool]]:
         """This rank's sample indices (and padding flag) per batch of ``epoch`` from batch ``start`` on."""
@@ -178,6 +194,10 @@ class ShardLoader:
         self.device = torch.device(device)
         self.mode = mode
         self.crop_scale = (float(cfg.crop_scale_min), float(cfg.crop_scale_max))
+        # the training crop and flip (data.crop, crop_scale_*, hflip; paper Table 1e), drawn per sample by
+        # fastmae.data.sampling.sample_crop; colour jitter (data.color_jitter, 0 = off) on the device batch
+        self.crop_spec = CropSpec(img_size, cfg.crop, self.crop_scale, bool(cfg.hflip))
+        self.color_jitter = float(cfg.color_jitter)
         self.num_workers = cfg.num_workers
         # antialiased in both backends (PIL always is; DALI with antialias=True), like torchvision on PIL
         self.interpolation = cfg.interpolation
@@ -305,7 +325,7 @@ class ShardLoader:
         """This rank's epoch layout, detached from the loader (safe to hand to a feed thread)."""
         return EpochLayout(self.num_samples, self.world_size, self.rank, self.batch_size, self.seed, self.shuffle,
                            self.randaug.n if self.randaug else 0, self.start_sample, self.drop_last, self._shard_sizes,
-                           self.shuffle_buffer, self.order_layout)
+                           self.shuffle_buffer, self.order_layout, self.color_jitter)
 
     @property
     def randaug_info(self) -> str:
@@ -317,8 +337,30 @@ class ShardLoader:
         return self.layout().batches(epoch, start)
 
     def crop(self, u: np.ndarray | None, width: int, height: int) -> tuple[int, int, int, int, bool]:
-        """(x, y, w, h, flip) of one sample: RandomResizedCrop + flip in train mode, centre crop in eval."""
-        return sample_crop(u, width, height, self.img_size, self.crop_scale)
+        """(x, y, w, h, flip) of one sample: data.crop + data.hflip in train mode, centre crop in eval."""
+        return sample_crop(u, width, height, self.crop_spec)
+
+    def finish(self, imgs: torch.Tensor, epoch: int, step: int) -> torch.Tensor:
+        """The uint8 (B, 3, S, S) images of this rank's batch at ``step`` of ``epoch``, on the device -> colour
+        jitter (training with data.color_jitter > 0: :func:`color_jitter` with the batch's factors) and ImageNet
+        normalisation in the loader's dtype. Both shard backends end every batch here, so they jitter alike."""
+        factors = self.layout().jitter(epoch, step, len(imgs))
+        jitter = None if factors is None else torch.from_numpy(factors).to(imgs.device, non_blocking=True)
+        return normalize_uint8(imgs, self.dtype, jitter)
+
+    @property
+    def augment_info(self) -> str:
+        """The training crop, flip and colour jitter in words, for the start-up log."""
+        if not self.shuffle:
+            return "centre crop"
+        s, side = self.crop_spec, eval_resize_size(self.img_size)
+        crop = {"random_resized": f"RandomResizedCrop({s.scale[0]:g}-{s.scale[1]:g})",
+                "fixed": f"fixed {self.img_size}px crop at a random position (shorter side {side}px)",
+                "center": f"centre {self.img_size}px crop (shorter side {side}px)"}[s.crop]
+        text = crop + (" + flip" if s.hflip else ", no flip")
+        if self.color_jitter > 0:
+            text += f" + colour jitter {self.color_jitter:g} ({', '.join(JITTER_OPS)})"
+        return text
 
     # ------------------------------------------------------------------ iteration
     def _batches(self, epoch: int, start: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
@@ -360,7 +402,8 @@ class ShardLoader:
         return f"{self.backend} ({', '.join(self._how())})"
 
     def _how(self) -> list[str]:
-        return [f"read={self.read}"] + ([f"shuffle buffer {self.shuffle_buffer}"] if self.read == "stream" else [])
+        return ([f"read={self.read}"] + ([f"shuffle buffer {self.shuffle_buffer}"] if self.read == "stream" else [])
+                + [self.augment_info])
 
     def gpu_memory_bytes(self) -> int:
         """The loader's own GPU buffers on this rank, for the memory estimate (0: none beyond the batch the
@@ -400,10 +443,43 @@ def _mean_std(device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
     return _NORM_CACHE[device]
 
 
-def normalize_uint8(imgs: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """(B,3,H,W) uint8 -> ImageNet-normalised ``dtype`` on the same device."""
+# luma weights of the grey image (ITU-R 601-2, PIL's "L" conversion; torchvision's tensor path uses 0.2989)
+GREY = (0.299, 0.587, 0.114)
+
+
+def _grey(x: torch.Tensor) -> torch.Tensor:
+    """(B,3,H,W) -> (B,1,H,W) grey image."""
+    return (x[:, 0:1] * GREY[0]).add_(x[:, 1:2], alpha=GREY[1]).add_(x[:, 2:3], alpha=GREY[2])
+
+
+def color_jitter(x: torch.Tensor, factors: torch.Tensor) -> torch.Tensor:
+    """data.color_jitter on a float (B,3,H,W) batch of values in [0, 255], in place; ``factors`` (B, 3) holds
+    each sample's brightness ``b``, contrast ``c`` and saturation ``s`` factor. Always in this order (torchvision's
+    ColorJitter shuffles it per sample; a fixed order keeps both backends and every rerun the same), each result
+    clamped to [0, 255], no rounding in between:
+
+    - brightness: ``x * b``;
+    - contrast: ``(x - m) * c + m``, ``m`` the mean of the sample's grey image;
+    - saturation: ``(x - g) * s + g``, ``g`` the grey image of the sample (per pixel);
+
+    grey = 0.299 R + 0.587 G + 0.114 B."""
+    f = factors.to(device=x.device, dtype=x.dtype).view(-1, 3, 1, 1)
+    b, c, s = f[:, 0:1], f[:, 1:2], f[:, 2:3]
+    x.mul_(b).clamp_(0, 255)
+    m = _grey(x).mean((2, 3), keepdim=True)  # (B,1,1,1)
+    x.sub_(m).mul_(c).add_(m).clamp_(0, 255)
+    g = _grey(x)  # (B,1,H,W)
+    return x.sub_(g).mul_(s).add_(g).clamp_(0, 255)
+
+
+def normalize_uint8(imgs: torch.Tensor, dtype: torch.dtype, jitter: torch.Tensor | None = None) -> torch.Tensor:
+    """(B,3,H,W) uint8 -> ImageNet-normalised ``dtype`` on the same device, after :func:`color_jitter` with the
+    (B, 3) factors ``jitter`` when given."""
     mean, std = _mean_std(imgs.device)
-    return imgs.float().sub_(mean).div_(std).to(dtype)
+    x = imgs.float()
+    if jitter is not None:
+        x = color_jitter(x, jitter)
+    return x.sub_(mean).div_(std).to(dtype)
 
 
 def _check_arguments(*, mode: str, rank: int, world_size: int, img_size: int, randaug: str, read: str) -> None:

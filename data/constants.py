@@ -45,6 +45,8 @@ def check_section(d: Any) -> None:
     choice("crop", CROPS)
     if not 0.0 <= d.color_jitter < 1.0:
         raise ValueError(f"data.color_jitter={d.color_jitter} must lie in [0, 1) (0 = off; the paper's variant: 0.4)")
+    if d.backend == "synthetic":
+        _refuse_synthetic_augmentation(d)
     for key in ("shuffle_buffer", "stream_fetchers", "batch_size", "synthetic_size"):
         positive(key)
     for key in ("preallocate_width_hint", "preallocate_height_hint", "max_bad_samples", "num_workers"):
@@ -56,3 +58,17 @@ def check_section(d: Any) -> None:
     if not 0.0 < d.crop_scale_min <= d.crop_scale_max <= 1.0:
         raise ValueError(f"data.crop_scale_min={d.crop_scale_min}, data.crop_scale_max={d.crop_scale_max}: "
                          "need 0 < min <= max <= 1")
+
+
+def _refuse_synthetic_augmentation(d: Any) -> None:
+    """The synthetic backend makes random tensors: it crops, flips and jitters nothing, so a run asking for a
+    training augmentation other than the paper's (data.crop, data.hflip, data.color_jitter) is refused rather
+    than run without it."""
+    asked = [f"data.{k}={v}" for k, v, paper in (("crop", d.crop, d.crop == "random_resized"),
+                                                  ("hflip", d.hflip, bool(d.hflip)),
+                                                  ("color_jitter", d.color_jitter, d.color_jitter == 0))
+             if not paper]
+    if asked:
+        raise ValueError(f"{', '.join(asked)} cannot apply to data.backend=synthetic: the synthetic loader makes "
+                         "random tensors (no crop, flip or colour jitter); use data.backend=dali or torch for these "
+                         "settings")

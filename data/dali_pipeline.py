@@ -1,6 +1,7 @@
 """The DALI loader: one ``@pipeline_def`` that decodes only the crop window (nvJPEG on the GPU, the same graph
-with CPU operators elsewhere), resizes it bicubically, optionally applies RandAugment, flips and normalises,
-fed with samples and crop boxes from the shard index through ``fn.external_source``.
+with CPU operators elsewhere), resizes it bicubically, optionally applies RandAugment and flips, fed with samples
+and crop boxes from the shard index through ``fn.external_source``; colour jitter (when on) and normalisation
+follow in torch on the device, the same code as the torch loader's (:meth:`ShardLoader.finish`).
 """
 
 from __future__ import annotations
@@ -19,10 +20,10 @@ import torch
 from nvidia.dali import fn, pipeline_def, types
 from nvidia.dali.plugin.pytorch import DALIGenericIterator
 
-from .base import BatchPlan, EpochLayout, ShardLoader, normalize_uint8, replacement
+from .base import BatchPlan, EpochLayout, ShardLoader, replacement
 from .index import ShardError, ShardIndex
 from .randaug import RandAugmentPolicy, dali_apply, dali_params, dali_suite
-from .sampling import PAD_LABEL, image_size, sample_crop
+from .sampling import PAD_LABEL, CropSpec, image_size, sample_crop
 
 # batches DALI prepares ahead (its prefetch_queue_depth), and nvJPEG's device_memory_padding default
 PIPELINE_DEPTH = 2
@@ -75,8 +76,7 @@ class _FeedSpec:
     worker processes)."""
 
     index: ShardIndex
-    img_size: int
-    scale: tuple[float, float]
+    crop: CropSpec
     randaug: RandAugmentPolicy | None
     num_ops: int
     identity: int
@@ -100,7 +100,7 @@ class _FeedSpec:
                 flag = int(i not in undecodable)
                 data, size, label = replacement(idx, i, lambda k: _read(idx, k, undecodable))
             u = None if b.uniforms is None else b.uniforms[j]
-            boxes.append(sample_crop(u, *size, self.img_size, self.scale))
+            boxes.append(sample_crop(u, *size, self.crop))
             jpegs.append(np.frombuffer(data, dtype=np.uint8))
             labels.append(PAD_LABEL if b.pad else label)
             replaced.append(flag)
@@ -331,7 +331,7 @@ class DaliLoader(ShardLoader):
     def _build(self, epoch: int, start: int) -> None:
         self._release()
         gpu = self._device_id is not None
-        spec = _FeedSpec(self.index, self.img_size, self.crop_scale, self._randaug, self._num_ops, self._identity,
+        spec = _FeedSpec(self.index, self.crop_spec, self._randaug, self._num_ops, self._identity,
                          self.skip_bad, frozenset(self._undecodable))
         source: Any
         if self.feed_workers:
@@ -417,9 +417,9 @@ class DaliLoader(ShardLoader):
                 except ShardError:
                     self._release()
                     raise
-            done += 1
             imgs, labels = out[0]["images"], out[0]["labels"]
-            yield normalize_uint8(imgs.to(self.device), self.dtype), labels.to(self.device).view(-1)
+            yield self.finish(imgs.to(self.device), epoch, done), labels.to(self.device).view(-1)
+            done += 1
         self._needs_reset = True
         self._ready_for = (epoch + 1, 0, 0)
 

@@ -7,16 +7,22 @@ from __future__ import annotations
 
 import io
 import math
+from dataclasses import dataclass
 
 import numpy as np
+
+from .constants import CROPS
 
 # label of a padding sample (torch's cross-entropy ``ignore_index`` default); never a real class
 PAD_LABEL = -100
 # data.on_error=skip: how many following samples are tried in place of a bad one
 SKIP_TRIES = 16
 RRC_ATTEMPTS = 10
-UNIFORMS_PER_SAMPLE = 4 * RRC_ATTEMPTS + 1  # (area, log-ratio, y, x) per attempt + flip
+# (area, log-ratio, y, x) per attempt + flip; data.crop=fixed reads its (x, y) position from the first two
+UNIFORMS_PER_SAMPLE = 4 * RRC_ATTEMPTS + 1
 RATIO = (3.0 / 4.0, 4.0 / 3.0)
+# data.color_jitter: the factors drawn per sample, applied in this order (see fastmae.data.base.color_jitter)
+JITTER_OPS = ("brightness", "contrast", "saturation")
 
 
 def steps_per_epoch(num_samples: int, world_size: int, batch_size: int, drop_last: bool = False) -> int:
@@ -147,6 +153,18 @@ def randaug_uniforms(seed: int, epoch: int, step: int, rank: int, size: int, lay
     return _stream(seed, epoch, step, rank, 0x7A4D, segment).random((size, 4 * layers))
 
 
+def jitter_uniforms(seed: int, epoch: int, step: int, rank: int, size: int, segment: int = 0) -> np.ndarray:
+    """Uniform numbers in [0, 1) that fix the colour jitter of one batch: shape (size, 3), one per op of
+    :data:`JITTER_OPS`; a stream of its own (the crops and flips do not change when jitter is switched on)."""
+    return _stream(seed, epoch, step, rank, 0xC7A1, segment).random((size, len(JITTER_OPS)))
+
+
+def jitter_factors(u: np.ndarray, strength: float) -> np.ndarray:
+    """(B, 3) float32 brightness, contrast and saturation factors, each uniform in [1 - s, 1 + s], from
+    (B, 3) uniforms (torchvision's ``ColorJitter(s, s, s)`` ranges)."""
+    return (1.0 - strength + 2.0 * strength * u).astype(np.float32)
+
+
 def random_resized_crop_box(
     u: np.ndarray, width: int, height: int, scale: tuple[float, float], ratio: tuple[float, float] = RATIO
 ) -> tuple[int, int, int, int]:
@@ -190,14 +208,43 @@ def center_crop_box(width: int, height: int, img_size: int) -> tuple[int, int, i
     return (width - side) // 2, (height - side) // 2, side, side
 
 
-def sample_crop(
-    u: np.ndarray | None, width: int, height: int, img_size: int, scale: tuple[float, float]
-) -> tuple[int, int, int, int, bool]:
-    """(x, y, w, h, flip) of one sample: RandomResizedCrop + flip from ``u`` in train mode, the eval
-    centre crop when ``u`` is None."""
+def fixed_crop_box(ux: float, uy: float, width: int, height: int, img_size: int) -> tuple[int, int, int, int]:
+    """data.crop=fixed as a box in the original image: an ``img_size`` square at a random position of the image
+    resized to ``img_size*256/224`` on its shorter side is this box (the eval crop's side) at a position uniform
+    over the whole image, resized to ``img_size``."""
+    _, _, side, _ = center_crop_box(width, height, img_size)
+    return int(ux * (width - side + 1)), int(uy * (height - side + 1)), side, side
+
+
+@dataclass(frozen=True)
+class CropSpec:
+    """How a training sample is cropped and flipped (the data section's crop, crop_scale_min/max and hflip) at
+    ``img_size``; evaluation always takes the centre crop, unflipped."""
+
+    img_size: int
+    crop: str
+    scale: tuple[float, float]
+    hflip: bool
+
+    def __post_init__(self) -> None:
+        if self.crop not in CROPS:
+            raise ValueError(f"data.crop={self.crop!r} is not valid; valid choices: {', '.join(CROPS)}")
+
+
+def sample_crop(u: np.ndarray | None, width: int, height: int, spec: CropSpec) -> tuple[int, int, int, int, bool]:
+    """(x, y, w, h, flip) of one sample in the original image from its uniforms ``u`` (a row of
+    :func:`batch_uniforms`): the crop ``spec.crop`` (random_resized: RandomResizedCrop over ``spec.scale``;
+    fixed: :func:`fixed_crop_box`; center: the eval crop) and, with ``spec.hflip``, a flip with p = 0.5. The
+    eval centre crop, unflipped, when ``u`` is None."""
     if u is None:
-        return (*center_crop_box(width, height, img_size), False)
-    return (*random_resized_crop_box(u, width, height, scale), bool(u[-1] < 0.5))
+        return (*center_crop_box(width, height, spec.img_size), False)
+    if spec.crop == "random_resized":
+        box = random_resized_crop_box(u, width, height, spec.scale)
+    elif spec.crop == "fixed":
+        box = fixed_crop_box(u[0], u[1], width, height, spec.img_size)
+    else:
+        box = center_crop_box(width, height, spec.img_size)
+    return (*box, spec.hflip and bool(u[-1] < 0.5))
 
 
 _SOF = {0xC0, 0xC1, 0xC2, 0xC3, 0xC5, 0xC6, 0xC7, 0xC9, 0xCA, 0xCB, 0xCD, 0xCE, 0xCF}

@@ -2,7 +2,7 @@
 (RandAugment, when on, is timm's on the PIL crop: see :mod:`fastmae.data.randaug`).
 
 Workers decode, crop and resize to uint8 (4x less to move between processes and to the GPU than float);
-normalisation happens once per batch on the training device.
+colour jitter (when on) and normalisation happen once per batch on the training device, as for DALI.
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from .base import ShardLoader, normalize_uint8, replacement
+from .base import ShardLoader, replacement
 from .index import ShardError, ShardIndex
 from .randaug import TimmRandAugment
 from .sampling import PAD_LABEL, sample_crop
@@ -38,7 +38,7 @@ class _Samples(torch.utils.data.Dataset):
     def __init__(self, loader: TorchLoader) -> None:
         self.index: ShardIndex = loader.index
         self.size = loader.img_size
-        self.scale = loader.crop_scale
+        self.spec = loader.crop_spec
         self.resample = (
             Image.Resampling.BICUBIC if loader.interpolation == "bicubic" else Image.Resampling.BILINEAR
         )
@@ -73,7 +73,7 @@ class _Samples(torch.utils.data.Dataset):
                 f"{shard}: {self.index.key(i)}: image does not decode ({type(e).__name__}: {e}); check the "
                 f"shards with `python -m fastmae.data.shards verify {os.path.dirname(shard)}`"
             ) from e
-        x, y, w, h, flip = sample_crop(u, *img.size, self.size, self.scale)
+        x, y, w, h, flip = sample_crop(u, *img.size, self.spec)
         img = img.resize((self.size, self.size), self.resample, box=(x, y, x + w, y + h))
         if flip:
             img = img.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
@@ -156,9 +156,9 @@ class TorchLoader(ShardLoader):
         if start >= self.layout().steps():
             return
         self._sampler.start = (epoch, start)
-        for imgs, labels, bad in self._dl:
+        for step, (imgs, labels, bad) in enumerate(self._dl, start):
             if bad:
                 self.note_bad(bad)
             imgs = imgs.to(self.device, non_blocking=True)
             labels = labels.to(self.device, non_blocking=True)
-            yield normalize_uint8(imgs, self.dtype), labels
+            yield self.finish(imgs, epoch, step), labels
