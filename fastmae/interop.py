@@ -1,7 +1,8 @@
 """Checkpoints in and out: official MAE files, fastmae exports and DeepSpeed runs in, timm state dicts out;
-every file is read with ``torch.load(weights_only=True)`` and any other pickled object is refused with
-:class:`UnsafeCheckpointError`. CLI: ``python -m fastmae.interop info CKPT``, ``export-timm CKPT OUT.pth``,
-``convert CKPT OUT.pth``. See docs/evaluation.md.
+Hugging Face ViTMAE checkpoints both ways (fastmae/hf.py); every file is read with ``torch.load(weights_only=True)``
+(or safetensors) and any other pickled object is refused with :class:`UnsafeCheckpointError`. CLI:
+``python -m fastmae.interop info CKPT``, ``export-timm CKPT OUT.pth``, ``convert CKPT OUT.pth``,
+``export-hf CKPT DIR``, ``import-hf DIR_OR_FILE OUT.pth``. See docs/evaluation.md.
 """
 
 from __future__ import annotations
@@ -14,8 +15,10 @@ from typing import Any
 
 import torch
 
+from . import hf
 from .checkpoint import consolidate
-from .config import Config, ModelConfig, config_from_dict, get_preset
+from .config import Config, MaskConfig, ModelConfig, config_from_dict, get_preset
+from .layers import sincos_2d
 from .model import MaskedAutoencoderViT
 
 # (embed_dim, depth, num_heads) -> timm size name; the official MAE encoders are base/large/huge
@@ -78,12 +81,31 @@ def extract_state_dict(obj: Any) -> tuple[dict[str, torch.Tensor], dict[str, Any
 
 
 def load_checkpoint(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-    """(state dict, metadata) of a checkpoint file or a fastmae DeepSpeed checkpoint directory."""
+    """(state dict, metadata) of a checkpoint file, a fastmae DeepSpeed checkpoint directory or a Hugging Face
+    ViTMAE checkpoint (:func:`load_hf`)."""
     p = Path(path)
+    if hf.is_hf_checkpoint(p):
+        return load_hf(p)
     if p.is_dir():
         sd, state = consolidate(p)
         return sd, {"config": state.get("config"), "step": state.get("step"), "epoch": state.get("epoch")}
     return extract_state_dict(safe_load(p))
+
+
+def load_hf(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """(state dict in the official MAE names, metadata) of a Hugging Face ``ViTMAEForPreTraining`` or
+    ``ViTMAEModel`` checkpoint: a ``save_pretrained`` folder or one ``.safetensors`` / ``.bin`` file. With a
+    ``config.json`` the metadata holds the fastmae ``config`` it describes; ``notes`` say what fastmae computes
+    differently. Without one the architecture is inferred from the tensors, as for official files."""
+    tensors, hf_cfg = hf.read_hf(path, safe_load)
+    sd, notes = hf.from_hub(tensors)
+    meta: dict[str, Any] = {"notes": notes}
+    if hf_cfg is not None:
+        m, ratio, more = hf.model_config(hf_cfg)
+        hf.check_fits(sd, m)
+        meta["config"] = hf.fastmae_config(m, ratio, checkpoint_kind(sd) == "encoder").to_dict()
+        meta["notes"] = notes + more
+    return sd, meta
 
 
 def checkpoint_kind(sd: dict[str, torch.Tensor]) -> str:
@@ -213,6 +235,60 @@ def export_timm(path: str | Path, out: str | Path, preset: str = "mae_vit_large_
     return {"out": str(out), "timm_model": name, "kwargs": kwargs}
 
 
+# ----------------------------------------------------------------------------- Hugging Face
+
+
+def export_hf(path: str | Path, out: str | Path, preset: str = "mae_vit_large_patch16") -> dict[str, Any]:
+    """Write the checkpoint's MAE (or its encoder, when it has no decoder) as a Hugging Face ViTMAE folder
+    (``config.json`` + ``model.safetensors``); returns the transformers class that loads it."""
+    sd, meta = load_checkpoint(path)
+    kind = checkpoint_kind(sd)
+    if kind == "classifier":
+        raise ValueError(f"{path} holds a fine-tuned classifier: Hugging Face ViTMAE has no classifier head; "
+                         "export the pre-trained checkpoint, or this one with export-timm")
+    m = infer_model_config(sd, meta, get_preset(preset).model)
+    cfg_d = meta.get("config")
+    has_cfg = isinstance(cfg_d, dict) and isinstance(cfg_d.get("model"), dict)
+    if not has_cfg:
+        m.norm_pix_loss = False  # as load_mae: official files with a decoder were trained on plain pixels
+    ratio = config_from_dict(cfg_d).mask.ratio if has_cfg else MaskConfig().ratio
+    grid = m.img_size // m.patch_size
+    sd = dict(sd)
+    sd.setdefault("pos_embed", sincos_2d(m.embed_dim, grid).unsqueeze(0))  # fixed: rebuilt when absent
+    if kind == "mae":
+        sd.setdefault("decoder_pos_embed", sincos_2d(m.decoder_embed_dim, grid).unsqueeze(0))
+    arch = hf.save_pretrained(out, sd, m, ratio)
+    return {"out": str(out), "class": arch, "kind": kind}
+
+
+def import_hf(path: str | Path, out: str | Path, preset: str = "mae_vit_large_patch16") -> list[str]:
+    """Write a Hugging Face ViTMAE checkpoint as one fastmae file ``{'model', 'config'}`` (official names, what
+    ``convert`` writes); returns the lines that say what was written and what differs."""
+    if not Path(path).exists():
+        raise FileNotFoundError(f"{path} does not exist")
+    if not hf.is_hf_checkpoint(path):
+        raise ValueError(f"{path} is not a Hugging Face checkpoint: expected a save_pretrained folder "
+                         f"(config.json, {' or '.join(hf.WEIGHT_FILES[::2])}) or a .safetensors / .bin file")
+    sd, meta = load_hf(path)
+    kind = checkpoint_kind(sd)
+    if isinstance(meta.get("config"), dict):
+        cfg = config_from_dict(meta["config"])
+    else:  # no config.json: the architecture from the tensors; ViTMAEConfig's defaults for the loss and masking
+        m = infer_model_config(sd, meta, get_preset(preset).model)
+        m.norm_pix_loss = False
+        cfg = hf.fastmae_config(m, MaskConfig().ratio, kind == "encoder")
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    torch.save({"model": sd, "config": cfg.to_dict()}, out)
+    if kind == "mae":
+        what = (f"wrote {out} (encoder + decoder, {hf.PRETRAINING}): pre-training (load_mae), reconstructions, "
+                "fine-tuning and linear probing (--checkpoint) start from it")
+    else:
+        what = (f"wrote {out} (encoder only: {hf.ENCODER} has no decoder): fine-tuning and linear probing "
+                f"(--checkpoint) start from it; pre-training and reconstructions need a {hf.PRETRAINING} checkpoint")
+    return [what] + [f"note: {n}" for n in meta["notes"]]
+
+
 # ----------------------------------------------------------------------------- CLI
 
 
@@ -247,6 +323,13 @@ def main(argv: list[str] | None = None) -> int:
     p = sub.add_parser("convert", help="write one fastmae file {'model', 'config'} (official names)")
     p.add_argument("checkpoint")
     p.add_argument("out")
+    p = sub.add_parser("export-hf", help="write a Hugging Face ViTMAE folder (config.json + model.safetensors)")
+    p.add_argument("checkpoint")
+    p.add_argument("out", help="folder for transformers' from_pretrained")
+    p = sub.add_parser("import-hf", help="turn a Hugging Face ViTMAE checkpoint (save_pretrained folder, "
+                                         ".safetensors or .bin) into one fastmae file")
+    p.add_argument("checkpoint")
+    p.add_argument("out")
     args = ap.parse_args(argv)
     try:
         if args.cmd == "info":
@@ -257,6 +340,13 @@ def main(argv: list[str] | None = None) -> int:
             print(f"wrote {info['out']}\nload it with:\n"
                   f"  m = timm.create_model({info['timm_model']!r}, {kw})\n"
                   f"  m.load_state_dict(torch.load({info['out']!r}, weights_only=True))")
+        elif args.cmd == "export-hf":
+            info = export_hf(args.checkpoint, args.out, args.preset)
+            print(f"wrote {info['out']} ({info['class']}, {info['kind']})\nload it with:\n"
+                  f"  from transformers import {info['class']}\n"
+                  f"  model = {info['class']}.from_pretrained({info['out']!r})")
+        elif args.cmd == "import-hf":
+            print("\n".join(import_hf(args.checkpoint, args.out, args.preset)))
         else:
             sd, meta = load_checkpoint(args.checkpoint)
             cfg = build_config_for(sd, meta, args.preset)
@@ -265,7 +355,7 @@ def main(argv: list[str] | None = None) -> int:
             torch.save({"model": sd, "config": cfg.to_dict(),
                         **{k: meta[k] for k in ("step", "epoch") if meta.get(k) is not None}}, out)
             print(f"wrote {out} ({checkpoint_kind(sd)})")
-    except (UnsafeCheckpointError, ValueError, FileNotFoundError) as e:
+    except (UnsafeCheckpointError, ValueError, FileNotFoundError) as e:  # HFUnavailableError is one
         print(f"fastmae.interop: {e}", file=__import__("sys").stderr)
         return 1
     return 0

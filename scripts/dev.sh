@@ -23,7 +23,7 @@ setup() {
     # s3fs pins botocore (through aiobotocore) and boto3 must match it: the tested trio, or pip backtracks into
     # an s3fs that wants an fsspec the index does not have
     "$PY" -m pip install -q 'triton==3.6.0' 'numpy<2.4' 's3fs==2026.9.0' 'boto3==1.43.117' 'moto[server]==5.2.5' \
-        -e '.[dali,dev,track,remote]'
+        -e '.[dali,dev,track,remote,hf]'
 }
 
 # timm needs torchvision, which does not import beside the CPU torch 2.13.0 build; torch 2.14.1 and
