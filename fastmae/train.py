@@ -19,6 +19,7 @@ from fastmae.cli import program_parser
 from fastmae.config import Config, ConfigError, apply_overrides, build_config, config_from_dict, preset_names
 from fastmae.data import build_loader
 from fastmae.flops import train_flops
+from fastmae.knn import KnnMonitor
 from fastmae.memory import MemoryEstimate, estimate_memory
 from fastmae.model import MaskedAutoencoderViT, resolve_masking_backend
 from fastmae.optim import build_adamw, param_groups
@@ -52,13 +53,15 @@ def make_loader(cfg: Config, rank: int, world_size: int, device: torch.device) -
 
 
 class PretrainTask(Task):
-    """MAE pre-training: masked-patch reconstruction, AdamW (paper Table 8), one mask seed per micro batch."""
+    """MAE pre-training: masked-patch reconstruction, AdamW (paper Table 8), one mask seed per micro batch; with
+    ``knn.interval`` > 0 the k-NN monitor (:class:`fastmae.knn.KnnMonitor`) at epoch ends."""
 
     name = PROGRAM
     ignored = IGNORED
 
     def __init__(self) -> None:
         self._seed: torch.Tensor | None = None  # the mask seed of the current micro batch, on the device
+        self.knn = KnnMonitor()
 
     def build_loaders(self, tr: Trainer) -> tuple[Any, None]:
         return make_loader(tr.cfg, tr.dist.rank, tr.dist.world_size, tr.dist.device), None
@@ -95,7 +98,14 @@ class PretrainTask(Task):
         act = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[c.train.precision]
         return [f"backends: masking={resolve_masking_backend(c.mask.backend, dev)} "
                 f"attention={resolve_attention_backend(c.model.attention, dev, act)} "
-                f"data={describe_loader(tr.loader)}"]
+                f"data={describe_loader(tr.loader)}", *self.knn.describe(tr)]
+
+    def on_epoch_end(self, tr: Trainer, epoch_done: int, final: bool) -> bool:
+        self.knn.on_epoch_end(tr, epoch_done, final)  # every knn.interval epochs and at the end (0 = off)
+        return False
+
+    def summary(self) -> dict[str, Any]:
+        return {"knn": self.knn.history} if self.knn.history else {}
 
 
 def train(cfg: Config, ds_config_name: str = "zero2.json") -> dict[str, Any]:

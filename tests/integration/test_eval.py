@@ -1,6 +1,8 @@
 """Fine-tuning, linear probing and evaluation as programs, on CPU: both programs through DeepSpeed (gloo, 1 rank,
-and 2 ranks compiled) on the bundled sample with the debug preset, kill -9 and resume, the evaluation command.
-The recipe's pieces and a real learning signal: tests/unit/test_eval_recipe.py."""
+and 2 ranks compiled) on the bundled sample with the debug preset, kill -9 and resume, the evaluation command,
+pre-training's k-NN monitor on 2 ranks under ZeRO-3. The recipe's pieces and a real learning signal:
+tests/unit/test_eval_recipe.py; the k-NN and robustness scoring in process: tests/unit/test_knn.py,
+tests/unit/test_robustness.py."""
 
 from __future__ import annotations
 
@@ -17,7 +19,8 @@ from pathlib import Path
 import pytest
 import torch
 from dsutil import deepspeed_env, free_port, run_job
-from fastmae.data import dali_available
+from fastmae.data import ShardIndex, bundled_sample_dir, dali_available, expand_shards
+from fastmae.data.shards import write_shards
 
 from fastmae.config import get_preset
 from fastmae.evaluation import load_classifier
@@ -110,6 +113,41 @@ def test_evaluate_cli_on_val_split(env: dict[str, str], pretrained: Path, tmp_pa
     bad = subprocess.run([sys.executable, "-m", "fastmae.evaluation", "--checkpoint", str(pretrained)], cwd=REPO,
                          env=env, capture_output=True, text=True, timeout=120)
     assert bad.returncode == 1 and "no classification head" in bad.stderr
+
+
+def test_knn_monitor_on_two_ranks_under_zero3_matches_the_offline_knn(env: dict[str, str], tmp_path: Path) -> None:
+    """Pre-training on 2 ranks under ZeRO-3 with knn.interval=1 logs knn_acc1/knn_acc5 after epoch 1 and after the
+    last step; the last equals ``--knn`` in one process on the run's final checkpoint, so the partitioned weights
+    were gathered whole and both ranks' features pooled (7 queries: the ranks hold 4 and 3)."""
+    index = ShardIndex(expand_shards(bundled_sample_dir("val")))
+    lines = []
+    for i in range(7):
+        jpg, label = index.read_sample(i)
+        (tmp_path / f"q{i}.jpg").write_bytes(jpg)
+        lines.append(f"{tmp_path / f'q{i}.jpg'} {label}")
+    (tmp_path / "list.txt").write_text("\n".join(lines) + "\n")
+    val = tmp_path / "queries"
+    write_shards(tmp_path / "list.txt", val, samples_per_shard=100, workers=1, shuffle=False, progress=False)
+    run_dir = tmp_path / "run"
+    cmd = [str(Path(sys.executable).parent / "torchrun"), "--nproc_per_node", "2", "--master_port", str(free_port()),
+           "fastmae/train.py", "--ds_config", "zero3.json", "--preset", "debug", "train.steps=3",
+           "train.log_interval=1", "data.num_workers=0", "data.backend=torch", "train.progress=false",
+           "train.trackers=", "knn.interval=1", f"knn.val_shards={val}", f"train.output_dir={run_dir}"]
+    proc = run_job(cmd, env=env, timeout=300)
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == 0, out[-4000:]
+    assert "ZeRO stage 3" in out and "k-NN monitor: every 1 epoch(s) and at the end" in out
+    assert out.count("80 bank / 7 query images") == 2
+    recs = [json.loads(ln) for ln in (run_dir / "metrics.jsonl").read_text().splitlines() if "knn_acc1" in ln]
+    assert [(r["step"], r["epoch"]) for r in recs] == [(2, 1), (3, 2)]  # 32 images a step: epoch 1 is 2 steps
+    offline = tmp_path / "knn.json"
+    proc = run_job([sys.executable, "-m", "fastmae.evaluation", "--knn", "--checkpoint", str(run_dir / "checkpoints"),
+                    "--preset", "debug", "--backend", "torch", "--num_workers", "0", "--val-shards", str(val),
+                    "--json", str(offline)], env=env, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rec = json.loads(offline.read_text())
+    assert (rec["bank"], rec["count"]) == (80, 7)
+    assert (recs[-1]["knn_acc1"], recs[-1]["knn_acc5"]) == (rec["acc1"], rec["acc5"])
 
 
 # ----------------------------------------------------------------------------- through the shared trainer
