@@ -29,7 +29,7 @@ from fastmae.config import (
 from fastmae.data import build_loader
 from fastmae.data.sample import bundled_sample_dir
 from fastmae.evaluation import evaluate
-from fastmae.flops import classifier_flops
+from fastmae.flops import block_flops, classifier_flops
 from fastmae.interop import UnsafeCheckpointError, checkpoint_kind, infer_model_config, load_checkpoint
 from fastmae.lars import LARS
 from fastmae.memory import MemoryEstimate, estimate_memory
@@ -45,6 +45,9 @@ from fastmae.recipes import (
 )
 from fastmae.trainer import EXIT_CONFIG, Task, Trainer, describe_loader
 from fastmae.vit import VisionTransformer, build_classifier, layer_decay_scale
+
+# the pre-training resolution of the official checkpoints: fp16 fine-tuning above it gets a start-up warning
+FP16_SAFE_IMG_SIZE = 224
 
 
 def parse_program_args(prog: str, description: str, recipe: Callable[[str], Config], argv: list[str] | None,
@@ -116,19 +119,77 @@ def make_loaders(cfg: Config, rank: int, world_size: int, device: torch.device) 
 
 
 def build_model(cfg: Config, loaded: Any, probe: bool) -> tuple[VisionTransformer, str]:
-    """The classifier with the pre-trained encoder loaded and a freshly initialised head."""
+    """The classifier with the pre-trained encoder loaded and a freshly initialised head; with
+    ``cls.finetune_blocks`` >= 0 (fine-tuning) everything before the last that many blocks is frozen
+    (:meth:`VisionTransformer.freeze_prefix`)."""
     cls = cfg.cls
     model = build_classifier(cfg.model, cls.num_classes, global_pool=cls.global_pool,
                              drop_path=0.0 if probe else cls.drop_path, head_bn=probe)
-    if loaded is None:
-        return model, "random init"
-    sd, _ = loaded
-    kind = checkpoint_kind(sd)
-    missing = model.load_encoder(sd)
-    head_keys = {k for k in missing if k.startswith("head")}
-    if head_keys:
-        model.init_head(cls.head_init_std)
-    return model, f"{kind} checkpoint (fresh: {', '.join(sorted(missing)) or 'nothing'})"
+    source = "random init"
+    if loaded is not None:
+        sd, _ = loaded
+        kind = checkpoint_kind(sd)
+        missing = model.load_encoder(sd)
+        head_keys = {k for k in missing if k.startswith("head")}
+        if head_keys:
+            model.init_head(cls.head_init_std)
+        source = f"{kind} checkpoint (fresh: {', '.join(sorted(missing)) or 'nothing'})"
+    if probe:
+        for name, p in model.named_parameters():
+            p.requires_grad = name.startswith("head.")
+    elif cls.finetune_blocks >= 0:
+        model.freeze_prefix(cls.finetune_blocks)
+    return model, source
+
+
+def describe_trainable(model: VisionTransformer, finetune_blocks: int, probe: bool) -> str:
+    """What trains, for the start-up log: parameter counts and, under partial fine-tuning, which blocks."""
+    def numel(p: torch.Tensor) -> int:  # a ZeRO-3 partitioned parameter's numel() is 0: its full size
+        return int(getattr(p, "ds_numel", p.numel()))
+
+    n_train = sum(numel(p) for p in model.parameters() if p.requires_grad)
+    n_all = sum(numel(p) for p in model.parameters())
+    what = f"{n_train / 1e6:.2f} M trainable ({n_train:,} of {n_all:,} parameters)"
+    if not probe and finetune_blocks >= 0:
+        depth = len(model.blocks)
+        what += (f" | partial fine-tuning: the last {finetune_blocks} of {depth} blocks + norm + head train; "
+                 "the embeddings and the first "
+                 f"{depth - finetune_blocks} blocks are frozen and run without a backward graph")
+    return what
+
+
+def fp16_resolution_warning(cfg: Config) -> str:
+    """A start-up warning for fp16 at high resolution ("" when none applies)."""
+    if cfg.train.precision != "fp16" or cfg.model.img_size <= FP16_SAFE_IMG_SIZE:
+        return ""
+    return (f"warning: train.precision=fp16 at model.img_size={cfg.model.img_size}: fp16 fine-tuning above "
+            f"{FP16_SAFE_IMG_SIZE} px (e.g. ViT-H at 448) has been seen to end in NaN losses with the official code "
+            "(fp16 overflows above 65504; loss scaling guards the gradients, not the forward pass); "
+            "train.precision=bf16 (the default) has fp32's range")
+
+
+def classifier_optimizer(model: nn.Module, cfg: Config, lr: float, device: torch.device,
+                         probe: bool) -> torch.optim.Optimizer:
+    """LARS over the head (probing) or AdamW with layer-wise lr decay (fine-tuning), over the parameters that
+    train (``requires_grad``) and no other."""
+    o = cfg.optim
+    if probe:
+        head = [p for p in model.parameters() if p.requires_grad]
+        return LARS([{"params": head, "lr": lr}], lr=lr, weight_decay=o.weight_decay, momentum=o.beta1)
+    depth, decay = len(model.blocks), cfg.cls.layer_decay
+    groups = param_groups(model, o.weight_decay, model.no_weight_decay(),
+                          lr_scale=lambda n: layer_decay_scale(n, depth, decay))
+    return build_adamw(groups, o, lr, device)
+
+
+def finetune_flops(model: VisionTransformer, finetune_blocks: int, probe: bool) -> float:
+    """Training FLOPs per image: the whole encoder's backward (fine-tuning), the head's only (probing), or,
+    under partial fine-tuning, the frozen prefix's forward and the last ``finetune_blocks`` blocks' backward."""
+    if probe or finetune_blocks < 0:
+        return classifier_flops(model, trainable_encoder=not probe)
+    D, N = model.embed_dim, model.patch_embed.num_patches
+    mlp_ratio = model.blocks[0].mlp.fc1.out_features / D
+    return classifier_flops(model, trainable_encoder=False) + 2 * finetune_blocks * block_flops(N + 1, D, mlp_ratio)
 
 
 class ClassifierTask(Task):
@@ -153,28 +214,21 @@ class ClassifierTask(Task):
 
     def build_model(self, tr: Trainer) -> nn.Module:
         model, self.source = build_model(tr.cfg, self.loaded, self.probe)
-        if self.probe:
-            for name, p in model.named_parameters():
-                p.requires_grad = name.startswith("head.")
         return model
 
     def memory_estimate(self, tr: Trainer, zero_stage: int, activation_checkpointing: bool) -> MemoryEstimate:
         """The encoder on every patch, no decoder (an approximation for the classifier)."""
         c = tr.cfg
         m = dataclasses.replace(c.model, encoder_mask_tokens=True, decoder_depth=0)
+        trainable = None if self.probe or c.cls.finetune_blocks < 0 else c.cls.finetune_blocks
         return estimate_memory(m, 0.5, c.data.batch_size, zero_stage, tr.dist.world_size, c.train.precision,
                                activation_checkpointing, c.model.attention, tr.reduce_bucket_size,
-                               tr.plan.grad_accum)
+                               tr.plan.grad_accum, trainable_blocks=trainable)
 
     def build_optimizer(self, tr: Trainer, model: nn.Module, lr: float) -> torch.optim.Optimizer:
-        o = tr.cfg.optim
-        if self.probe:
-            head = [p for p in model.parameters() if p.requires_grad]
-            return LARS([{"params": head, "lr": lr}], lr=lr, weight_decay=o.weight_decay, momentum=o.beta1)
-        depth, decay = len(model.blocks), tr.cfg.cls.layer_decay
-        groups = param_groups(model, o.weight_decay, model.no_weight_decay(),
-                              lr_scale=lambda n: layer_decay_scale(n, depth, decay))
-        return build_adamw(groups, o, lr, tr.dist.device)
+        """LARS over the head (probing) or AdamW with layer decay (fine-tuning), over the trainable parameters
+        only: a frozen one is in no group (DeepSpeed then keeps no gradient, fp32 copy or state for it)."""
+        return classifier_optimizer(model, tr.cfg, lr, tr.dist.device, self.probe)
 
     def loss(self, tr: Trainer, imgs: torch.Tensor, labels: torch.Tensor, micro_id: int) -> torch.Tensor:
         if not self.checked_labels:  # one host sync, once: labels must fit the head
@@ -187,21 +241,23 @@ class ClassifierTask(Task):
         return soft_target_cross_entropy(tr.engine(imgs), targets, weight)
 
     def flops_per_image(self, tr: Trainer) -> float:
-        return classifier_flops(tr.engine.module, trainable_encoder=not self.probe)
+        return finetune_flops(tr.engine.module, -1 if self.probe else tr.cfg.cls.finetune_blocks, self.probe)
 
     def describe(self, tr: Trainer) -> list[str]:
         c, m = tr.cfg, tr.engine.module
-        n_train = sum(p.numel() for p in m.parameters() if p.requires_grad)
         randaug = randaug_plan(c)[1] or getattr(tr.loader, "randaug_info", "off")
-        return [
+        lines = [
             f"data={describe_loader(tr.loader)} | weights: {self.checkpoint_path or '(none)'} -> {self.source}",
             f"model: img {c.model.img_size} patch {c.model.patch_size} dim {c.model.embed_dim} depth "
             f"{c.model.depth} | {c.cls.num_classes} classes | pool {'avg+fc_norm' if c.cls.global_pool else 'cls'}"
-            f" | {n_train / 1e6:.2f} M trainable | optimizer {type(tr.optimizer).__name__}"
+            f" | optimizer {type(tr.optimizer).__name__}"
             + ("" if self.probe else f" | layer decay {c.cls.layer_decay} | drop path {c.cls.drop_path}"),
+            f"trains: {describe_trainable(m, c.cls.finetune_blocks, self.probe)}",
             f"augment: RandomResizedCrop({c.data.crop_scale_min}-{c.data.crop_scale_max}) + flip | "
             f"RandAugment: {randaug} | batch: {self.augment.describe()} | validation: {self.val_shards or 'none'}",
         ]
+        warning = fp16_resolution_warning(c)
+        return [*lines, warning] if warning else lines
 
     def on_epoch_end(self, tr: Trainer, epoch_done: int, final: bool) -> bool:
         """Validate every ``cls.eval_interval`` epochs and at the end; keep ``best.pth`` and ``last.pth``;

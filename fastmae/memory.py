@@ -55,11 +55,16 @@ class MemoryEstimate:
                 f"{self.total / div:.1f} {unit}")
 
 
+def block_params(d: int, mlp_ratio: float) -> int:
+    """Parameters of one transformer block of width ``d`` (two LayerNorms, qkv, projection, MLP)."""
+    h = int(d * mlp_ratio)
+    return 4 * d + (3 * d * d + 3 * d) + (d * d + d) + (d * h + h) + (h * d + d)
+
+
 def trainable_params(m: ModelConfig) -> int:
     """Trainable parameters of the MAE (fixed sin-cos position embeddings excluded)."""
     def block(d: int) -> int:
-        h = int(d * m.mlp_ratio)
-        return 4 * d + (3 * d * d + 3 * d) + (d * d + d) + (d * h + h) + (h * d + d)
+        return block_params(d, m.mlp_ratio)
 
     D, Dd, pd = m.embed_dim, m.decoder_embed_dim, m.patch_size**2 * m.in_chans
     enc = pd * D + D + D + m.depth * block(D) + 2 * D + (D if m.encoder_mask_tokens else 0)
@@ -97,11 +102,20 @@ def model_state_bytes(P: int, zero_stage: int = 2, world_size: int = 1, precisio
 def estimate_memory(m: ModelConfig, mask_ratio: float, micro_batch: int, zero_stage: int = 2,
                     world_size: int = 1, precision: str = "bf16", activation_checkpointing: bool = False,
                     attention: str = "sdpa", reduce_bucket_size: int = ZERO3_BUCKET,
-                    grad_accum: int = 1) -> MemoryEstimate:
-    """Per-rank bytes of one training step at the activation peak (end of the forward pass)."""
-    P = trainable_params(m)
+                    grad_accum: int = 1, trainable_blocks: int | None = None) -> MemoryEstimate:
+    """Per-rank bytes of one training step at the activation peak (end of the forward pass).
+
+    ``trainable_blocks`` (partial fine-tuning, ``cls.finetune_blocks``): only the last that many encoder blocks
+    and the final norm train. The frozen rest keeps its weights but no gradient, optimizer state, bf16 copy or
+    saved activation (it runs without a backward graph); checkpointing applies to the trainable blocks only."""
+    P_all = trainable_params(m)
+    P = P_all  # what gets gradients and optimizer state
+    if trainable_blocks is not None:
+        P = trainable_blocks * block_params(m.embed_dim, m.mlp_ratio) + 2 * m.embed_dim
     weights, grads, optim, buffers = model_state_bytes(P, zero_stage, world_size, precision, reduce_bucket_size,
                                                        grad_accum)
+    if P != P_all:
+        weights = model_state_bytes(P_all, zero_stage, world_size, precision, reduce_bucket_size, grad_accum)[0]
     copies = 2 * P if precision == "bf16" else 0
     e = 4 if precision == "fp32" else 2  # activations
     ln = 4 if precision in ("bf16", "fp32") else 2  # LayerNorm inputs/outputs, the residual stream
@@ -111,11 +125,14 @@ def estimate_memory(m: ModelConfig, mask_ratio: float, micro_batch: int, zero_st
     t_dec = n + 1
     enc_blk = block_activation_bytes(t_enc, m.embed_dim, m.num_heads, m.mlp_ratio, e, attention, ln)
     dec_blk = block_activation_bytes(t_dec, m.decoder_embed_dim, m.decoder_num_heads, m.mlp_ratio, e, attention, ln)
+    depth = m.depth if trainable_blocks is None else trainable_blocks  # encoder blocks that keep activations
     if activation_checkpointing:  # block inputs + one block recomputed at a time
-        blocks = (m.depth * t_enc * m.embed_dim + m.decoder_depth * t_dec * m.decoder_embed_dim) * ln
+        blocks = (depth * t_enc * m.embed_dim + m.decoder_depth * t_dec * m.decoder_embed_dim) * ln
         blocks += max(enc_blk, dec_blk)
     else:
-        blocks = m.depth * enc_blk + m.decoder_depth * dec_blk
+        blocks = depth * enc_blk + m.decoder_depth * dec_blk
+    if depth < m.depth:  # a frozen block's working set, before any trainable block keeps anything
+        blocks = max(blocks, enc_blk)
     pd = m.patch_size**2 * m.in_chans
     # images (fp32) + patch tokens (gather_first: N + K pixel patches and K tokens; else N x D twice) + decoder
     # input/unshuffle (3 x N x Dd) + prediction, target, loss (fp32)
@@ -154,7 +171,9 @@ def decide_activation_checkpointing(mode: str, device: torch.device,
                                     loader_bytes: int = 0) -> tuple[bool, MemoryEstimate | None]:
     """``train.activation_checkpointing``: on / off, or auto = on only when the analytic estimate without it
     (``estimate(False)``, plus the loader's ``loader_bytes`` on the GPU) exceeds 90% of this GPU's memory.
-    Returns the decision and the estimate of the decided configuration."""
+    Returns the decision and the estimate of the decided configuration. Under partial fine-tuning the estimate
+    counts the trainable blocks only (``estimate_memory(trainable_blocks=...)``), the only ones checkpointing
+    wraps (:func:`fastmae.parallelize.apply_activation_checkpointing`)."""
 
     def with_loader(use: bool) -> MemoryEstimate | None:
         est = estimate(use)

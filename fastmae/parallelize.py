@@ -29,8 +29,12 @@ def _checkpointed(forward, x: torch.Tensor) -> torch.Tensor:
 
 
 def apply_activation_checkpointing(model: nn.Module, blocks: str = "all") -> int:
-    """Recompute each block in backward (``blocks``: all | encoder). Returns how many blocks were wrapped."""
+    """Recompute each block in backward (``blocks``: all | encoder). Returns how many blocks were wrapped.
+
+    A block without a trainable parameter is left alone: fastmae freezes only leading blocks (partial
+    fine-tuning, linear probing), which run without a backward graph, so there is nothing to recompute."""
     targets = list(model.blocks) if blocks == "encoder" else transformer_blocks(model)
+    targets = [blk for blk in targets if any(p.requires_grad for p in blk.parameters())]
     for blk in targets:
         blk.forward = functools.partial(_checkpointed, blk.forward)
     return len(targets)
@@ -118,6 +122,12 @@ def apply_performance_toggles(model: nn.Module, activation_checkpointing: bool, 
         applied.append(why)
     if mode != "off" and zero_stage >= 3:
         applied.append(f"ZeRO-3 leaf blocks ({mark_zero3_leaf_blocks(model)})")
+        if getattr(model, "prefix_frozen", False):
+            # measured (DeepSpeed 0.19): a compiled leaf block whose input needs no gradient has its parameters
+            # released before their gradients are accumulated; a frozen prefix's output that requires grad (a leaf,
+            # no graph behind it) costs the first trainable block its input gradient and keeps them gathered
+            model.prefix_output_requires_grad = True
+            applied.append("frozen prefix output requires grad (compiled blocks under ZeRO-3)")
     if activation_checkpointing:
         applied.append(f"activation checkpointing ({apply_activation_checkpointing(model)} blocks)")
     if mode != "off":

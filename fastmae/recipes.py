@@ -27,6 +27,8 @@ PROBE_IGNORED = {
     **IGNORED,
     "cls.drop_path": "the encoder is frozen",
     "cls.layer_decay": "only the head trains",
+    "cls.finetune_blocks": "the encoder is frozen: only the head trains (cls.finetune_blocks=0 in fine-tuning "
+                           "trains the head and the final norm)",
     "train.activation_checkpointing": "the encoder is frozen: nothing is recomputed",
 }
 

@@ -5,6 +5,7 @@ state dict is a timm ``vit_*_patch*_224`` one. See docs/evaluation.md.
 
 from __future__ import annotations
 
+import contextlib
 import math
 
 import torch
@@ -117,6 +118,13 @@ class VisionTransformer(nn.Module):
             self.head: nn.Module = nn.Sequential(nn.BatchNorm1d(embed_dim, affine=False, eps=1e-6), linear)
         else:
             self.head = linear
+        # partial fine-tuning (:meth:`freeze_prefix`): whether the embeddings are frozen, and how many leading
+        # blocks with them; that prefix runs without a backward graph
+        self.prefix_frozen = False
+        self.frozen_blocks = 0
+        # set by fastmae.parallelize for compiled blocks under ZeRO-3: the prefix's output (still without history)
+        # requires grad, as DeepSpeed's hooks of a compiled block need
+        self.prefix_output_requires_grad = False
         self._init_weights()
 
     # ------------------------------------------------------------------ init
@@ -137,13 +145,49 @@ class VisionTransformer(nn.Module):
             nn.init.trunc_normal_(lin.weight, std=std)  # bounds +-2 absolute, as timm's (i.e. untruncated)
             nn.init.zeros_(lin.bias)
 
+    def freeze_prefix(self, trainable_blocks: int) -> int:
+        """Partial fine-tuning (paper Fig. 9): train only the last ``trainable_blocks`` blocks, ``norm`` /
+        ``fc_norm`` and the head (0 = the head and the norm only). The patch embedding, cls token, position
+        embedding and the leading ``depth - trainable_blocks`` blocks get ``requires_grad=False`` and run under
+        ``torch.no_grad()`` (:meth:`forward_prefix`), with drop path off in those blocks (a frozen block is a
+        fixed feature extractor; the trainable blocks keep their rates of the linear schedule). Every weight
+        stays in the state dict. Returns the number of trainable parameters."""
+        depth = len(self.blocks)
+        if not 0 <= trainable_blocks <= depth:
+            raise ValueError(f"trainable_blocks={trainable_blocks}: valid are 0 to {depth} (the model's depth)")
+        self.prefix_frozen, self.frozen_blocks = True, depth - trainable_blocks
+        frozen: list[nn.Parameter] = [self.cls_token, self.pos_embed, *self.patch_embed.parameters()]
+        for blk in self.blocks[: self.frozen_blocks]:
+            frozen.extend(blk.parameters())
+            blk.drop_path1.p = blk.drop_path2.p = 0.0
+        for p in frozen:
+            p.requires_grad_(False)
+        return sum(p.numel() for p in self.parameters() if p.requires_grad)
+
     # ------------------------------------------------------------------ forward
-    def forward_features(self, imgs: torch.Tensor) -> torch.Tensor:
-        """All tokens after the encoder (and ``norm`` with cls-token pooling): (B, 1+N, D)."""
+    def embed(self, imgs: torch.Tensor) -> torch.Tensor:
+        """(B, 3, H, W) -> (B, 1+N, D): patch tokens after the cls token, plus the position embedding."""
         x = self.patch_embed(imgs)  # (B, N, D)
         cls = self.cls_token.expand(x.shape[0], -1, -1)  # (B, 1, D)
-        x = torch.cat([cls, x], dim=1) + self.pos_embed.to(x.dtype)  # (B, 1+N, D)
-        for blk in self.blocks:
+        return torch.cat([cls, x], dim=1) + self.pos_embed.to(x.dtype)  # (B, 1+N, D)
+
+    def forward_prefix(self, imgs: torch.Tensor) -> torch.Tensor:
+        """The embeddings and the frozen leading blocks: (B, 1+N, D). Under partial fine-tuning this runs
+        under ``torch.no_grad()``: nothing before the first trainable block needs a gradient, so no backward
+        graph (and none of its saved activations) is built for it."""
+        frozen = torch.no_grad() if self.prefix_frozen else contextlib.nullcontext()
+        with frozen:
+            x = self.embed(imgs)
+            for blk in self.blocks[: self.frozen_blocks]:
+                x = blk(x)
+        if self.prefix_frozen and self.prefix_output_requires_grad:
+            x.requires_grad_()  # a leaf: gradients stop here all the same
+        return x
+
+    def forward_features(self, imgs: torch.Tensor) -> torch.Tensor:
+        """All tokens after the encoder (and ``norm`` with cls-token pooling): (B, 1+N, D)."""
+        x = self.forward_prefix(imgs)
+        for blk in self.blocks[self.frozen_blocks:]:
             x = blk(x)
         return self.norm(x)
 
