@@ -26,6 +26,8 @@ class DistInfo:
     world_size: int
     device: torch.device
     launcher: str = "single process"
+    # every rank's host name (index = rank), gathered once at start-up: failure reports name the lost ranks' hosts
+    hosts: tuple[str, ...] = ()
 
     @property
     def is_main(self) -> bool:
@@ -86,10 +88,33 @@ def init_distributed(timeout_s: float = 600.0) -> DistInfo:
                            f"the launcher ({env.source}) said rank {env.rank} of {env.world_size}")
     if not cuda and os.environ.get("LOCAL_SIZE") == str(env.world_size):  # the op's own test: all ranks local
         _unlink_cpu_comm_segment(env.rank)
+    placements = _placements(gpu if cuda else None)
     if cuda and env.world_size > 1:
-        _refuse_shared_gpus(gpu)
+        _refuse_shared_gpus([tuple(p) for p in placements])
     device = torch.device("cuda", gpu) if cuda else torch.device("cpu")
-    return DistInfo(env.rank, env.local_rank, env.world_size, device, env.source)
+    return DistInfo(env.rank, env.local_rank, env.world_size, device, env.source, tuple(h for h, _ in placements))
+
+
+def _placements(gpu: int | None) -> list[tuple[str, str]]:
+    """Every rank's (host name, GPU UUID or ""), one all-gather at start-up."""
+    mine = (socket.gethostname(), str(torch.cuda.get_device_properties(gpu).uuid) if gpu is not None else "")
+    if dist.get_world_size() == 1:
+        return [mine]
+    placements: list[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(placements, mine)
+    return [tuple(p) for p in placements]
+
+
+def hosts_summary(hosts: tuple[str, ...]) -> str:
+    """`` | hosts: node1 (ranks 0-1), node2 (ranks 2-3)`` for a job on several hosts; "" on one."""
+    by_host: dict[str, list[int]] = {}
+    for rank, host in enumerate(hosts):
+        by_host.setdefault(host, []).append(rank)
+    if len(by_host) < 2:
+        return ""
+    ranks = {h: f"rank {r[0]}" if len(r) == 1 else f"ranks {r[0]}-{r[-1]}" if r == list(range(r[0], r[-1] + 1))
+             else f"ranks {', '.join(map(str, r))}" for h, r in by_host.items()}
+    return " | hosts: " + ", ".join(f"{h} ({ranks[h]})" for h in by_host)
 
 
 def shared_gpus(placements: list[tuple[str, str]]) -> list[list[int]]:
@@ -100,12 +125,10 @@ def shared_gpus(placements: list[tuple[str, str]]) -> list[list[int]]:
     return [ranks for ranks in seen.values() if len(ranks) > 1]
 
 
-def _refuse_shared_gpus(gpu: int) -> None:
+def _refuse_shared_gpus(placements: list[tuple[str, str]]) -> None:
     """Every rank on its own GPU: two processes of a node that each see one device (a scheduler's per-task GPU,
     or a one-GPU machine started with two processes) must not both be on the same card."""
-    placements: list[Any] = [None] * dist.get_world_size()
-    dist.all_gather_object(placements, (socket.gethostname(), str(torch.cuda.get_device_properties(gpu).uuid)))
-    shared = shared_gpus([tuple(p) for p in placements])
+    shared = shared_gpus(placements)
     if shared:
         raise RuntimeError(f"ranks {shared[0]} would share one GPU: start one process per GPU (this node shows "
                            f"{torch.cuda.device_count()} to each process)")

@@ -26,11 +26,18 @@ class FailFast:
     otherwise). The failing rank waits a few seconds for the others to acknowledge, tears its process groups
     down without a barrier and exits with status 1. A store that stops answering means its host (rank 0 or
     the launcher) is gone: the watcher ends its rank too.
+
+    Every watcher also counts a heartbeat in the store at each poll. When a rank fails in communication (a peer's
+    connection reset, a collective timed out), it first looks for the ranks whose heartbeat stopped and names
+    them and their hosts (``hosts``: every rank's host name): the ranks of a node that died or that the network
+    cut off.
     """
 
-    def __init__(self, rank: int, world_size: int, poll_s: float = 1.0, ack_wait_s: float = 5.0) -> None:
+    def __init__(self, rank: int, world_size: int, poll_s: float = 1.0, ack_wait_s: float = 5.0,
+                 hosts: tuple[str, ...] = ()) -> None:
         self.rank, self.world_size = rank, world_size
         self.poll_s, self.ack_wait_s = poll_s, ack_wait_s
+        self.hosts = hosts
         self._store: Any = None
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
@@ -52,6 +59,7 @@ class FailFast:
     def _watch(self) -> None:
         while not self._stop.wait(self.poll_s):
             try:
+                self._store.add(f"beat/{self.rank}", 1)
                 failed = self._store.check(["failed"])
             except Exception as e:  # the store's host is gone
                 if self._stop.is_set():
@@ -82,6 +90,13 @@ class FailFast:
                     self._store.set("failed", "1")
             except Exception:  # the store is gone too: still report and exit
                 pass
+        if first and self._store is not None and communication_error(err):
+            lost = self.silent_ranks(2.5 * self.poll_s + 0.5)
+            if lost:
+                _say(f"rank {self.rank}: lost {describe_ranks(lost, self.hosts)}: their heartbeat stopped (the "
+                     "process or its node died, or the network to it failed); the job stops. Resume with "
+                     "train.resume=auto from the last complete checkpoint", stream=sys.stderr)
+                detail = f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}"
         if first:
             _say(f"rank {self.rank}: {detail}", stream=sys.stderr)
         else:
@@ -101,6 +116,40 @@ class FailFast:
             sys.stdout.flush()
             sys.stderr.flush()
             os._exit(1)
+
+
+    def silent_ranks(self, wait_s: float) -> list[int]:
+        """The other ranks whose heartbeat did not advance within ``wait_s`` ([] when the store is gone)."""
+        try:
+            before = [int(self._store.add(f"beat/{r}", 0)) for r in range(self.world_size)]
+            time.sleep(wait_s)
+            after = [int(self._store.add(f"beat/{r}", 0)) for r in range(self.world_size)]
+        except Exception:
+            return []
+        return [r for r in range(self.world_size) if r != self.rank and after[r] == before[r]]
+
+
+# what a collective that lost a peer raises: gloo's and NCCL's words for a dead or unreachable peer
+_COMMUNICATION_WORDS = ("connection reset", "connection closed", "connection refused", "broken pipe", "timed out",
+                        "timeout", "socket", "nccl", "gloo", "remote process", "peer")
+
+
+def communication_error(err: BaseException) -> bool:
+    """Whether ``err`` comes from communication with other ranks (rather than from this rank's own work)."""
+    if isinstance(err, getattr(dist, "DistError", ())):
+        return True
+    return isinstance(err, RuntimeError) and any(w in str(err).lower() for w in _COMMUNICATION_WORDS)
+
+
+def describe_ranks(ranks: list[int], hosts: tuple[str, ...]) -> str:
+    """``rank 1 (on node2)`` / ``ranks 2, 3 (on node2)`` / ``ranks 1 (on node2), 5 (on node3)``."""
+    if not hosts:
+        return f"rank{'s' if len(ranks) > 1 else ''} {', '.join(map(str, ranks))}"
+    by_host: dict[str, list[int]] = {}
+    for r in ranks:
+        by_host.setdefault(hosts[r] if r < len(hosts) else "?", []).append(r)
+    parts = [f"{', '.join(map(str, rs))} (on {host})" for host, rs in by_host.items()]
+    return f"rank{'s' if len(ranks) > 1 else ''} {', '.join(parts)}"
 
 
 def _say(msg: str, stream: Any = None) -> None:

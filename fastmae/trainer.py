@@ -19,7 +19,7 @@ import torch
 
 from .checkpoint_manager import CheckpointManager, Resume
 from .config import Config
-from .distributed import DistInfo, group_timeouts, init_distributed, shutdown_distributed
+from .distributed import DistInfo, group_timeouts, hosts_summary, init_distributed, shutdown_distributed
 from .engine import fill_ds_config, load_ds_config, make_engine, set_grad_norm_needed, zero3_bucket_elements
 from .errors import (
     EXIT_CONFIG,
@@ -84,7 +84,7 @@ class Trainer:
         except Exception as e:
             print(f"[fastmae] cannot start: {type(e).__name__}: {e}", file=sys.stderr, flush=True)
             return EXIT_ERROR
-        guard = FailFast(self.dist.rank, self.dist.world_size).start()
+        guard = FailFast(self.dist.rank, self.dist.world_size, hosts=self.dist.hosts).start()
         try:
             self.fit()
         except Preempted as p:
@@ -214,7 +214,7 @@ class Trainer:
                   f"{total_steps} steps | this run: {plan.budget} steps | {flops_per_img / 1e9:.2f} GFLOP/img (train)")
         self.log0(f"process groups: {len(group_timeouts())}, timeout "
                   f"{'/'.join(f'{x:g}' for x in timeouts) or 'n/a'} s | on_nonfinite={t.on_nonfinite} | "
-                  f"trackers: {t.trackers or 'none'}")
+                  f"trackers: {t.trackers or 'none'}{hosts_summary(dist.hosts)}")
 
     def _loop(self) -> None:
         """Epochs of micro batches until the run's step budget is spent."""

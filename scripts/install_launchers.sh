@@ -1,13 +1,17 @@
 #!/usr/bin/env bash
-# Install the launchers the multi-process tests start for real, when they are missing: Open MPI (mpirun) and
-# Slurm's controller, node daemon and client (srun). Debian/Ubuntu packages; needs root or sudo. Without them
-# those tests skip and say why.
+# Install the launchers the multi-process tests start for real, when they are missing: Open MPI (mpirun),
+# Slurm's controller, node daemon and client (srun), and for the multi-node tests (hosts as network namespaces)
+# OpenSSH's server and client and pdsh (DeepSpeed's multi-node launcher). Debian/Ubuntu packages; needs root or
+# sudo. Without them those tests skip and say why.
 set -uo pipefail
 need=()
 command -v mpirun > /dev/null || need+=(openmpi-bin)
 command -v srun > /dev/null || need+=(slurm-client)
 [ -x /usr/sbin/slurmctld ] || need+=(slurmctld)
 [ -x /usr/sbin/slurmd ] || need+=(slurmd)
+[ -x /usr/sbin/sshd ] || need+=(openssh-server)
+command -v ssh > /dev/null || need+=(openssh-client)
+command -v pdsh > /dev/null || need+=(pdsh)
 [ ${#need[@]} = 0 ] && exit 0
 SUDO=""
 [ "$(id -u)" = 0 ] || SUDO="sudo -n"

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import json
 import os
+import socket
 import sys
 from pathlib import Path
 
@@ -48,7 +49,7 @@ def hooks() -> list:
             dtypes = {"weights": str(next(tr.engine.module.parameters()).dtype), "engine": str(model_dtype),
                       "grad_accum": str(accum_dtype), "communication": str(tr.engine.communication_data_type)}
             line = {"step": tr.step + 1, "epoch": tr.loader.epoch, "rank": tr.dist.rank, "labels": labels.tolist(),
-                    "groups": groups, "dtypes": dtypes}
+                    "groups": groups, "dtypes": dtypes, "host": socket.gethostname()}
             with open(Path(record) / f"rank{tr.dist.rank}.jsonl", "a") as f:
                 f.write(json.dumps(line) + "\n")
 

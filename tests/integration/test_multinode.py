@@ -1,0 +1,246 @@
+"""Two real hosts: the training program launched across network namespaces (tests/helpers/nodes.py: own
+interfaces, addresses, host names and sshd; a shared filesystem), and what happens when one of them is lost.
+
+* ``deepspeed --hostfile`` (pdsh over ssh), with ``.deepspeed_env`` carrying variables to every node, and torchrun
+  with a c10d rendezvous started on each node, both log the losses of the same 2 ranks on one host;
+* a node killed mid-run (every process, SIGKILL) and a node cut off (its link down): the survivors exit non-zero
+  within limits, naming the lost rank and host, no checkpoint is half-written, and the surviving node alone resumes
+  from the last complete checkpoint with every sample of the interrupted epoch seen once;
+
+mpirun and Slurm across the same kind of hosts: tests/integration/test_multinode_launchers.py.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import nodes
+import pytest
+from dsutil import REPO, deepspeed_env, free_port, once_per_run
+from jobs import RUNNER, SMALL, end_started, launch, losses, recorded, records, run
+
+from fastmae import checkpoint as ckpt
+
+pytestmark = [pytest.mark.multinode, pytest.mark.xdist_group("nodes")]
+
+BIN = Path(sys.executable).parent
+STEPS = 5
+# the same run on every launcher: SMALL (synthetic data, micro batch 8, effective 16) for STEPS steps
+ARGS = ["--ds_config", "zero2.json", *SMALL, f"train.steps={STEPS}", "train.trackers=", "train.checkpoint_at_end=false"]
+# real shards whose labels name the samples (48 of them), for sample coverage across a lost node
+SHARD_ARGS = ["--ds_config", "zero2.json", "data.backend=torch", "data.num_workers=0", "data.batch_size=4",
+              "train.batch_size=8", "train.log_interval=1", "train.progress=false", "train.checkpoint_interval=4",
+              "train.keep_last=2", "train.trackers="]
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[nodes.Cluster]:
+    reason = nodes.missing()
+    if reason:
+        pytest.skip(f"the multi-node tests make hosts as network namespaces: {reason}")
+    with nodes.cluster(2, tmp_path_factory.mktemp("cluster")) as c:
+        yield c
+
+
+@pytest.fixture(scope="module")
+def env() -> dict[str, str]:
+    return deepspeed_env()
+
+
+@pytest.fixture(scope="module")
+def one_host(env: dict[str, str], tmp_path_factory: pytest.TempPathFactory) -> dict[int, float]:
+    """The same 2 ranks on this host (torchrun, the machine's own network): the losses every launch must log."""
+    out = once_per_run(tmp_path_factory, "two_ranks_one_host", lambda out: run(
+        launch(2, RUNNER, [*ARGS, f"train.output_dir={out}"]), env))
+    got = losses(out)
+    assert sorted(got) == list(range(1, STEPS + 1))
+    return got
+
+
+@pytest.fixture(autouse=True)
+def _end_started_jobs(request: pytest.FixtureRequest) -> Iterator[None]:
+    yield
+    end_started()
+    if "cluster" in request.fixturenames:  # nothing of this test may run on in the nodes
+        c = request.getfixturevalue("cluster")
+        for node in c.nodes:
+            c.mend(node)
+            for pid in c.pids(node):
+                if _is_job(pid):
+                    os.kill(pid, signal.SIGKILL)
+
+
+def _is_job(pid: int) -> bool:
+    """A process of a test's job (not the node's sshd)."""
+    try:
+        cmd = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+    except OSError:
+        return False
+    return not any(part.endswith(b"sshd") for part in cmd[:1])
+
+
+def _torchrun(c: nodes.Cluster, port: int, script_args: list[str], *extra: str) -> list[list[str]]:
+    """The torchrun command of each node for a 2-node c10d rendezvous at node1:port (1 rank per node)."""
+    return [c.command(n, [str(BIN / "torchrun"), "--nnodes", "2", "--nproc-per-node", "1", "--rdzv-backend", "c10d",
+                          "--rdzv-endpoint", f"node1:{port}", "--rdzv-id", f"job{port}", *extra, RUNNER,
+                          *script_args]) for n in c.nodes]
+
+
+def _start_all(cmds: list[list[str]], env: dict[str, str], logs: list[Path]) -> list[subprocess.Popen]:
+    procs = []
+    for cmd, log in zip(cmds, logs, strict=True):
+        procs.append(subprocess.Popen(cmd, cwd=REPO, env=env, stdout=log.open("w"), stderr=subprocess.STDOUT,
+                                      start_new_session=True))
+    return procs
+
+
+def _wait_all(procs: list[subprocess.Popen], logs: list[Path], timeout: float = 300) -> list[int]:
+    deadline = time.monotonic() + timeout
+    for p, log in zip(procs, logs, strict=True):
+        try:
+            p.wait(timeout=max(1.0, deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            pytest.fail(f"{log.name} did not end within {timeout} s:\n{log.read_text(errors='replace')[-3000:]}")
+    return [p.returncode for p in procs]
+
+
+def _wait_for(path: Path, procs: list[subprocess.Popen], logs: list[Path], timeout: float = 240) -> None:
+    deadline = time.monotonic() + timeout
+    while not path.exists():
+        for p, log in zip(procs, logs, strict=True):
+            assert p.poll() is None, f"{log.name} ended (exit {p.returncode}):\n{log.read_text()[-3000:]}"
+        assert time.monotonic() < deadline, f"no {path} within {timeout} s"
+        time.sleep(0.05)
+
+
+# ----------------------------------------------------------------------------- launching across hosts
+
+
+def test_deepspeed_hostfile_over_pdsh(cluster: nodes.Cluster, env: dict[str, str], one_host: dict[int, float],
+                                      tmp_path: Path) -> None:
+    """``deepspeed --hostfile`` on node1 starts one rank per node through pdsh/ssh. The ranks on node2 get their
+    variables from the ``.deepspeed_env`` file only (an ssh session carries none of the caller's): the socket
+    interface, the op cache, and the per-micro-batch record switch that proves both hosts trained."""
+    c, rec = cluster, tmp_path / "rec"
+    (tmp_path / "hostfile").write_text("node1 slots=1\nnode2 slots=1\n")
+    env_file = tmp_path / "deepspeed_env"
+    carried = {"GLOO_SOCKET_IFNAME": "eth0", "OMP_NUM_THREADS": "1", "FASTMAE_TEST_RECORD": str(rec),
+               "TORCH_EXTENSIONS_DIR": env["TORCH_EXTENSIONS_DIR"]}
+    env_file.write_text("".join(f"{k}={v}\n" for k, v in carried.items()))
+    e = c.env(env, DS_ENV_FILE=str(env_file))
+    assert "FASTMAE_TEST_RECORD" not in e
+    t0 = time.monotonic()
+    done = c.run(c.node("node1"), [str(BIN / "deepspeed"), "--hostfile", str(tmp_path / "hostfile"), "--master_addr",
+                                   "node1", "--master_port", str(free_port()), RUNNER, *ARGS,
+                                   f"train.output_dir={tmp_path / 'out'}"], e, timeout=300, cwd=REPO)
+    out = done.stdout + done.stderr
+    assert done.returncode == 0, out[-4000:]
+    print(f"deepspeed --hostfile over pdsh, 2 nodes x 1 rank, {STEPS} steps: {time.monotonic() - t0:.1f} s")
+    assert "Running on the following workers: node1,node2" in out
+    assert "hosts: node1 (rank 0), node2 (rank 1)" in out
+    assert {(r["rank"], r["host"]) for r in recorded(rec)} == {(0, "node1"), (1, "node2")}
+    assert losses(tmp_path / "out") == one_host
+
+
+def test_torchrun_rendezvous_on_each_node(cluster: nodes.Cluster, env: dict[str, str], one_host: dict[int, float],
+                                          tmp_path: Path) -> None:
+    """``torchrun --nnodes 2 --rdzv-backend c10d --rdzv-endpoint node1:PORT`` started on each node."""
+    c = cluster
+    logs = [tmp_path / f"{n.name}.log" for n in c.nodes]
+    t0 = time.monotonic()
+    procs = _start_all(_torchrun(c, free_port(), [*ARGS, f"train.output_dir={tmp_path / 'out'}"]), c.env(env), logs)
+    assert _wait_all(procs, logs) == [0, 0], logs[0].read_text()[-3000:] + logs[1].read_text()[-3000:]
+    print(f"torchrun c10d rendezvous, 2 nodes x 1 rank, {STEPS} steps: {time.monotonic() - t0:.1f} s")
+    assert "hosts: node1 (rank 0), node2 (rank 1)" in logs[0].read_text()
+    assert losses(tmp_path / "out") == one_host
+
+
+# ----------------------------------------------------------------------------- losing a node
+
+
+def _run_until_checkpoint(c: nodes.Cluster, env: dict[str, str], out: Path, rec: Path, logs: list[Path],
+                          *args: str) -> list[subprocess.Popen]:
+    """A 2-node torchrun job on the id shards, running until its step-8 checkpoint is complete."""
+    e = c.env(env, FASTMAE_TEST_RECORD=str(rec))
+    procs = _start_all(_torchrun(c, free_port(), [*SHARD_ARGS, *args, "train.steps=1000", f"train.output_dir={out}"]),
+                       e, logs)
+    _wait_for(out / "checkpoints" / "step_00000008" / ckpt.STATE_FILE, procs, logs)
+    return procs
+
+
+def _no_half_checkpoint(ckpt_dir: Path) -> str:
+    """Every checkpoint folder is complete (a save cut short leaves only its temporary folder, never a step_*
+    folder without its state file); returns the newest complete tag."""
+    partial = [p.name for p in ckpt_dir.glob("step_*") if not (p / ckpt.STATE_FILE).is_file()]
+    assert not partial, f"half-written checkpoints: {partial}"
+    tag = ckpt.latest_complete(ckpt_dir)
+    assert tag is not None
+    return tag
+
+
+def _resume_alone(c: nodes.Cluster, env: dict[str, str], out: Path, rec: Path, rec1: Path, last: int,
+                  id_shards: Path) -> None:
+    """node1 alone (1 rank, accumulation 2, through the universal checkpoint) resumes with train.resume=auto and
+    ends the interrupted epoch with every sample seen once."""
+    tag = _no_half_checkpoint(out / "checkpoints")
+    resumed_from = int(tag.split("_")[1])
+    killed_lines = len((out / "metrics.jsonl").read_text().splitlines())
+    e = c.env(env, FASTMAE_TEST_RECORD=str(rec1), MASTER_PORT=str(free_port()))
+    done = c.run(c.node("node1"), [sys.executable, "-u", RUNNER, *SHARD_ARGS, f"data.shards={id_shards}",
+                                   f"train.steps={last}", f"train.output_dir={out}"], e, timeout=300, cwd=REPO)
+    log = done.stdout + done.stderr
+    assert done.returncode == 0, log[-4000:]
+    assert f"resumed from {out / 'checkpoints' / tag} at step {resumed_from} (written by 2 rank(s)" in log
+    assert "micro 4 x accum 2 x ranks 1 = 8" in log
+    assert sorted(records(out, skip_lines=killed_lines)) == list(range(resumed_from + 1, last + 1))
+    seen = [r for r in recorded(rec) if r["step"] <= resumed_from] + recorded(rec1)
+    epoch = max(r["epoch"] for r in seen if r["step"] <= resumed_from)
+    labels = sorted(v for r in seen if r["epoch"] == epoch for v in r["labels"] if v >= 0)
+    assert labels == list(range(48)), epoch
+    assert {r["host"] for r in recorded(rec) if r["step"] <= resumed_from} == {"node1", "node2"}
+
+
+def test_node_killed_survivor_stops_then_resumes_alone(cluster: nodes.Cluster, env: dict[str, str], tmp_path: Path,
+                                                       id_shards: Path) -> None:
+    """Every process of node2 killed (SIGKILL) after a checkpoint: node1's rank and launcher exit non-zero within
+    60 s, naming rank 1 on node2; node1 alone then finishes the epoch from the last complete checkpoint."""
+    c, out, rec = cluster, tmp_path / "out", tmp_path / "rec"
+    logs = [tmp_path / f"{n.name}.log" for n in c.nodes]
+    procs = _run_until_checkpoint(c, env, out, rec, logs, f"data.shards={id_shards}")
+    time.sleep(0.3)  # somewhere after it: in a step, or in the next save
+    killed = time.monotonic()
+    assert c.kill_node(c.node("node2"))
+    procs[0].wait(timeout=120)
+    took = time.monotonic() - killed
+    log = logs[0].read_text(errors="replace")
+    print(f"node2 killed: node1 exited {procs[0].returncode} after {took:.1f} s")
+    assert procs[0].returncode != 0 and took < 60, (took, log[-3000:])
+    assert "lost rank 1 (on node2): their heartbeat stopped" in log, log[-3000:]
+    _resume_alone(c, env, out, rec, tmp_path / "rec1", 30, id_shards)
+
+
+def test_partition_survivor_stops_within_the_timeout(cluster: nodes.Cluster, env: dict[str, str], tmp_path: Path,
+                                                     id_shards: Path) -> None:
+    """node2's link cut at the switch (its processes live on, unreachable): node1's rank waits no longer than
+    train.dist_timeout_s, then it and its launcher exit non-zero naming rank 1 on node2, with no half-written
+    checkpoint left."""
+    c, out, rec = cluster, tmp_path / "out", tmp_path / "rec"
+    logs = [tmp_path / f"{n.name}.log" for n in c.nodes]
+    timeout_s = 15
+    procs = _run_until_checkpoint(c, env, out, rec, logs, f"data.shards={id_shards}",
+                                  f"train.dist_timeout_s={timeout_s}")
+    cut = time.monotonic()
+    c.cut(c.node("node2"))
+    procs[0].wait(timeout=timeout_s + 90)
+    took = time.monotonic() - cut
+    log = logs[0].read_text(errors="replace")
+    print(f"node2 cut off: node1 exited {procs[0].returncode} after {took:.1f} s (train.dist_timeout_s={timeout_s})")
+    assert procs[0].returncode != 0 and took < timeout_s + 30, (took, log[-3000:])
+    assert "lost rank 1 (on node2): their heartbeat stopped" in log, log[-3000:]
+    _no_half_checkpoint(out / "checkpoints")
