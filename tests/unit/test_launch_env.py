@@ -169,3 +169,24 @@ def test_gpu_of_a_process_follows_what_it_sees() -> None:
         cuda_device_index(4, 4)
     assert shared_gpus([("n1", "GPU-a"), ("n1", "GPU-b"), ("n2", "GPU-a")]) == []
     assert shared_gpus([("n1", "GPU-a"), ("n1", "GPU-a"), ("n2", "GPU-b")]) == [[0, 1]]
+
+
+def test_failure_reports_name_the_lost_ranks_and_their_hosts() -> None:
+    """The words a lost-node report is made of: which errors are communication failures, the ranks grouped by
+    host, and the start-up line's host table (only for a job on several hosts)."""
+    from fastmae.distributed import hosts_summary
+    from fastmae.failfast import communication_error, describe_ranks
+
+    gloo = RuntimeError("[gloo/transport/tcp/pair.cc:537] Read error [10.213.0.2]:57494: Connection reset by peer")
+    assert communication_error(gloo)
+    assert communication_error(RuntimeError("Timed out waiting 15000ms for recv operation to complete"))
+    assert not communication_error(ValueError("data.crop='x' is not valid"))
+    assert not communication_error(RuntimeError("mat1 and mat2 shapes cannot be multiplied"))
+    hosts = ("node1", "node1", "node2", "node2")
+    assert describe_ranks([2, 3], hosts) == "ranks 2, 3 (on node2)"
+    assert describe_ranks([1], hosts) == "rank 1 (on node1)"
+    assert describe_ranks([1, 2], hosts) == "ranks 1 (on node1), 2 (on node2)"
+    assert describe_ranks([1], ()) == "rank 1"
+    assert hosts_summary(hosts) == " | hosts: node1 (ranks 0-1), node2 (ranks 2-3)"
+    assert hosts_summary(("n1", "n2", "n1")) == " | hosts: n1 (ranks 0, 2), n2 (rank 1)"
+    assert hosts_summary(("a", "a")) == ""
