@@ -9,6 +9,8 @@ import datetime
 import os
 import socket
 import threading
+import time
+import uuid
 from dataclasses import dataclass
 from typing import Any
 
@@ -16,7 +18,12 @@ import torch
 import torch.distributed as dist
 from torch.distributed import distributed_c10d
 
-from .launch_env import discover, export
+from .launch_env import LaunchEnv, discover, export
+
+# where rank 0 posts the store of this attempt of a torchrun job (in the store torchrun shares across attempts)
+ATTEMPT_STORE_KEY = "fastmae/attempt_store"
+# how long a rank gives a posted store to answer before it reads the post again
+ATTEMPT_PROBE_S = 5.0
 
 
 @dataclass(frozen=True)
@@ -80,9 +87,14 @@ def init_distributed(timeout_s: float = 600.0) -> DistInfo:
     if cuda:
         gpu = cuda_device_index(env.local_rank, torch.cuda.device_count(), env.source)
         torch.cuda.set_device(gpu)
+    backend = "nccl" if cuda else "gloo"
     if not dist.is_initialized():
-        deepspeed.init_distributed(dist_backend="nccl" if cuda else "gloo", timeout=timeout,
-                                   auto_mpi_discovery=False, verbose=False)
+        store = attempt_store(env, timeout)
+        if store is not None:  # torch's group on it; DeepSpeed then adopts the group
+            bind = {"device_id": torch.device("cuda", gpu)} if cuda and env.world_size > 1 else {}
+            dist.init_process_group(backend, store=store, rank=env.rank, world_size=env.world_size, timeout=timeout,
+                                    **bind)
+        deepspeed.init_distributed(dist_backend=backend, timeout=timeout, auto_mpi_discovery=False, verbose=False)
     if dist.get_world_size() != env.world_size or dist.get_rank() != env.rank:
         raise RuntimeError(f"torch.distributed started as rank {dist.get_rank()} of {dist.get_world_size()} but "
                            f"the launcher ({env.source}) said rank {env.rank} of {env.world_size}")
@@ -93,6 +105,42 @@ def init_distributed(timeout_s: float = 600.0) -> DistInfo:
         _refuse_shared_gpus([tuple(p) for p in placements])
     device = torch.device("cuda", gpu) if cuda else torch.device("cpu")
     return DistInfo(env.rank, env.local_rank, env.world_size, device, env.source, tuple(h for h, _ in placements))
+
+
+def attempt_store(env: LaunchEnv, timeout: datetime.timedelta) -> dist.Store | None:
+    """A store for this attempt of a torchrun job alone; None under any other launcher.
+
+    torchrun's c10d rendezvous hands every attempt of a job the same store, hosted by its agent on rank 0's node.
+    After a restart (``--max-restarts``, a node lost or joining) the keys of the attempt before are still there:
+    gloo's and NCCL's addresses of processes that are gone, the flag of a rank that failed. New ranks would read
+    them as their own and connect to dead ports or stop at once. So rank 0 starts a store of its own and posts its
+    port with a random token in the shared store; every other rank takes the posted store once it answers with
+    that token (a post left by an earlier attempt names a store that ended with that attempt's rank 0).
+    """
+    if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") != "True" or env.world_size == 1:
+        return None
+    shared = dist.TCPStore(env.master_addr, env.master_port, is_master=False, timeout=timeout)
+    if env.rank == 0:
+        own = dist.TCPStore(env.master_addr, 0, is_master=True, wait_for_workers=False, timeout=timeout)
+        token = uuid.uuid4().hex
+        own.set("token", token)
+        shared.set(ATTEMPT_STORE_KEY, f"{own.port} {token}")
+        return own
+    deadline = time.monotonic() + timeout.total_seconds()
+    while True:
+        port, token = shared.get(ATTEMPT_STORE_KEY).decode().split()
+        try:
+            store = dist.TCPStore(env.master_addr, int(port), is_master=False,
+                                  timeout=datetime.timedelta(seconds=ATTEMPT_PROBE_S))
+            if store.get("token").decode() == token:
+                store.set_timeout(timeout)
+                return store
+        except RuntimeError:  # nothing listens there any more, or not this attempt's store
+            pass
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"rank 0 of this attempt posted no store within {timeout.total_seconds():.0f} s "
+                               f"(torchrun's store at {env.master_addr}:{env.master_port})")
+        time.sleep(0.2)
 
 
 def _placements(gpu: int | None) -> list[tuple[str, str]]:

@@ -12,8 +12,9 @@ or plain python).
   order dependent work by itself (``resolves_data_dependency`` is False: ZeRO-1/2 then synchronise around
   overlapped reductions); the CPU accelerator's ``synchronize`` does nothing either way.
 * ``FASTMAE_TEST_RECORD=DIR``: every rank appends one JSON line per micro batch to ``DIR/rank<r>.jsonl``:
-  the optimizer step it belongs to, the epoch, the rank, its labels (test shards label each image uniquely) and the
-  optimizer's parameter groups as [weight decay, lr].
+  the optimizer step it belongs to, the epoch, the rank, its labels (test shards label each image uniquely), the
+  optimizer's parameter groups as [weight decay, lr], the host, the wall-clock time, and ``start``: the step this
+  process began from (0, or the step it resumed at: a restarted job's records tell its attempts apart by it).
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ import json
 import os
 import socket
 import sys
+import time
 from pathlib import Path
 
 
@@ -31,6 +33,7 @@ def hooks() -> list:
     nan_rank = int(os.environ.get("FASTMAE_TEST_NAN_RANK", "0"))
     record = os.environ.get("FASTMAE_TEST_RECORD")
     count = {"n": 0}
+    start: list[int] = []
 
     if nan_at >= 0:
         def poison(tr, imgs, labels):
@@ -44,12 +47,14 @@ def hooks() -> list:
     if record:
         def rec(tr, imgs, labels):
             Path(record).mkdir(parents=True, exist_ok=True)
+            start[:] = start or [tr.step]
             groups = [[g["weight_decay"], g["lr"]] for g in tr.engine.optimizer.param_groups]
             model_dtype, accum_dtype = tr.engine.get_data_types()
             dtypes = {"weights": str(next(tr.engine.module.parameters()).dtype), "engine": str(model_dtype),
                       "grad_accum": str(accum_dtype), "communication": str(tr.engine.communication_data_type)}
             line = {"step": tr.step + 1, "epoch": tr.loader.epoch, "rank": tr.dist.rank, "labels": labels.tolist(),
-                    "groups": groups, "dtypes": dtypes, "host": socket.gethostname()}
+                    "groups": groups, "dtypes": dtypes, "host": socket.gethostname(), "time": time.time(),
+                    "start": start[0]}
             with open(Path(record) / f"rank{tr.dist.rank}.jsonl", "a") as f:
                 f.write(json.dumps(line) + "\n")
 

@@ -85,9 +85,10 @@ def _is_job(pid: int) -> bool:
     return not any(part.endswith(b"sshd") for part in cmd[:1])
 
 
-def _torchrun(c: nodes.Cluster, port: int, script_args: list[str], *extra: str) -> list[list[str]]:
-    """The torchrun command of each node for a 2-node c10d rendezvous at node1:port (1 rank per node)."""
-    return [c.command(n, [str(BIN / "torchrun"), "--nnodes", "2", "--nproc-per-node", "1", "--rdzv-backend", "c10d",
+def _torchrun(c: nodes.Cluster, port: int, script_args: list[str], *extra: str, nnodes: str = "2") -> list[list[str]]:
+    """The torchrun command of each node for a c10d rendezvous of ``nnodes`` nodes at node1:port (1 rank per
+    node)."""
+    return [c.command(n, [str(BIN / "torchrun"), "--nnodes", nnodes, "--nproc-per-node", "1", "--rdzv-backend", "c10d",
                           "--rdzv-endpoint", f"node1:{port}", "--rdzv-id", f"job{port}", *extra, RUNNER,
                           *script_args]) for n in c.nodes]
 
@@ -244,3 +245,81 @@ def test_partition_survivor_stops_within_the_timeout(cluster: nodes.Cluster, env
     assert procs[0].returncode != 0 and took < timeout_s + 30, (took, log[-3000:])
     assert "lost rank 1 (on node2): their heartbeat stopped" in log, log[-3000:]
     _no_half_checkpoint(out / "checkpoints")
+
+
+# ----------------------------------------------------------------------------- restarting by itself
+
+ELASTIC_STEPS = 24  # 4 epochs of the 48 id samples at 8 a step
+
+
+def _kill_ranks(c: nodes.Cluster, node: nodes.Node) -> list[int]:
+    """SIGKILL the training processes of ``node`` (not its torchrun agent, not its sshd)."""
+    killed = []
+    for pid in c.pids(node):
+        try:
+            cmd = Path(f"/proc/{pid}/cmdline").read_bytes().decode(errors="replace").split("\0")
+        except OSError:
+            continue
+        if any(a.endswith(RUNNER) for a in cmd) and not any(a.endswith("torchrun") for a in cmd):
+            os.kill(pid, signal.SIGKILL)
+            killed.append(pid)
+    return killed
+
+
+def _attempts(rec: Path) -> dict[int, list[dict]]:
+    """The runner's records grouped by the step their process started from (one group per attempt of the job)."""
+    by_start: dict[int, list[dict]] = {}
+    for r in recorded(rec):
+        by_start.setdefault(r["start"], []).append(r)
+    return by_start
+
+
+def _effective(attempts: dict[int, list[dict]]) -> list[dict]:
+    """The micro batches whose optimizer steps stand: an attempt's steps up to where the next attempt resumed."""
+    starts = sorted(attempts)
+    ends = [*starts[1:], None]
+    return [r for s, e in zip(starts, ends, strict=True) for r in attempts[s] if e is None or r["step"] <= e]
+
+
+def test_elastic_restarts_after_a_lost_rank_and_a_lost_node(cluster: nodes.Cluster, env: dict[str, str],
+                                                           tmp_path: Path, id_shards: Path) -> None:
+    """``torchrun --nnodes 1:2 --max-restarts 3`` on each node, nobody acting after a failure: node2's rank killed
+    after the step-8 checkpoint makes both agents restart their ranks, which resume from it on 2 ranks; node2 then
+    killed whole after the step-16 checkpoint makes node1's agent restart alone, resuming on 1 rank. The job ends
+    at its step budget with every step logged and every epoch seeing each sample once."""
+    c, out, rec = cluster, tmp_path / "out", tmp_path / "rec"
+    logs = [tmp_path / f"{n.name}.log" for n in c.nodes]
+    ckpts = out / "checkpoints"
+    args = [*SHARD_ARGS, f"data.shards={id_shards}", f"train.steps={ELASTIC_STEPS}", f"train.output_dir={out}"]
+    cmds = _torchrun(c, free_port(), args, "--max-restarts", "3", "--rdzv-conf", "last_call_timeout=10",
+                     nnodes="1:2")
+    procs = _start_all(cmds, c.env(env, FASTMAE_TEST_RECORD=str(rec)), logs)
+    _wait_for(ckpts / "step_00000008" / ckpt.STATE_FILE, procs, logs)
+    lost_rank = time.monotonic(), time.time()
+    assert _kill_ranks(c, c.node("node2"))
+    _wait_for(ckpts / "step_00000016" / ckpt.STATE_FILE, procs, logs)
+    lost_node = time.monotonic(), time.time()
+    assert c.kill_node(c.node("node2"))
+    procs[0].wait(timeout=300)
+    log = logs[0].read_text(errors="replace")
+    print(f"elastic job: node1's torchrun exited {procs[0].returncode} {time.monotonic() - lost_node[0]:.1f} s "
+          "after node2 was killed")
+    assert procs[0].returncode == 0, log[-4000:]
+    assert f"resumed from {ckpts / 'step_00000008'} at step 8 (epoch 1" in log, log[-4000:]
+    assert (f"resumed from {ckpts / 'step_00000016'} at step 16 (written by 2 rank(s), resharded through a universal "
+            "checkpoint)") in log, log[-4000:]
+    assert "micro 4 x accum 2 x ranks 1 = 8" in log, log[-4000:]
+    assert sorted(records(out)) == list(range(1, ELASTIC_STEPS + 1))
+    attempts = _attempts(rec)
+    assert sorted(attempts) == [0, 8, 16], sorted(attempts)
+    assert {r["host"] for r in attempts[8]} == {"node1", "node2"}
+    assert {r["host"] for r in attempts[16]} == {"node1"}
+    seen = _effective(attempts)
+    for epoch in sorted({r["epoch"] for r in seen}):
+        labels = sorted(v for r in seen if r["epoch"] == epoch for v in r["labels"] if v >= 0)
+        assert labels == list(range(48)), epoch
+    for what, (_, failed_at), start in (("rank", lost_rank, 8), ("node", lost_node, 16)):
+        back = min(r["time"] for r in attempts[start]) - failed_at
+        lost = max(r["step"] for r in attempts[start - 8]) - start
+        assert 0 <= lost < 4, (what, lost)  # the newest checkpoint: fewer steps redone than a checkpoint interval
+        print(f"lost {what}: training again after {back:.1f} s, {lost} step(s) done since the checkpoint redone")
