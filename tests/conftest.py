@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -32,6 +33,8 @@ if not torch.cuda.is_available():
 import pytest  # noqa: E402
 
 if TYPE_CHECKING:
+    from nodes import Cluster
+
     from fastmae.model import MaskedAutoencoderViT
 
 requires_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU; its CPU twin runs instead")
@@ -92,3 +95,42 @@ def mae() -> MaskedAutoencoderViT:
 
     torch.manual_seed(0)
     return MaskedAutoencoderViT(OFFICIAL_LIKE).eval()
+
+
+# ----------------------------------------------------------------------------- several hosts (marker multinode)
+# Both multinode modules share one worker (xdist group "nodes"), hence one cluster and one reference run.
+
+
+@pytest.fixture(scope="session")
+def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
+    """Two hosts as network namespaces with sshd (tests/helpers/nodes.py), removed when the session ends."""
+    import nodes
+
+    reason = nodes.missing()
+    if reason:
+        pytest.skip(f"the multi-node tests make hosts as network namespaces: {reason}")
+    with nodes.cluster(2, tmp_path_factory.mktemp("cluster")) as c:
+        yield c
+
+
+@pytest.fixture(scope="session")
+def hosts_env() -> dict[str, str]:
+    """The DeepSpeed environment of the jobs across hosts, without the launcher variables of the surrounding shell."""
+    from dsutil import deepspeed_env
+    from jobs import without_launcher_vars
+
+    return without_launcher_vars(deepspeed_env())
+
+
+@pytest.fixture(scope="session")
+def one_host(hosts_env: dict[str, str], tmp_path_factory: pytest.TempPathFactory) -> dict[int, float]:
+    """The losses of the run every launch across hosts makes (``jobs.HOSTS_ARGS``), from the same 2 ranks on this
+    host (torchrun, the machine's own network): step -> loss."""
+    from dsutil import once_per_run
+    from jobs import HOSTS_ARGS, HOSTS_STEPS, RUNNER, launch, losses, run
+
+    out = once_per_run(tmp_path_factory, "two_ranks_one_host", lambda out: run(
+        launch(2, RUNNER, [*HOSTS_ARGS, f"train.output_dir={out}"]), hosts_env))
+    got = losses(out)
+    assert sorted(got) == list(range(1, HOSTS_STEPS + 1))
+    return got

@@ -19,6 +19,20 @@ RUNNER = "tests/helpers/train_runner.py"
 # tiny synthetic runs: 8 images per micro batch, effective batch 16
 SMALL = ["data.backend=synthetic", "data.synthetic_size=512", "data.batch_size=8", "train.batch_size=16",
          "train.log_interval=1", "train.progress=false"]
+# the run every launch across hosts makes (2 ranks, one per host), and the same 2 ranks on one host log its losses
+HOSTS_STEPS = 5
+HOSTS_ARGS = ["--ds_config", "zero2.json", *SMALL, f"train.steps={HOSTS_STEPS}", "train.trackers=",
+              "train.checkpoint_at_end=false"]
+# the launcher variables a test's own environment might carry (a CI job inside Slurm, a shell with RANK set):
+# none of them may reach the jobs a test starts, which must learn their place from the test's launcher alone
+STRAY = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "LOCAL_SIZE", "MASTER_ADDR", "MASTER_PORT",
+         "TORCHELASTIC_RUN_ID", "CROSS_RANK")
+STRAY_PREFIXES = ("SLURM_", "SALLOC_", "SBATCH_", "SRUN_", "OMPI_", "PMI_", "PMIX_", "MPI_LOCAL")
+
+
+def without_launcher_vars(env: dict[str, str]) -> dict[str, str]:
+    """``env`` without any launcher's variables (:data:`STRAY`, :data:`STRAY_PREFIXES`)."""
+    return {k: v for k, v in env.items() if k not in STRAY and not k.startswith(STRAY_PREFIXES)}
 
 
 def launch(ranks: int, script: str, args: list[str], launcher: str = "torchrun") -> list[str]:
@@ -83,8 +97,6 @@ def kill_job(proc: subprocess.Popen) -> None:
             pass
 
 
-
-
 def wait_for(path: Path, proc: subprocess.Popen, timeout: float = 240) -> None:
     deadline = time.time() + timeout
     while not path.exists():
@@ -121,8 +133,6 @@ def rank_processes(proc: subprocess.Popen, n: int, timeout: float = 60) -> list[
 def recorded(folder: Path) -> list[dict]:
     """The runner's per-micro-batch records of every rank."""
     return [json.loads(line) for f in sorted(folder.glob("rank*.jsonl")) for line in f.read_text().splitlines()]
-
-
 
 
 def end_started() -> None:

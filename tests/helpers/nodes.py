@@ -144,6 +144,21 @@ class Cluster:
     def mend(self, node: Node) -> None:
         _ip("link", "set", node.port, "up", ns=self.switch)
 
+    def reset(self, node: Node) -> None:
+        """``node`` as it was made: every process but its sshd killed, its link up, and its sshd started again if
+        the node was killed (a node rebooted)."""
+        sshd = False
+        for pid in self.pids(node):
+            if _is_sshd(pid):
+                sshd = True
+            else:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGKILL)
+        self.mend(node)
+        if not sshd:
+            _sshd(self, node)
+            _wait_ssh(self, [node])
+
 
 # ---------------------------------------------------------------------------------------------------- set-up
 
@@ -200,9 +215,16 @@ def _sshd(c: Cluster, node: Node) -> None:
                      start_new_session=True)
 
 
-def _wait_ssh(c: Cluster) -> None:
+def _is_sshd(pid: int) -> bool:
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")[0].endswith(b"sshd")
+    except OSError:
+        return False
+
+
+def _wait_ssh(c: Cluster, which: Sequence[Node] | None = None) -> None:
     deadline = time.time() + SSH_READY_S
-    for node in c.nodes:
+    for node in c.nodes if which is None else which:
         while True:
             done = c.run(c.nodes[0], ["ssh", node.name, "hostname"], timeout=15)
             if done.returncode == 0 and done.stdout.strip() == node.name:

@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO
 
+from jobs import without_launcher_vars
 from storeutil import stop
 
 DAEMONS = ("slurmctld", "slurmd")
@@ -30,11 +31,6 @@ CLIENTS = ("srun", "sinfo", "scontrol", "squeue", "scancel")
 SBIN = ("/usr/sbin", "/usr/local/sbin", "/sbin")
 READY_TIMEOUT_S = 30
 CLIENT_TIMEOUT_S = 30
-# the launcher variables a test's own environment might carry (a CI job inside Slurm, a shell with RANK set):
-# none of them may reach the tasks, which must learn their place from the test's launcher alone
-STRAY = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "LOCAL_SIZE", "MASTER_ADDR", "MASTER_PORT",
-         "TORCHELASTIC_RUN_ID", "CROSS_RANK")
-STRAY_PREFIXES = ("SLURM_", "SALLOC_", "SBATCH_", "SRUN_", "OMPI_", "PMI_", "PMIX_", "MPI_LOCAL")
 
 # (node name, argv, environment, output file) -> the started daemon
 Spawn = Callable[[str, list[str], dict[str, str], IO[bytes]], subprocess.Popen]
@@ -44,11 +40,6 @@ Client = Callable[[list[str], dict[str, str]], subprocess.CompletedProcess]
 
 class SlurmUnavailable(RuntimeError):
     """A private Slurm cluster cannot be had here (not installed, not root, a daemon that does not come up)."""
-
-
-def without_launcher_vars(env: dict[str, str]) -> dict[str, str]:
-    """``env`` without any launcher's variables (:data:`STRAY`, :data:`STRAY_PREFIXES`)."""
-    return {k: v for k, v in env.items() if k not in STRAY and not k.startswith(STRAY_PREFIXES)}
 
 
 def find_binaries() -> dict[str, str]:

@@ -8,7 +8,8 @@ one rank per host, each run logging the same losses as the same 2 ranks on one h
 * ``srun -N 2 -n 2`` on a two-node Slurm cluster (slurmctld on node1, a slurmd in each namespace:
   tests/helpers/slurmutil.py): fastmae takes the rendezvous host from the step's node list, nothing exported.
 
-deepspeed over pdsh, torchrun's rendezvous and losing a node: tests/integration/test_multinode.py. The launchers'
+deepspeed over pdsh, torchrun's rendezvous, losing a node and elastic restarts: tests/integration/test_multinode.py;
+the cluster and the one-host reference run are fixtures of tests/conftest.py. The launchers'
 variables read from plain dicts: tests/unit/test_launch_env.py.
 """
 
@@ -26,23 +27,19 @@ from pathlib import Path
 import nodes
 import pytest
 from dsutil import REPO, deepspeed_env
-from jobs import SMALL, launch, losses, run
+from jobs import HOSTS_ARGS, losses
 from slurmutil import (
     SlurmCluster,
     SlurmUnavailable,
     find_binaries,
     host_hardware,
     with_host_cgroups,
-    without_launcher_vars,
     write_conf,
 )
 
 pytestmark = [pytest.mark.multinode, pytest.mark.xdist_group("nodes")]
 
-STEPS = 5
 PROGRAM = "fastmae/train.py"
-ARGS = ["--ds_config", "zero2.json", *SMALL, f"train.steps={STEPS}", "train.trackers=",
-        "train.checkpoint_at_end=false"]
 JOB_TIMEOUT_S = 300
 # fixed ports: every namespace has ports of its own, so nothing else on the machine holds them
 SLURMCTLD_PORT, SLURMD_PORT, MPI_MASTER_PORT = 6817, 6818, 29500
@@ -52,30 +49,8 @@ MPI_EXPORTS = ("PATH", "MASTER_ADDR", "MASTER_PORT", "GLOO_SOCKET_IFNAME", "NCCL
 
 
 @pytest.fixture(scope="module")
-def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[nodes.Cluster]:
-    reason = nodes.missing()
-    if reason:
-        pytest.skip(f"the multi-node tests make hosts as network namespaces: {reason}")
-    with nodes.cluster(2, tmp_path_factory.mktemp("launcher_nodes")) as c:
-        yield c
-
-
-@pytest.fixture(scope="module")
-def env() -> dict[str, str]:
-    """The tests' DeepSpeed environment without the launcher variables of the surrounding shell."""
-    return without_launcher_vars(deepspeed_env())
-
-
-@pytest.fixture(scope="module")
-def one_host(env: dict[str, str], tmp_path_factory: pytest.TempPathFactory) -> dict[int, float]:
-    """The same 2 ranks on this host (torchrun, the machine's own network): the losses both launchers must log."""
-    start = time.monotonic()
-    out = tmp_path_factory.mktemp("one_host")
-    run(launch(2, PROGRAM, [*ARGS, f"train.output_dir={out}"]), env, timeout=JOB_TIMEOUT_S)
-    got = losses(out)
-    print(f"one-host reference (torchrun, 2 ranks): {time.monotonic() - start:.1f} s")
-    assert sorted(got) == list(range(1, STEPS + 1))
-    return got
+def env(hosts_env: dict[str, str]) -> dict[str, str]:
+    return hosts_env
 
 
 def _on_node(c: nodes.Cluster, node: nodes.Node, argv: list[str], env: dict[str, str]) -> tuple[int, str]:
@@ -110,7 +85,7 @@ def _mpirun(env: dict[str, str], out_dir: Path) -> list[str]:
     /usr/bin first on the ranks' PATH."""
     return ["mpirun", "-H", "node1,node2", "-np", "2", "--mca", "oob_tcp_if_include", "eth0",
             "--mca", "btl_tcp_if_include", "eth0", *(a for name in MPI_EXPORTS if name in env for a in ("-x", name)),
-            sys.executable, "-u", PROGRAM, *ARGS, f"train.output_dir={out_dir}"]
+            sys.executable, "-u", PROGRAM, *HOSTS_ARGS, f"train.output_dir={out_dir}"]
 
 
 def test_mpirun_across_two_hosts(cluster: nodes.Cluster, env: dict[str, str], one_host: dict[int, float],
@@ -178,7 +153,7 @@ def test_srun_across_two_hosts(cluster: nodes.Cluster, slurm: SlurmCluster, one_
     start = time.monotonic()
     c = cluster
     cmd = [slurm.bins["srun"], "-N", "2", "-n", "2", "--ntasks-per-node=1", "--kill-on-bad-exit=1",
-           f"--time={JOB_TIMEOUT_S // 60}", sys.executable, "-u", PROGRAM, *ARGS, f"train.output_dir={tmp_path}"]
+           f"--time={JOB_TIMEOUT_S // 60}", sys.executable, "-u", PROGRAM, *HOSTS_ARGS, f"train.output_dir={tmp_path}"]
     code, out = _on_node(c, c.node("node1"), cmd, slurm.env())
     print(f"srun on 2 hosts: {time.monotonic() - start:.1f} s")
     assert code == 0, f"srun exited {code}:\n{out[-4000:]}"
