@@ -11,6 +11,7 @@ import math
 import random
 import shutil
 import signal
+import subprocess
 import sys
 import time
 from collections.abc import Iterator
@@ -107,6 +108,22 @@ def test_torchrun_starts_two_ranks(env: dict[str, str], tmp_path: Path) -> None:
     assert all(math.isfinite(v) for v in losses(tmp_path).values())
     assert sorted(losses(tmp_path)) == [1, 2]
     assert (tmp_path / "metrics.csv").read_text().startswith("time,")
+
+
+def test_ranks_import_deepspeed_without_its_autotuners_mlflow() -> None:
+    """DeepSpeed's autotuner imports mlflow at import time (more than half of DeepSpeed's import where mlflow is
+    installed): the ranks import DeepSpeed with mlflow hidden, and mlflow (for its tracker) imports afterwards."""
+    code = ("import sys; from fastmae.distributed import import_deepspeed; ds = import_deepspeed(); "
+            "assert callable(ds.initialize); assert 'mlflow' not in sys.modules, 'mlflow was imported'; "
+            "from deepspeed.autotuning import autotuner; assert autotuner.has_mlflow is False; "
+            "import importlib.util; print('mlflow installed:', importlib.util.find_spec('mlflow') is not None); "
+            "import mlflow; print('mlflow imports after:', mlflow.__name__)")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    out = proc.stdout + proc.stderr
+    if "mlflow installed: False" in out:  # nothing to hide, and nothing to import after
+        assert "ModuleNotFoundError: No module named 'mlflow'" in out, out[-3000:]
+    else:
+        assert proc.returncode == 0 and "mlflow imports after: mlflow" in out, out[-3000:]
 
 
 # ----------------------------------------------------------------------------- 2 ranks = 1 rank x accumulation 2
