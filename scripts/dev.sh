@@ -29,10 +29,14 @@ setup() {
 # timm needs torchvision, which does not import beside the CPU torch 2.13.0 build; torch 2.14.1 and
 # torchvision 0.29.1 install together (a CUDA build that runs on the CPU) but want triton 3.8, so the
 # timm interop tests get an environment of their own.
-setup_timm() {
+timm_deps() {
     [ -x "$TIMM_VENV/bin/python" ] || python3 -m venv "$TIMM_VENV"
     "$TIMM_VENV/bin/python" -c 'import timm, torchvision' 2>/dev/null || "$TIMM_VENV/bin/python" -m pip install -q \
         torch==2.14.1 torchvision==0.29.1 timm==1.0.31 'numpy<2.4' pytest pytest-timeout deepspeed pillow tqdm
+}
+
+setup_timm() {
+    timm_deps
     "$TIMM_VENV/bin/python" -m pip install -q --no-deps -e .
 }
 
@@ -44,11 +48,15 @@ test_timm() {
 # the newest Triton (what an unpinned install of the newest torch brings) runs the kernel tests under its
 # interpreter, which is stricter than 3.6's; CPU torch 2.13.0 beside it
 NEWEST_TRITON=3.9.0
-setup_triton() {
+triton_deps() {
     [ -x "$TRITON_VENV/bin/python" ] || python3 -m venv "$TRITON_VENV"
     "$TRITON_VENV/bin/python" -c "import sys, triton; sys.exit(triton.__version__ != '$NEWEST_TRITON')" 2>/dev/null ||
         "$TRITON_VENV/bin/python" -m pip install -q torch==2.13.0 "triton==$NEWEST_TRITON" 'numpy<2.4' pytest \
             pytest-timeout pytest-xdist psutil pillow tqdm
+}
+
+setup_triton() {
+    triton_deps
     "$TRITON_VENV/bin/python" -m pip install -q --no-deps -e .
 }
 
@@ -62,22 +70,26 @@ case "${1:-}" in
     train) setup; shift; exec "$VENV/bin/deepspeed" fastmae/train.py --ds_config zero2.json "$@" ;;
     # two workers by default (FASTMAE_TEST_WORKERS): most tests wait on process start-up, not on the cores
     test)
-        setup; shift
-        # the timm and newest-Triton environments install while the main suite runs (pip mostly waits on the
-        # disk and the network there), then their tests run after it
+        shift
+        # the timm and newest-Triton environments' dependencies install while .venv does (pip mostly waits on the
+        # disk and the network), not while the suite runs: unpacking their torch builds beside the suite's ranks
+        # slowed it by a third on 2 cores; the project goes into them afterwards, one pip at a time
         side_log=$(mktemp)
-        (setup_timm && setup_triton) > "$side_log" 2>&1 &
+        (timm_deps && triton_deps) > "$side_log" 2>&1 &
         side=$!
         rc=0
-        "$VENV/bin/ruff" check . && "$VENV/bin/pytest" -q -n "${FASTMAE_TEST_WORKERS:-2}" --dist loadgroup --durations=25 "$@" \
-            || rc=$?
+        setup || rc=$?
         if ! wait "$side"; then
             echo "setting up .venv-timm / .venv-triton failed:" >&2
             cat "$side_log" >&2
             rc=1
         fi
         rm -f "$side_log"
-        [ "$rc" = 0 ] && test_timm && test_triton ;;
+        [ "$rc" = 0 ] || exit "$rc"
+        "$VENV/bin/ruff" check .
+        "$VENV/bin/pytest" -q -n "${FASTMAE_TEST_WORKERS:-2}" --dist loadgroup --durations=25 "$@"
+        test_timm
+        test_triton ;;
     test-timm) test_timm ;;
     test-triton) test_triton ;;
     *) echo "usage: bash scripts/dev.sh setup|train|test|test-timm|test-triton [args...]" >&2; exit 2 ;;
