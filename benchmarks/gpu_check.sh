@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# fastmae GPU check: the one script to run on a CUDA machine, in two calls that fit one 15-minute lease.
+# fastmae GPU check: the one script to run on a CUDA machine, in two calls that fit 15 minutes of GPU time.
 #
 #   bash benchmarks/gpu_check.sh --part 1           # on the GPU machine: correctness, masking kernel, throughput
 #   bash benchmarks/gpu_check.sh --part 2           # then: ablations, ViT-H memory, DeepSpeed runs, GPU tests, profile
