@@ -15,14 +15,16 @@ TIMM_VENV=${FASTMAE_TIMM_VENV:-.venv-timm}
 TRITON_VENV=${FASTMAE_TRITON_VENV:-.venv-triton}
 PY="$VENV/bin/python"
 
+# --no-compile everywhere: pip would byte-compile every module of torch and the rest at install (about 40 CPU
+# seconds per torch build); Python compiles what is imported, once, on first import
 setup() {
     [ -x "$PY" ] || python3 -m venv "$VENV"
     # the CPU build of torch first: an open range would pull a multi-GB CUDA build
-    "$PY" -c 'import torch' 2>/dev/null || "$PY" -m pip install -q torch==2.13.0
+    "$PY" -c 'import torch' 2>/dev/null || "$PY" -m pip install -q --no-compile torch==2.13.0
     # triton 3.6.0 is the GPU machines' version; its CPU interpreter needs numpy < 2.4
     # s3fs pins botocore (through aiobotocore) and boto3 must match it: the tested trio, or pip backtracks into
     # an s3fs that wants an fsspec the index does not have
-    "$PY" -m pip install -q 'triton==3.6.0' 'numpy<2.4' 's3fs==2026.9.0' 'boto3==1.43.117' 'moto[server]==5.2.5' \
+    "$PY" -m pip install -q --no-compile 'triton==3.6.0' 'numpy<2.4' 's3fs==2026.9.0' 'boto3==1.43.117' 'moto[server]==5.2.5' \
         -e '.[dali,dev,track,remote,hf]'
 }
 
@@ -31,13 +33,13 @@ setup() {
 # timm interop tests get an environment of their own.
 timm_deps() {
     [ -x "$TIMM_VENV/bin/python" ] || python3 -m venv "$TIMM_VENV"
-    "$TIMM_VENV/bin/python" -c 'import timm, torchvision' 2>/dev/null || "$TIMM_VENV/bin/python" -m pip install -q \
+    "$TIMM_VENV/bin/python" -c 'import timm, torchvision' 2>/dev/null || "$TIMM_VENV/bin/python" -m pip install -q --no-compile \
         torch==2.14.1 torchvision==0.29.1 timm==1.0.31 'numpy<2.4' pytest pytest-timeout deepspeed pillow tqdm
 }
 
 setup_timm() {
     timm_deps
-    "$TIMM_VENV/bin/python" -m pip install -q --no-deps -e .
+    "$TIMM_VENV/bin/python" -m pip install -q --no-compile --no-deps -e .
 }
 
 test_timm() {
@@ -51,13 +53,13 @@ NEWEST_TRITON=3.9.0
 triton_deps() {
     [ -x "$TRITON_VENV/bin/python" ] || python3 -m venv "$TRITON_VENV"
     "$TRITON_VENV/bin/python" -c "import sys, triton; sys.exit(triton.__version__ != '$NEWEST_TRITON')" 2>/dev/null ||
-        "$TRITON_VENV/bin/python" -m pip install -q torch==2.13.0 "triton==$NEWEST_TRITON" 'numpy<2.4' pytest \
+        "$TRITON_VENV/bin/python" -m pip install -q --no-compile torch==2.13.0 "triton==$NEWEST_TRITON" 'numpy<2.4' pytest \
             pytest-timeout pytest-xdist psutil pillow tqdm
 }
 
 setup_triton() {
     triton_deps
-    "$TRITON_VENV/bin/python" -m pip install -q --no-deps -e .
+    "$TRITON_VENV/bin/python" -m pip install -q --no-compile --no-deps -e .
 }
 
 test_triton() {

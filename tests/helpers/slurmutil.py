@@ -67,6 +67,13 @@ def host_hardware(slurmd: str) -> tuple[str, str]:
     return fields["NodeName"], " ".join(f"{k}={fields[k]}" for k in keep if k in fields)
 
 
+def this_host() -> tuple[dict[str, str], str, str]:
+    """(the Slurm binaries, this host's node name, its hardware line) for a private cluster here; raises
+    :class:`SlurmUnavailable` saying why there can be none."""
+    bins = find_binaries()
+    return (bins, *host_hardware(bins["slurmd"]))
+
+
 def tail(path: Path, lines: int = 25) -> str:
     if not path.exists():
         return f"({path.name} not written)"

@@ -28,14 +28,7 @@ import nodes
 import pytest
 from dsutil import REPO, deepspeed_env
 from jobs import HOSTS_ARGS, losses
-from slurmutil import (
-    SlurmCluster,
-    SlurmUnavailable,
-    find_binaries,
-    host_hardware,
-    with_host_cgroups,
-    write_conf,
-)
+from slurmutil import SlurmCluster, SlurmUnavailable, this_host, with_host_cgroups, write_conf
 
 pytestmark = [pytest.mark.multinode, pytest.mark.xdist_group("nodes")]
 
@@ -124,8 +117,7 @@ def slurm(cluster: nodes.Cluster, tmp_path_factory: pytest.TempPathFactory) -> I
     """slurmctld on node1 and a slurmd in each node's namespace; stopped (jobs cancelled) however the tests end."""
     c, start = cluster, time.monotonic()
     try:
-        bins = find_binaries()
-        _, hardware = host_hardware(bins["slurmd"])
+        bins, _, hardware = this_host()
     except SlurmUnavailable as e:
         pytest.skip(str(e))
     root = tmp_path_factory.mktemp("slurm_nodes")

@@ -24,7 +24,7 @@ from pathlib import Path
 
 import pytest
 from dsutil import REPO, deepspeed_env, free_port
-from slurmutil import SlurmCluster, SlurmUnavailable, find_binaries, host_hardware, write_conf
+from slurmutil import SlurmCluster, SlurmUnavailable, this_host, write_conf
 
 pytestmark = pytest.mark.xdist_group("slurm_cluster")  # one cluster per module: its tests share a worker
 
@@ -53,8 +53,7 @@ def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SlurmCluster]:
     if not sys.platform.startswith("linux"):
         pytest.skip("the private Slurm cluster needs Linux")
     try:
-        bins = find_binaries()
-        node, hardware = host_hardware(bins["slurmd"])
+        bins, node, hardware = this_host()
     except SlurmUnavailable as e:
         pytest.skip(str(e))
     root = tmp_path_factory.mktemp("slurm")
