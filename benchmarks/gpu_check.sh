@@ -184,7 +184,8 @@ setup 2>&1 | tee "$RES/logs/setup.log"
 RC=${PIPESTATUS[0]}
 [ -f /tmp/fastmae-site/fastmae/__init__.py ] && export PYTHONPATH=/tmp/fastmae-site:${PYTHONPATH:-}
 printf 'setup\t%s\t%s\t%s\n' "$RC" $(($(date +%s) - T0)) "$([ "$RC" = 0 ] && echo ok || echo failed)" >> "$RES/stages.tsv"
-export PY RES REPO
+# the stages that are shell functions run in a child bash: what they read is exported
+export PY RES REPO REHEARSAL
 
 env_info() {
     date -u
