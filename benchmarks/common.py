@@ -339,8 +339,10 @@ def gpu_check_summary(res: Path) -> str:
 def deepspeed_available() -> bool:
     """True when deepspeed imports (not merely installed: a wheel that fails to import would turn every
     fastmae row into an error instead of the plain torch step)."""
+    from fastmae.distributed import import_deepspeed
+
     try:
-        import deepspeed  # noqa: F401
+        import_deepspeed()  # without its autotuner's mlflow import, as the training programs import it
     except Exception:
         return False
     return True

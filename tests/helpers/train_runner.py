@@ -67,6 +67,10 @@ def count_syncs(path: str) -> tuple[list, dict]:
     import traceback
 
     import torch
+
+    from fastmae.distributed import import_deepspeed
+
+    import_deepspeed()  # as the program would, before the first deepspeed submodule
     from deepspeed.accelerator import get_accelerator
 
     counts: dict[str, int] = {}
